@@ -226,6 +226,7 @@ def summarize(results: Sequence[dict[str, Any]], baseline: str = "trl") -> list[
             "final_loss": _median([r["final_loss"] for r in runs]),
             "mfu": _median([r.get("mfu") for r in runs]),
             "tokens_per_step": runs[0]["tokens"] / runs[0]["timed_steps"],
+            "loss_curve": runs[0].get("loss_curve"),  # per step, warmup included (the same in every run)
         })
     base = next((row for row in rows if row["variant"] == baseline), None)
     for row in rows:
@@ -298,7 +299,7 @@ def run_benchmark(*, script: Path, name: str, title: str, settings: dict[str, An
         before = variant == "ours-before"
         extra = {**env, "PYTHONPATH": str(Path(before_src).resolve())} if before else env
         result = run_child(script, "ours" if before else variant, child_args, work / f"{variant}-{round_index}.json",
-                           threads, extra_env=extra)
+                           threads, extra_env=extra)  # the child runs "ours-fused-adamw" itself
         result["mfu"] = mfu(result["tokens_per_second"], result["flops_per_token"], peak)
         return result
 
@@ -321,6 +322,21 @@ def run_benchmark(*, script: Path, name: str, title: str, settings: dict[str, An
     return payload
 
 
+def use_fused_adamw() -> None:
+    """Experiment (variant ``ours-fused-adamw``): the engine builds torch's fused AdamW (one kernel over all
+    parameters; what the transformers Trainer uses by default since torch 2.8) instead of the per-tensor loop."""
+    import torch
+
+    import humanalign.engine.run as engine_run
+    from humanalign.engine.optim import param_groups
+
+    def build(model, config):
+        return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate,
+                                 betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon, fused=True)
+
+    engine_run.build_optimizer = build
+
+
 def set_threads(threads: int) -> None:
     """Pin torch to ``threads`` intra-op threads (and one inter-op thread) for a fair, repeatable run."""
     import torch
@@ -335,5 +351,5 @@ def set_threads(threads: int) -> None:
 __all__ = [
     "peak_rss_mib", "current_rss_mib", "reset_peak_rss", "matmul_peak_gflops", "flops_per_token", "mfu",
     "StepRecorder", "machine_info", "alternate", "run_child", "run_alternating", "summarize", "format_table",
-    "write_json", "set_threads", "forget_gguf_marker", "run_benchmark",
+    "write_json", "set_threads", "forget_gguf_marker", "run_benchmark", "use_fused_adamw",
 ]

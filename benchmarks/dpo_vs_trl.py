@@ -9,7 +9,8 @@ trl (``--rounds``). Measured per run: steps/s and tokens/s (non-pad tokens, wall
 after ``--warmup`` untimed steps, peak resident memory during training, the loss after the last step (the same
 batches, so the two losses should agree), and MFU against the measured float32 matmul peak. Opt-in variants:
 ``trl-random`` runs TRL in its own default order (shuffled, no length grouping); ``ours-before`` runs our
-trainer from another source tree (``--before-src``), for before/after figures of a change.
+trainer from another source tree (``--before-src``), for before/after figures of a change; ``ours-fused-adamw``
+runs ours with torch's fused AdamW in place of the engine's (an experiment, patched in the benchmark only).
 
 Data: ``tiny`` trains on the demo pairs (``humanalign.data.demo_data`` + prepare-data), ``smollm2`` on the first
 ``--pairs`` pairs of <shared data>/ultrafeedback/train.jsonl. Results: a Markdown table on stdout and a JSON file::
@@ -47,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--rounds", type=int, default=2, help="runs per variant, alternating (default 2)")
     p.add_argument("--variants", default="ours,trl",
-                   help="comma-separated: ours, trl, trl-random, ours-before (default ours,trl)")
+                   help="comma-separated: ours, trl, trl-random, ours-before, ours-fused-adamw (default ours,trl)")
     p.add_argument("--before-src", default=None,
                    help="variant ours-before: humanalign from this src folder (e.g. a git worktree of an older "
                         "commit: `git worktree add ../before <commit>` -> ../before/src)")
@@ -161,10 +162,10 @@ def child_ours(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     ))
     summary = dpo.run(cfg)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    loss = next(m["train/loss"] for m in reversed(lines) if m.get("step") == args.warmup + args.steps
-                and "train/loss" in m)
-    return {**recorder.summary(), "final_loss": loss, "params": facts["params"],
-            "reference": summary["reference"], "layout": facts.get("layout")}
+    curve = {m["step"]: m["train/loss"] for m in lines if "train/loss" in m}
+    return {**recorder.summary(), "final_loss": curve[args.warmup + args.steps], "params": facts["params"],
+            "loss_curve": [curve[s] for s in sorted(curve)], "reference": summary["reference"],
+            "layout": facts.get("layout")}
 
 
 def child_trl(args: argparse.Namespace, run_dir: Path, same_order: bool) -> dict[str, Any]:
@@ -225,9 +226,9 @@ def child_trl(args: argparse.Namespace, run_dir: Path, same_order: bool) -> dict
     trainer = BenchDPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=train,
                               processing_class=tokenizer, callbacks=[Timing()])
     trainer.train()
-    loss = next(h["loss"] for h in reversed(trainer.state.log_history)
-                if h.get("step") == args.warmup + args.steps and "loss" in h)
-    return {**recorder.summary(), "final_loss": float(loss), "params": params,
+    curve = {h["step"]: float(h["loss"]) for h in trainer.state.log_history if "loss" in h}
+    return {**recorder.summary(), "final_loss": curve[args.warmup + args.steps], "params": params,
+            "loss_curve": [curve[s] for s in sorted(curve)],
             "reference": "adapter-disabled" if args.lora else "model", "layout": "padded (trl fused head)"}
 
 
@@ -235,7 +236,9 @@ def child_main(args: argparse.Namespace) -> None:
     common.set_threads(args.threads)
     run_dir = Path(tempfile.mkdtemp(prefix=f"dpo-{args.child}-", dir=Path(args.child_output).parent))
     try:
-        if args.child == "ours":
+        if args.child in ("ours", "ours-fused-adamw"):
+            if args.child == "ours-fused-adamw":
+                common.use_fused_adamw()
             result = child_ours(args, run_dir)
         elif args.child in ("trl", "trl-random"):
             result = child_trl(args, run_dir, same_order=args.child == "trl")

@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run (default 10)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--rounds", type=int, default=2, help="runs per variant, alternating (default 2)")
-    p.add_argument("--variants", default="ours,trl", help="comma-separated: ours, trl, ours-before (default ours,trl)")
+    p.add_argument("--variants", default="ours,trl", help="comma-separated: ours, trl, ours-before, ours-fused-adamw (default ours,trl)")
     p.add_argument("--before-src", default=None, help="variant ours-before: humanalign from this src folder")
     p.add_argument("--batch-size", type=int, default=None, help="pairs per step (default: tiny 16, smollm2 2)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default: tiny 128, smollm2 256)")
@@ -106,9 +106,9 @@ def child_ours(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     pairs, _ = reward.load_pairs(cfg, cfg.train_path, None)
     reward.train_score_model(cfg, pairs)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    loss = next(m["train/loss"] for m in reversed(lines) if m.get("step") == args.warmup + args.steps
-                and "train/loss" in m)
-    return {**recorder.summary(), "final_loss": loss, "params": facts["params"]}
+    curve = {m["step"]: m["train/loss"] for m in lines if "train/loss" in m}
+    return {**recorder.summary(), "final_loss": curve[args.warmup + args.steps], "params": facts["params"],
+            "loss_curve": [curve[s] for s in sorted(curve)]}
 
 
 def child_trl(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
@@ -131,7 +131,7 @@ def child_trl(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     features, _, _ = reward.encode_pairs(tokenizer, pairs, task="helpful", max_length=args.max_length,
                                          max_prompt_length=args.max_prompt_length, encoder=score_model.is_encoder,
                                          use_margin=False)
-    lengths = reward.PairDataset(features).lengths()
+    lengths = [max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"])) for f in features]  # as ours groups
     order = StepBatchSampler(len(features), args.batch_size, seed=args.seed, lengths=lengths).epoch_order(0)
     rows = [{"chosen_ids": features[i]["chosen_input_ids"], "rejected_ids": features[i]["rejected_input_ids"]}
             for i in order[: (args.warmup + args.steps) * args.batch_size].tolist()]
@@ -162,16 +162,18 @@ def child_trl(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     trainer = BenchRewardTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
                                  processing_class=tokenizer, callbacks=[Timing()])
     trainer.train()
-    loss = next(h["loss"] for h in reversed(trainer.state.log_history)
-                if h.get("step") == args.warmup + args.steps and "loss" in h)
-    return {**recorder.summary(), "final_loss": float(loss), "params": params}
+    curve = {h["step"]: float(h["loss"]) for h in trainer.state.log_history if "loss" in h}
+    return {**recorder.summary(), "final_loss": curve[args.warmup + args.steps], "params": params,
+            "loss_curve": [curve[s] for s in sorted(curve)]}
 
 
 def child_main(args: argparse.Namespace) -> None:
     common.set_threads(args.threads)
     run_dir = Path(tempfile.mkdtemp(prefix=f"rm-{args.child}-", dir=Path(args.child_output).parent))
     try:
-        if args.child == "ours":
+        if args.child in ("ours", "ours-fused-adamw"):
+            if args.child == "ours-fused-adamw":
+                common.use_fused_adamw()
             result = child_ours(args, run_dir)
         elif args.child == "trl":
             result = child_trl(args, run_dir)

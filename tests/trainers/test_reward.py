@@ -240,6 +240,20 @@ def test_saved_cost_model_loads_in_transformers_with_the_same_scores(cost_run, d
 
 
 @pytest.mark.slow
+def test_eval_rm_on_the_run_folder_reproduces_the_final_validation(cost_run, demo_data, tmp_path, monkeypatch):
+    from humanalign.config.evaluation import EvalRMConfig
+    from humanalign.eval.rm import run as eval_rm
+
+    monkeypatch.setenv("HUMANALIGN_CACHE", str(tmp_path / "cache"))
+    report = eval_rm(EvalRMConfig(model=str(cost_run), data=str(demo_data / "val" / "harmless_pairs.jsonl")))
+    final = final_metrics(cost_run)["eval"]
+    assert report["score_type"] == "cost" and report["pairs"] == int(final["eval/pairs"])
+    for ours, theirs in (("accuracy", "accuracy"), ("sign_accuracy", "sign_accuracy"), ("auc", "auc"),
+                         ("score_chosen", "mean_chosen"), ("score_rejected", "mean_rejected")):
+        assert report[theirs] == pytest.approx(final[f"eval/{ours}"], abs=1e-5), ours
+
+
+@pytest.mark.slow
 def test_reward_model_beats_chance(demo_data, tmp_path, capsys):
     from humanalign.trainers.reward import run
 

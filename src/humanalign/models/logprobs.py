@@ -138,6 +138,7 @@ def score_plan(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: to
     pos = torch.arange(span)
     causal = pos.unsqueeze(1) >= pos.unsqueeze(0)  # (L, L) query row may see key column
     masks = causal.unsqueeze(0).repeat(half, 1, 1)  # (B, L, L)
+    alone = torch.eye(span, dtype=torch.bool)
     index = torch.empty_like(dense)
     for i, (c, r, k) in enumerate(segments):
         total = c + r - k
@@ -148,7 +149,7 @@ def score_plan(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: to
         rejected_queries = (pos >= c) & (pos < total)
         chosen_keys = (pos >= k) & (pos < c)
         masks[i] &= ~(rejected_queries.unsqueeze(1) & chosen_keys.unsqueeze(0))
-        masks[i, total:] = torch.eye(span, dtype=torch.bool)[total:]  # padding sees itself only (no NaN rows)
+        masks[i, total:] = alone[total:]  # padding sees itself only (no NaN rows)
         for row, in_row in ((i, lambda q: q), (half + i, lambda q, c=c, k=k: torch.where(q < k, q, q + c - k))):
             picked = row_of == row
             index[picked] = i * span + in_row(col_of[picked])  # col = s - 1, the predicting position in the pair

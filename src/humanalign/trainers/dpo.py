@@ -5,10 +5,12 @@ cDPO with ``label_smoothing``; MiniMind's DPO with ``average_log_prob: true``), 
 reference-free cpo, orpo, simpo. ``sft_weight`` adds the chosen response's NLL to the DPO types (DPO+SFT, RPO);
 ``beta_schedule: linear`` moves beta from beta_min to beta_max over the run.
 
-Each step: one forward of the policy over the chosen and rejected sequences together (a (2B, T) batch), the
-reference's log-probs of the same batch (a frozen model, the LoRA policy with its adapter off, or precomputed
-values carried in the batch; none for reference-free losses), log-probs summed or averaged over response tokens
-as ``LOSS_SPECS`` says (``average_log_prob`` overrides), then ``compute_preference_loss``. Logged per logging
+Each step: one forward of the policy over the chosen and rejected sequences together (a (2B, T) batch; on most
+models one row per pair, the prompt computed once, and the LM head only on response tokens: see
+``models.logprobs``, the run prints which), the reference's log-probs of the same batch (a frozen model, the
+LoRA policy with its adapter off, or precomputed values carried in the batch; none for reference-free losses),
+log-probs summed or averaged over response tokens as ``LOSS_SPECS`` says (``average_log_prob`` overrides), then
+``compute_preference_loss``. Batches are grouped by the length of the rows computed. Logged per logging
 step under train/ and on the validation pairs every ``eval_steps`` under eval/: loss, rewards/chosen,
 rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen, logps/rejected, logits/chosen,
 logits/rejected, nll (when the loss has an NLL term) and beta. The final policy is saved to
