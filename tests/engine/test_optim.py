@@ -79,3 +79,35 @@ def test_weight_decay_skips_norms_and_biases():
     opt = build_optimizer(model, TrainingConfig(weight_decay=0.1, adam_beta2=0.95, adam_epsilon=1e-6))
     assert sum(len(g["params"]) for g in opt.param_groups) == 11
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-6
+
+
+def test_fused_adamw_is_the_default_and_matches_the_foreach_loop():
+    torch.manual_seed(0)
+    weights = [torch.randn(4, 3), torch.randn(4)]
+    built = {}
+    for optim in ("adamw_torch_fused", "adamw_torch"):
+        model = torch.nn.Linear(3, 4)
+        with torch.no_grad():
+            model.weight.copy_(weights[0])
+            model.bias.copy_(weights[1])
+        opt = build_optimizer(model, TrainingConfig(optim=optim, learning_rate=1e-2, weight_decay=0.1))
+        for step in range(5):  # the same gradients in both: a fixed quadratic pull towards step-dependent targets
+            opt.zero_grad()
+            loss = ((model(torch.ones(2, 3)) - step) ** 2).sum()
+            loss.backward()
+            opt.step()
+        built[optim] = (opt, [p.detach().clone() for p in model.parameters()])
+    assert built["adamw_torch_fused"][0].defaults["fused"] is True
+    assert not built["adamw_torch"][0].defaults["fused"]
+    for fused, loop in zip(built["adamw_torch_fused"][1], built["adamw_torch"][1], strict=True):
+        torch.testing.assert_close(fused, loop, rtol=1e-6, atol=1e-6)  # one update rule, float round-off apart
+
+
+def test_fused_adamw_falls_back_where_torch_has_no_fused_kernel():
+    from humanalign.engine.optim import fused_supported
+
+    assert fused_supported([torch.zeros(2), torch.zeros(3, dtype=torch.bfloat16)])
+    assert not fused_supported([torch.zeros(2, dtype=torch.float64)])
+    assert not fused_supported([torch.zeros(2), torch.zeros(2, device="meta")])  # two devices
+    model = torch.nn.Linear(2, 2).double()
+    assert not build_optimizer(model, TrainingConfig()).defaults["fused"]

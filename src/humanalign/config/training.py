@@ -53,6 +53,10 @@ class TrainingConfig(ConfigBase):
     adam_beta1: float = Field(0.9, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, description="AdamW epsilon.")
+    optim: Literal["adamw_torch_fused", "adamw_torch"] = Field(
+        "adamw_torch_fused", description="AdamW kernel: fused (one kernel over all tensors; the default, as in "
+        "transformers) or torch's foreach loop; fused falls back to foreach where torch has no fused kernel."
+    )
     lr_scheduler: Literal["cosine", "linear", "constant", "cosine_floor"] = Field(
         "cosine", description="Schedule after warmup; cosine_floor is MiniMind's cosine that ends at lr/10."
     )

@@ -37,13 +37,35 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def fused_supported(params: list[torch.Tensor]) -> bool:
+    """torch's fused AdamW needs plain floating-point tensors on one CPU/CUDA/MPS/XPU device; sharded DTensors
+    (FSDP2) and anything else take the foreach path."""
+    if not params:
+        return False
+    devices = {p.device for p in params}
+    return (
+        len(devices) == 1
+        and next(iter(devices)).type in ("cpu", "cuda", "mps", "xpu")
+        and all(type(p.data) is torch.Tensor and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                for p in params)
+    )
+
+
 def build_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
-    """torch AdamW over the trainable parameters, with the config's lr, betas, epsilon and weight decay."""
+    """torch AdamW over the trainable parameters, with the config's lr, betas, epsilon and weight decay.
+
+    ``optim: adamw_torch_fused`` (default) uses the fused kernel where torch has one: on one CPU core it steps
+    SmolLM2-135M's 134.5M parameters in 0.08 s instead of the foreach loop's 0.33 s (docs/benchmarks/
+    performance.md). Both implement the same update; they differ by float round-off only."""
+    groups = param_groups(model, config.weight_decay)
+    params = [p for group in groups for p in group["params"]]
+    fused = config.optim == "adamw_torch_fused" and fused_supported(params)
     return torch.optim.AdamW(
-        param_groups(model, config.weight_decay),
+        groups,
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_epsilon,
+        **({"fused": True} if fused else {}),
     )
 
 
