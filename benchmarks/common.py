@@ -322,6 +322,36 @@ def run_benchmark(*, script: Path, name: str, title: str, settings: dict[str, An
     return payload
 
 
+def run_parent(args: Any, *, script: Path, prefix: str, label: str,
+               prepare_data: Callable[[Any, Path], Path]) -> dict[str, Any]:
+    """The parent process of dpo_vs_trl.py / rm_vs_trl.py (the same command-line options): prepare the data in a
+    work folder, then ``run_benchmark`` over ``--variants`` with the settings handed to every child."""
+    import shutil
+    import tempfile
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    name = f"{prefix}_{args.model}{'_lora' if args.lora else ''}"
+    output = Path(args.output) if args.output else script.parent / "results" / f"{name}.json"
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix=f"{prefix}-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        data = prepare_data(args, work)
+        child_args = ["--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                      "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+                      "--max-prompt-length", str(args.max_prompt_length), "--pairs", str(args.pairs),
+                      "--learning-rate", str(args.learning_rate), "--threads", str(args.threads),
+                      "--seed", str(args.seed), "--data", str(data)] + (["--lora"] if args.lora else [])
+        title = (f"{label} {args.model}{' LoRA' if args.lora else ' full'}: {args.steps} timed steps "
+                 f"(+{args.warmup} warmup) of {args.batch_size} pairs, max_length {args.max_length}")
+        settings = {k: v for k, v in vars(args).items() if k not in ("child", "child_output", "data")}
+        return run_benchmark(script=script, name=name, title=title, settings=settings, variants=variants,
+                             rounds=args.rounds, threads=args.threads, child_args=child_args, work=work,
+                             output=output, before_src=args.before_src)
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def use_fused_adamw() -> None:
     """Experiment (variant ``ours-fused-adamw``): the engine builds torch's fused AdamW (one kernel over all
     parameters; what the transformers Trainer uses by default since torch 2.8) instead of the per-tensor loop."""
@@ -351,5 +381,5 @@ def set_threads(threads: int) -> None:
 __all__ = [
     "peak_rss_mib", "current_rss_mib", "reset_peak_rss", "matmul_peak_gflops", "flops_per_token", "mfu",
     "StepRecorder", "machine_info", "alternate", "run_child", "run_alternating", "summarize", "format_table",
-    "write_json", "set_threads", "forget_gguf_marker", "run_benchmark", "use_fused_adamw",
+    "write_json", "set_threads", "forget_gguf_marker", "run_benchmark", "run_parent", "use_fused_adamw",
 ]

@@ -260,27 +260,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.child:
         child_main(args)
         return {}
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    name = f"dpo_{args.model}{'_lora' if args.lora else ''}"
-    output = Path(args.output) if args.output else Path(__file__).resolve().parent / "results" / f"{name}.json"
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="dpo-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        data = prepare_data(args, work)
-        child_args = ["--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                      "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-                      "--max-prompt-length", str(args.max_prompt_length), "--pairs", str(args.pairs),
-                      "--learning-rate", str(args.learning_rate), "--threads", str(args.threads),
-                      "--seed", str(args.seed), "--data", str(data)] + (["--lora"] if args.lora else [])
-        title = (f"DPO {args.model}{' LoRA' if args.lora else ' full'}: {args.steps} timed steps (+{args.warmup} "
-                 f"warmup) of {args.batch_size} pairs, max_length {args.max_length}")
-        settings = {k: v for k, v in vars(args).items() if k not in ("child", "child_output", "data")}
-        return common.run_benchmark(script=Path(__file__).resolve(), name=name, title=title, settings=settings,
-                                    variants=variants, rounds=args.rounds, threads=args.threads,
-                                    child_args=child_args, work=work, output=output, before_src=args.before_src)
-    finally:
-        if not args.work_dir:
-            shutil.rmtree(work, ignore_errors=True)
+    return common.run_parent(args, script=Path(__file__).resolve(), prefix="dpo", label="DPO",
+                             prepare_data=prepare_data)
 
 
 if __name__ == "__main__":
