@@ -189,11 +189,15 @@ def _report_range(cfg, engine, chosen, rejected, has) -> dict[str, float]:
     if found is None:
         return {}
     start, safer = found
-    side = "above" if start > cfg.cost_threshold else "at or below"
+    d = cfg.cost_threshold
+    if safer > d:
+        outlook = "below every J_c that ranking can reach: the constraint cannot be met, lambda will rise to lambda_max"
+    elif start > d:
+        outlook = "below the start: the constraint is violated at first, so lambda rises until the policy meets it"
+    else:
+        outlook = "at or above the start: the constraint holds from the first step, so lambda falls"
     engine.print(f"[margins] harmless: J_c is {start:.4g} at the start (p = 1/2) and {safer:.4g} for a policy that "
-                 f"always prefers the safer answer; d = {cfg.cost_threshold:g} is {side} the start"
-                 + ("" if safer <= cfg.cost_threshold else " and above no reachable J_c: the constraint cannot be "
-                    "met by ranking, lambda will rise to lambda_max"))
+                 f"always prefers the safer answer; d = {d:g} is {outlook}")
     return {"expected_cost_start": start, "expected_cost_always_safer": safer}
 
 
