@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=None, help="cost threshold d (default: 3/4 of the way "
                         "from the start's J_c to always-safer's, see auto_threshold; -0.6 with label costs)")
     parser.add_argument("--lambda-lr", type=float, default=0.2, help="dual step size")
+    parser.add_argument("--learning-rate", type=float, default=None, help="policy learning rate (default: tiny "
+                        "configs/safe_mm_dpo_tiny.yaml's, smollm2 2e-4)")
     parser.add_argument("--sampled", action=argparse.BooleanOptionalAction, default=None,
                         help="score greedy answers to held-out harmful prompts with the cost model (default: on for "
                         "smollm2; the tiny model's answers after a 60-step run are not text, so off for tiny)")
@@ -286,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         "val_helpful_path": str(data / "val" / "helpful_pairs.jsonl"),
         "val_harmless_path": str(data / "val" / "harmless_pairs.jsonl"),
         "helpful_rm_path": args.helpful_rm, "harmless_rm_path": args.harmless_rm, "cost_threshold": threshold,
+        **({"learning_rate": args.learning_rate} if args.learning_rate else {}),
         "lambda_lr": args.lambda_lr, "max_steps": steps, "batch_size": batch, "eval_steps": None, "save_steps": None,
         "report_to": ["none"], "overwrite_output_dir": True, "seed": 0,
         "output_dir": str(root / "runs"),  # each run: a sub-folder

@@ -4,6 +4,7 @@ length-sorted batches that do not change a score, and the disk cache that skips 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,22 @@ def test_mismatched_lengths_are_an_error(reward_dir):
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         scorer.score(PROMPTS[:2], RESPONSES[:1])
     assert isinstance(scorer, Scorer)
+
+
+def test_an_empty_answer_is_scored_on_the_prompt_alone(encoder_cost_dir, reward_dir):
+    """Real data has empty answers (UltraFeedback train line 479: rejected ""); scoring them must not fail."""
+    from humanalign.trainers.reward import encoder_pair_template
+
+    encoder = load_scorer(str(encoder_cost_dir), device="cpu", max_length=24, max_prompt_length=8)
+    tok = encoder.tokenizer
+    tok.chat_template = encoder_pair_template(tok.sep_token)  # what `train rm` saves with an encoder
+    # the pair template renders no answer token for "": [CLS] prompt [SEP] + the empty answer + [SEP]
+    ids = encoder.encode("what is two plus two", "")
+    assert tok.decode(ids) == "[CLS] what is two plus two [SEP] [SEP]"
+    long_ids = encoder.encode("a very long question " * 20, "")
+    assert len(long_ids) == 24 and long_ids[0] == tok.cls_token_id  # cut to max_length from the left
+    scores = encoder.score(["what is two plus two", "what is two plus two"], ["", "four"])
+    assert all(math.isfinite(s) for s in scores) and scores[0] != pytest.approx(scores[1], abs=1e-6)
+    # a chat template closes the assistant turn, so a decoder's empty answer still has its end-of-turn token
+    decoder = load_scorer(str(reward_dir), device="cpu")
+    assert decoder.tokenizer.decode(decoder.encode("hello", "")).endswith("<|im_start|>assistant\n<|im_end|>")

@@ -108,9 +108,21 @@ class Scorer:
         if encoded is None:  # nothing of the answer fits: score the prompt alone (still a defined score)
             encoded = encode_score_input(self.tokenizer, _as_prompt(prompt), "", self.max_length,
                                          self.max_prompt_length, encoder=self.model.is_encoder)
-        if encoded is None:
-            raise ValueError("the score model's template renders no answer tokens, even for an empty answer")
+        if encoded is None:  # an empty answer under a template that adds no end-of-turn token (BERT's pair
+            return self._prompt_only(prompt)  # template): the prompt alone, its score defined and finite
         return encoded["input_ids"]
+
+    def _prompt_only(self, prompt: PromptLike) -> list[int]:
+        """The rendered prompt's last tokens (the answer side empty), wrapped as ``encode_score_input`` wraps."""
+        from humanalign.data.tokenize import render_prompt
+
+        tokenizer = self.tokenizer
+        cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+        wrap = self.model.is_encoder and cls_id is not None
+        tail = [sep_id] if wrap and sep_id is not None else []
+        ids = tokenizer(render_prompt(tokenizer, _as_prompt(prompt)), add_special_tokens=False)["input_ids"]
+        ids = list(ids)[-max(1, self.max_length - 1 - len(tail)):] if ids else [tokenizer.pad_token_id or 0]
+        return [cls_id, *ids, *tail] if wrap else ids
 
     @torch.inference_mode()
     def score_ids(self, sequences: Sequence[Sequence[int]], batch_size: int | None = None) -> list[float]:
