@@ -24,7 +24,13 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
-test: setup lint
+# The tests also run DeepSpeed ZeRO-2/3 on two CPU processes (tests/engine/test_scale_out.py); the demo does not
+# need it. Its first run compiles DeepSpeed's CPU ops (a few minutes, cached in ~/.cache/torch_extensions).
+$(VENV)/.deepspeed-installed: $(STAMP)
+	$(PIP) install -q 'deepspeed>=0.15'
+	touch $@
+
+test: setup lint $(VENV)/.deepspeed-installed
 	$(VENV)/bin/python -m pytest -q
 
 clean:

@@ -1,4 +1,5 @@
-"""Starting a run: the Accelerator (precision, accumulation, CPU processes), the run folder, DeepSpeed settings.
+"""Starting a run: the Accelerator (precision, accumulation, CPU processes, FSDP2 and DeepSpeed on CPUs), the run
+folder, DeepSpeed settings.
 
 Everything here runs once, before the first step; ``run.Engine`` calls it.
 """
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, GradientAccumulationPlugin
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
 
 from humanalign.config.training import TrainingConfig
 from humanalign.engine import checkpoint as ckpt
@@ -52,12 +53,71 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
     plugin = GradientAccumulationPlugin(
         num_steps=config.gradient_accumulation_steps, adjust_scheduler=False, sync_with_dataloader=False
     )
-    return Accelerator(
+    cpu = cpu_processes()
+    handlers = []
+    if cpu and _flag("ACCELERATE_USE_DEEPSPEED"):
+        # accelerate starts DeepSpeed only for cpu=False; a gloo process group lets DeepSpeed's CPU
+        # accelerator run it on CPU processes
+        cpu = False
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(config.mixed_precision),
         gradient_accumulation_plugin=plugin,
         step_scheduler_with_optimizer=False,
-        cpu=cpu_processes(),
+        cpu=cpu,
+        kwargs_handlers=handlers or None,
     )
+    if cpu and accelerator.distributed_type == DistributedType.MULTI_CPU and _flag("ACCELERATE_USE_FSDP"):
+        shard_on_cpus(accelerator)
+    return accelerator
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def shard_on_cpus(accelerator: Accelerator) -> None:
+    """FSDP2 over CPU processes (gloo): what ``accelerate launch --config_file configs/accelerate/fsdp.yaml``
+    asks for on a machine without GPUs.
+
+    accelerate enables its FSDP plugin only for GPU-like process groups and otherwise quietly falls back to
+    DDP-style CPU processes, ignoring the FSDP_* settings. PyTorch's ``fully_shard`` runs on CPU tensors over
+    gloo, so the engine switches the (already initialised) CPU process group to FSDP with the plugin that the
+    same FSDP_* variables describe: one code path for checkpoints, frozen models and the final model on CPUs
+    and GPUs (tests/engine/test_scale_out.py runs it)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # reads FSDP_VERSION, FSDP_AUTO_WRAP_POLICY, FSDP_STATE_DICT_TYPE...
+    if plugin.fsdp_version != 2:
+        raise ConfigError("FSDP on CPU processes needs FSDP2 (fsdp_version: 2 in the accelerate config); "
+                          "FSDP1 shards on GPUs only")
+    state = accelerator.state
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState's own init does
+
+
+def describe_processes(accelerator: Accelerator) -> str | None:
+    """One line on how several processes share the work (None for one process), e.g. "2 processes: FSDP2
+    (SHARDED_STATE_DICT checkpoints), gloo on cpu"."""
+    if accelerator.num_processes == 1:
+        return None
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+        what = f"FSDP{plugin.fsdp_version} ({getattr(plugin.state_dict_type, 'name', plugin.state_dict_type)} checkpoints)"
+    elif kind == DistributedType.DEEPSPEED:
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        offload = [part for part in ("optimizer", "param")
+                   if zero.get(f"offload_{part}", {}).get("device", "none") not in ("none", None)]
+        what = f"DeepSpeed ZeRO-{zero.get('stage', 0)}" + (f" (offload: {', '.join(offload)})" if offload else "")
+    else:
+        what = "data parallel (DDP)"
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "?"
+    return f"{accelerator.num_processes} processes: {what}, {backend} on {accelerator.device.type}"
 
 
 def prepare_run_dir(accelerator: Accelerator, config: TrainingConfig, name: str) -> Path | None:

@@ -82,6 +82,8 @@ class Engine(CheckpointingMixin, AbstractContextManager):
         self._start_time = time.time()
         self._closed = False
         try:
+            # before any model is prepared: a frozen model under ZeRO-3 is initialised with these values too
+            launch.configure_deepspeed(self.accelerator, config)
             self.resume_dir = launch.prepare_run_dir(self.accelerator, config, name)
             resume_state = ckpt.read_state(self.resume_dir) if self.resume_dir else None
             self.metrics = MetricsWriter(
@@ -89,6 +91,9 @@ class Engine(CheckpointingMixin, AbstractContextManager):
                 resume_step=resume_state["step"] if resume_state else None, run_name=f"{name}:{self.run_dir.name}",
                 wandb_project=config.wandb_project, config=config.model_dump(mode="json"),
             )
+            processes = launch.describe_processes(self.accelerator)
+            if processes:
+                self.print(f"[{name}] {processes}")
         except BaseException:
             self._end_accelerate()
             raise
@@ -209,7 +214,6 @@ class Engine(CheckpointingMixin, AbstractContextManager):
                 enable_gradient_checkpointing(model)
         if optimizer is None:
             optimizer = self._default_optimizer(model)
-        launch.configure_deepspeed(self.accelerator, cfg)
         model, optimizer = self.accelerator.prepare(model, optimizer)
         scheduler = build_scheduler(optimizer, cfg, total_steps)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -227,6 +231,15 @@ class Engine(CheckpointingMixin, AbstractContextManager):
         model.eval()
         if self.distributed_type == DistributedType.DEEPSPEED:
             return launch.deepspeed_frozen(self.accelerator, model)
+        if self.accelerator.is_fsdp2:
+            # accelerate's prepare_model refuses FSDP2 (its prepare() wants a model with an optimizer);
+            # fully_shard the frozen model the same way the trained one is (wrap policy, mixed precision,
+            # rank 0's weights broadcast under cpu_ram_efficient_loading), outside the checkpointed models.
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            prepared = fsdp2_prepare_model(self.accelerator, model)
+            prepared.eval()
+            return prepared
         if self.distributed_type == DistributedType.FSDP:
             prepared = self.accelerator.prepare_model(model)
         else:

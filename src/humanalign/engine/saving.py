@@ -49,6 +49,8 @@ class CheckpointingMixin:
             weights[i] = trainable_state_dict(self.unwrap(models[i]))
 
     def _load_weights_hook(self, models, input_dir) -> None:
+        if self.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return  # they wrote their own sharded model folders; accelerate loads those
         for i, model in enumerate(models):
             name = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
             load_model_weights(self.unwrap(model), Path(input_dir) / name)
@@ -159,6 +161,8 @@ class CheckpointingMixin:
         state_dict = self.accelerator.get_state_dict(model) if sharded else None  # gathered on every rank
         if self.is_main_process:
             unwrapped = self.unwrap(model)
+            if state_dict is not None:
+                state_dict = without_tied_copies(unwrapped, state_dict)
             if save_fn is None and state_dict is None:
                 from humanalign.models.load import save_pretrained_model  # atomic on its own
 
@@ -236,3 +240,16 @@ class CheckpointingMixin:
             })
         self.print(f"[{self.name}] final model saved to {final}")
         return final
+
+
+def without_tied_copies(model: torch.nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A gathered state dict holds a tied parameter (embeddings = LM head) once per name, as separate tensors,
+    so save_pretrained would write it twice; keep it under its first name only, as a single process saves it."""
+    first: dict[int, str] = {}
+    copies: dict[str, str] = {}  # a tied name -> the name it repeats
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            copies[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return {k: v for k, v in state_dict.items() if copies.get(k) not in state_dict}

@@ -338,9 +338,9 @@ def _is_peft(model) -> bool:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(trainable, total) parameter counts (full sizes under ZeRO-3, whose partitioned parameters are empty)."""
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     return trainable, total
 
 

@@ -1,0 +1,250 @@
+"""FSDP2 and DeepSpeed ZeRO on two CPU processes (gloo), launched as users launch them on GPUs.
+
+Each sharded run is ``accelerate launch --config_file configs/accelerate/<config>.yaml --num_processes 2
+--mixed_precision no -m humanalign.cli train ...``: the shipped configs themselves, on a machine without a GPU
+(the engine switches the CPU process group to FSDP2 / DeepSpeed: ``engine/launch.py``). It is compared with one
+process taking the same 8 examples per step (batch size 8 against 2 x 4): the engine gives both the same
+examples in every step (tests/engine/test_distributed.py), the losses are means over the step's examples and
+both FSDP's reduce-scatter and ZeRO's gradient reduction average over the 2 equal halves, so per-step losses and
+held-out losses agree up to the order of float sums. Tolerance 1e-5 (measured: at most 8e-7). Final weights:
+within 2e-4 with fewer than 0.1 % of them more than 1e-6 apart, for the reason given in
+tests/trainers/test_distributed_parity.py (Adam magnifies round-off in weights whose gradient is round-off
+sized; measured here: at most 3.6e-5, 124 to 150 of 198,528 weights more than 1e-6 apart).
+
+DPO runs with full fine-tuning, so its reference is a separate frozen model: sharded by ``fully_shard`` under
+FSDP2 and a ZeRO-3 inference engine under ZeRO-3. Step 1's loss is ln 2 only if that reference holds the
+policy's starting weights on both ranks. The DeepSpeed cases need ``pip install deepspeed`` (skipped without
+it); its first run compiles DeepSpeed's CPU ops (shared-memory all-reduce, CPU Adam) into
+~/.cache/torch_extensions, about a minute per op on 2 cores, and reuses them afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from humanalign.paths import PROJECT_ROOT
+
+ACCELERATE = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
+CONFIGS = PROJECT_ROOT / "configs"
+STEPS = 6
+LOG_EVAL_SAVE = ["--max-steps", str(STEPS), "--logging-steps", "1", "--eval-steps", "3", "--save-steps", "3",
+                 "--report-to", "[none]", "--progress-bar", "false", "--seed", "3"]
+DPO = ["--eval-on-start", "false", "--lr-scheduler", "constant", "--learning-rate", "5e-3"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sharded(config: str) -> list[str]:
+    """The launcher prefix for two CPU processes with one of the shipped accelerate configs (fp32 here:
+    the configs ask for bf16, which a CPU runs but not within 1e-5 of fp32)."""
+    return [ACCELERATE, "launch", "--config_file", str(CONFIGS / "accelerate" / f"{config}.yaml"),
+            "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port())]
+
+
+def run_cli(prefix: list[str], args: list[str]) -> str:
+    """Run ``humanalign <args>`` under ``prefix`` (python, or the launcher) and return its stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable] if prefix == ["python"] else prefix
+    done = subprocess.run([*cmd, "-m", "humanalign.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=400, cwd=PROJECT_ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done.stderr
+
+
+def train_dpo(prefix: list[str], out: Path, data: Path, batch_size: int, *extra: str) -> str:
+    return run_cli(prefix, ["train", "dpo", "--config", str(CONFIGS / "dpo_tiny.yaml"), "--output-dir", str(out),
+                            "--train-path", str(data / "val" / "helpful_pairs.jsonl"),
+                            "--val-path", str(data / "test" / "helpful_pairs.jsonl"),
+                            "--batch-size", str(batch_size), *LOG_EVAL_SAVE, *DPO, *extra])
+
+
+def metrics(run_dir: Path, key: str) -> dict[int, float]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if x]
+    return {m["step"]: m[key] for m in lines if key in m}
+
+
+def assert_same_curve(one: Path, two: Path, key: str, steps: list[int], tolerance: float = 1e-5) -> float:
+    a, b = metrics(one, key), metrics(two, key)
+    assert sorted(a) == sorted(b) == steps, key
+    worst = max(abs(a[s] - b[s]) for s in steps)
+    assert worst < tolerance, (key, a, b)
+    return worst
+
+
+def assert_close_weights(one: Path, two: Path, name: str = "model.safetensors") -> None:
+    wa, wb = load_file(str(one / "final" / name)), load_file(str(two / "final" / name))
+    assert wa.keys() == wb.keys() and len(wa) > 0  # tied embeddings saved once by both
+    diffs = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
+    assert diffs.max().item() < 2e-4 and (diffs > 1e-6).float().mean().item() < 5e-3
+
+
+def assert_loads_as_trained(final: Path) -> None:
+    """The final folder is a plain Hugging Face model whose weights are the saved ones."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(final)
+    saved = load_file(str(final / "model.safetensors"))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+@pytest.fixture(scope="module")
+def demo_pairs(tmp_path_factory) -> Path:
+    """The demo pairs (485 train / 59 val / 56 test); the runs train on the 59 val pairs, evaluate on test."""
+    from humanalign.config.base import load_config
+    from humanalign.config.data import PrepareDataConfig
+    from humanalign.data.demo_data import write_demo_raw
+    from humanalign.data.prepare import run as prepare
+
+    root = tmp_path_factory.mktemp("scale_out")
+    raw = write_demo_raw(root / "raw", n=600, seed=0)
+    prepare(load_config(PrepareDataConfig, values={"input_dir": str(raw.parent), "output_dir": str(root / "data"),
+                                                   "seed": 0}))
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def one_process_dpo(demo_pairs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dpo") / "one"
+    train_dpo(["python"], out, demo_pairs, 8)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- FSDP2
+
+
+@pytest.mark.slow
+def test_fsdp2_dpo_matches_one_process_resumes_and_saves_a_plain_model(demo_pairs, one_process_dpo, tmp_path):
+    one, two = one_process_dpo, tmp_path / "fsdp"
+    log = train_dpo(sharded("fsdp"), two, demo_pairs, 4)
+    assert "2 processes: FSDP2 (SHARDED_STATE_DICT checkpoints), gloo on cpu" in log
+    assert "reference: model (tiny)" in log
+    assert_same_curve(one, two, "train/loss", list(range(1, STEPS + 1)))
+    assert metrics(two, "train/loss")[1] == pytest.approx(0.6931472, abs=1e-6)  # policy == reference: ln 2
+    assert_same_curve(one, two, "eval/loss", [3, 6])
+    assert_close_weights(one, two)
+
+    # Sharded checkpoints: each rank wrote its shard of the model and of Adam's state (torch.distributed
+    # .checkpoint), nothing was gathered; the step-6 shards put together are exactly the final model.
+    ckpt = two / "checkpoint-6"
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        assert sorted(p.name for p in (ckpt / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (ckpt / "model.safetensors").exists()
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(ckpt / "pytorch_model_fsdp_0", tmp_path / "gathered.pt")
+    gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)["model"]
+    final = load_file(str(two / "final" / "model.safetensors"))
+    assert all(torch.equal(gathered[k], v) for k, v in final.items())
+    assert_loads_as_trained(two / "final")
+
+    # Resume from the sharded step-3 checkpoint in a fresh folder: steps 4-6 as in the uninterrupted run.
+    resumed = tmp_path / "resumed"
+    log = train_dpo(sharded("fsdp"), resumed, demo_pairs, 4, "--resume-from-checkpoint", str(two / "checkpoint-3"))
+    assert "resuming after step 3" in log
+    a, b = metrics(two, "train/loss"), metrics(resumed, "train/loss")
+    assert sorted(b) == [4, 5, 6] and max(abs(a[s] - b[s]) for s in b) < 1e-6  # measured: 2e-7
+    wa, wb = final, load_file(str(resumed / "final" / "model.safetensors"))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6  # measured: 1.2e-7
+
+
+@pytest.mark.slow
+def test_fsdp2_sft_matches_one_process(demo_pairs, tmp_path):
+    def sft(prefix: list[str], out: Path, batch_size: int) -> str:
+        return run_cli(prefix, ["train", "sft", "--config", str(CONFIGS / "sft_tiny.yaml"), "--output-dir", str(out),
+                                "--train-path", str(demo_pairs / "val" / "helpful_pairs.jsonl"),
+                                "--val-path", str(demo_pairs / "test" / "helpful_pairs.jsonl"),
+                                "--batch-size", str(batch_size), *LOG_EVAL_SAVE, "--lr-scheduler", "constant",
+                                "--warmup-ratio", "0"])
+
+    one, two = tmp_path / "one", tmp_path / "fsdp"
+    sft(["python"], one, 8)
+    assert "FSDP2" in sft(sharded("fsdp"), two, 4)
+    # token-weighted loss: the step's target tokens are counted across ranks (engine.backward's normalizer)
+    assert_same_curve(one, two, "train/loss", list(range(1, STEPS + 1)))
+    assert_same_curve(one, two, "eval/loss", [0, 3, 6])  # measured: 1.8e-7
+    assert_close_weights(one, two)
+    assert_loads_as_trained(two / "final")
+
+
+@pytest.mark.slow
+def test_fsdp2_safe_mm_dpo_matches_one_process(demo_pairs, tmp_path):
+    """Two streams, a frozen reference with a per-token KL term (the reference's full logits) and the Lagrange
+    multiplier (registered trainer state, its cost window gathered from both ranks)."""
+    def safe_mm_dpo(prefix: list[str], out: Path, batch_size: int) -> str:
+        args = ["train", "safe-mm-dpo", "--config", str(CONFIGS / "safe_mm_dpo_tiny.yaml"), "--output-dir",
+                str(out), "--batch-size", str(batch_size), *LOG_EVAL_SAVE, "--eval-on-start", "false",
+                "--set", "kl_coeff=0.05"]
+        for kind in ("helpful", "harmless"):
+            args += [f"--train-{kind}-path", str(demo_pairs / "val" / f"{kind}_pairs.jsonl"),
+                     f"--val-{kind}-path", str(demo_pairs / "test" / f"{kind}_pairs.jsonl")]
+        return run_cli(prefix, args)
+
+    one, two = tmp_path / "one", tmp_path / "fsdp"
+    safe_mm_dpo(["python"], one, 8)
+    assert "FSDP2" in safe_mm_dpo(sharded("fsdp"), two, 4)
+    for key in ("train/loss_total", "train/loss_safety", "train/kl_divergence"):
+        assert_same_curve(one, two, key, list(range(1, STEPS + 1)))  # measured: 6e-7
+    fa, fb = (json.loads((d / "final_metrics.json").read_text(encoding="utf-8")) for d in (one, two))
+    assert fa["lambda"]["final"] != 1.0  # lambda moved
+    for (sa, va), (sb, vb) in zip(fa["lambda"]["path"], fb["lambda"]["path"], strict=True):
+        assert sa == sb and vb == pytest.approx(va, abs=1e-5)  # measured: 2e-7
+    assert_close_weights(one, two)
+
+
+# ----------------------------------------------------------------------------------------------- DeepSpeed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, stage", [("deepspeed_zero2", "ZeRO-2"),
+                                           ("deepspeed_zero3_offload", "ZeRO-3 (offload: optimizer, param)")])
+def test_deepspeed_dpo_matches_one_process(config, stage, demo_pairs, one_process_dpo, tmp_path):
+    """ZeRO-2 (optimizer states and gradients sharded) and ZeRO-3 with CPU offload (parameters too; DeepSpeed's
+    CPU Adam; the frozen reference a ZeRO-3 inference engine; the final model gathered from the shards)."""
+    pytest.importorskip("deepspeed")
+    one, two = one_process_dpo, tmp_path / "ds"
+    log = train_dpo(sharded(config), two, demo_pairs, 4)
+    assert f"2 processes: DeepSpeed {stage}, gloo on cpu" in log
+    assert_same_curve(one, two, "train/loss", list(range(1, STEPS + 1)))  # measured: 8e-7
+    assert metrics(two, "train/loss")[1] == pytest.approx(0.6931472, abs=1e-6)
+    assert_same_curve(one, two, "eval/loss", [3, 6])
+    assert_same_curve(one, two, "train/grad_norm", list(range(1, STEPS + 1)), tolerance=1e-4)
+    assert_close_weights(one, two)
+    ckpt = two / "checkpoint-6" / "pytorch_model"
+    assert sorted(p.name for p in ckpt.glob("zero_pp_rank_*_optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert_loads_as_trained(two / "final")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def test_a_gathered_state_dict_keeps_tied_weights_once():
+    """FSDP2 and ZeRO gather a tied embedding/LM-head matrix under both names as separate tensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from humanalign.engine.saving import without_tied_copies
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}  # 2 names, 2 storages for the tied matrix
+    assert "lm_head.weight" in gathered and "model.embed_tokens.weight" in gathered
+    kept = without_tied_copies(model, gathered)
+    assert sorted(set(gathered) - set(kept)) == ["lm_head.weight"]  # kept under its first name only
+    untied = {k: v for k, v in gathered.items() if k != "model.embed_tokens.weight"}
+    assert without_tied_copies(model, untied) == untied  # a copy whose original is absent stays
