@@ -321,8 +321,45 @@ def test_kl_term_is_the_exact_token_mean_kl(val_streams, models, tokenizer):
     # with kl_coeff 0 the KL is measured but carries no gradient and no loss
     measured = step_loss(policy, reference, batch, SETTINGS, lam=1.0, with_kl=True)
     assert measured.metrics["kl_divergence"].item() == pytest.approx(kl_direct.item(), rel=1e-5)
-    # (a KL step uses the plain full-logits forward, the others the fast pair forward: equal up to round-off)
     assert measured.loss.item() == pytest.approx(base.loss.item(), abs=2e-6)
+    assert not measured.kl_parts[0].requires_grad
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_kl_step_on_the_fast_forward_equals_the_full_logits_step(val_streams, models, tokenizer, monkeypatch, lora):
+    """A KL step computes the KL from each model's LM head on the response positions only (models/kl.py); the
+    full-logits KL (the plain forward of both models, kept for models without the fast path) gives the same
+    loss, metrics and policy gradients: frozen-model reference, and a LoRA policy against its own base."""
+    import humanalign.trainers.safe_mm_dpo_parts as parts
+    from humanalign.config.training import LoraSettings
+    from humanalign.models.reference import AdapterDisabledReference
+
+    helpful, harmless = val_streams
+    policy, reference = models
+    if lora:
+        torch.manual_seed(0)
+        policy = load_causal_lm("tiny", lora=LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0))
+        with torch.no_grad():
+            for name, param in policy.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.3)
+        reference = AdapterDisabledReference(policy)
+    batch = _joint_batch(helpful, harmless, _shared_items(helpful, harmless, 3), tokenizer)
+    settings = StepSettings(beta_ori=0.1, w=0.5, k=0.5, kl_coeff=0.05, average=False)
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    runs, fast_results, fast_forward = {}, [], parts.pair_kl_forward
+    for path, forward in (("fast", lambda *a, **k: fast_results.append(fast_forward(*a, **k)) or fast_results[-1]),
+                          ("plain", lambda *args, **kwargs: None)):
+        monkeypatch.setattr(parts, "pair_kl_forward", forward)
+        out = step_loss(policy, reference, batch, settings, lam=1.0, with_kl=True)
+        runs[path] = (out, torch.autograd.grad(out.loss, trained))
+    assert len(fast_results) == 1 and fast_results[0] is not None  # the fast step did take the fast path
+    (fast, fast_grads), (plain, plain_grads) = runs["fast"], runs["plain"]
+    assert fast.metrics["kl_divergence"].item() > 1e-3  # a real divergence
+    for key, value in plain.metrics.items():
+        assert fast.metrics[key].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key
+    for got, expected in zip(fast_grads, plain_grads):
+        assert (got - expected).abs().max().item() <= 1e-5 * max(expected.abs().max().item(), 1e-3)
 
 
 # ----------------------------------------------------------------------------------------- margins
@@ -346,6 +383,30 @@ def test_margin_statistics_flag_degenerate_distributions():
     # J_c at the start: mean (C_w + C_l) / 2 = (0 - 1 + 1) / 3 = 0; always safer: mean C_w = (-1 - 1 + 1) / 3
     assert expected_cost_range([-1.0, -1.0, 1.0], [1.0, -1.0, 1.0]) == (0.0, pytest.approx(-1 / 3))
     assert expected_cost_range([-1.0, 5.0], [1.0, 5.0], has_cost=[1.0, 0.0]) == (0.0, -1.0)  # unlabelled pair out
+
+
+@pytest.mark.parametrize(("threshold", "says"), [
+    (-0.5, "below the start: the constraint is violated at first, so lambda rises"),  # -1 < d < 0
+    (0.0, "at or above the start: the constraint holds from the first step, so lambda falls"),
+    (-2.0, "below every J_c that ranking can reach"),  # d < -1, the always-safer J_c
+])
+def test_the_run_says_where_the_threshold_lies(threshold, says):
+    from types import SimpleNamespace
+
+    from humanalign.trainers.safe_mm_dpo_margins import _report_range
+
+    printed = []
+    engine = SimpleNamespace(print=printed.append)
+    # start: mean (C_w + C_l) / 2 = (0 + 0) / 2 = 0; always safer: mean C_w = -1
+    cfg = SimpleNamespace(cost_threshold=threshold, use_safety_stream=True, update_lambda=True)
+    found = _report_range(cfg, engine, [-1.0, -1.0], [1.0, 1.0], None, "train")
+    assert found == {"expected_cost_start": 0.0, "expected_cost_always_safer": -1.0}
+    assert says in printed[0], printed[0]
+    # Held-out pairs, or a run with no dual update (DPO, MM-DPO, shaping): the range, and nothing about lambda
+    for split, stream, update in [("val", True, True), ("train", False, True), ("train", True, False)]:
+        cfg = SimpleNamespace(cost_threshold=threshold, use_safety_stream=stream, update_lambda=update)
+        assert _report_range(cfg, engine, [-1.0, -1.0], [1.0, 1.0], None, split) == found
+        assert "lambda" not in printed[-1] and f"d = {threshold:g}" in printed[-1], printed[-1]
 
 
 def _score_model(root: Path, name: str, score_type: str, scale: float) -> Path:

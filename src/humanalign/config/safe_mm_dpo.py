@@ -86,7 +86,7 @@ class SafeMMDPOConfig(TrainingConfig):
     )
     measure_kl: bool = Field(
         True, description="With kl_coeff 0, still measure the exact KL (first micro-batch of logged steps, and "
-        "evaluation); false skips the full-logits forward that needs (memory on large vocabularies).",
+        "evaluation); false skips its extra head work (and, on models without the fused path, a full-logits forward).",
     )
     metric_for_best_model: str = Field("eval/loss_total", description="Eval metric that picks the best checkpoint.")
     group_by_length: bool = Field(

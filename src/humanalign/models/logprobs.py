@@ -22,7 +22,9 @@ layouts of the backbone's input:
 
 Both give the full forward's numbers up to float round-off. ``pair_layout`` picks one per model, once, after a
 self-check against the plain full-logits forward on two pairs of the first batch (``plain`` if neither agrees,
-e.g. for a model whose forward post-processes its logits).
+e.g. for a model whose forward post-processes its logits). ``scored_forward`` takes another scorer for the
+head: ``models/kl.py`` computes the exact KL between a policy and its reference that way (``per_token_kl``
+below is the plain forward's).
 """
 
 from __future__ import annotations
@@ -328,10 +330,11 @@ def _shared_supported(hf) -> bool:
 
 
 @contextlib.contextmanager
-def _scoring_head(hf, index: torch.Tensor, target: torch.Tensor) -> Iterator[dict[str, Any]]:
+def _scoring_head(hf, index: torch.Tensor, target: torch.Tensor, scorer=None) -> Iterator[dict[str, Any]]:
     """While active, the model's LM head scores the positions ``index`` of its (R, L, H) input instead of
     computing logits; the results land in the yielded dict. The head module is called as usual (its hooks run:
-    devices, autocast), only its forward is replaced."""
+    devices, autocast), only its forward is replaced. ``scorer(head, picked, target, forward)`` -> dict (with
+    ``logps``) replaces ``head_logps`` (e.g. the fused log-probs and KL of ``models/kl.py``)."""
     head = hf.get_output_embeddings()
     original = head.forward
     own = head.__dict__.get("forward")  # an instance-level forward (e.g. an accelerate hook) to put back
@@ -339,9 +342,12 @@ def _scoring_head(hf, index: torch.Tensor, target: torch.Tensor) -> Iterator[dic
 
     def score(hidden: torch.Tensor) -> torch.Tensor:
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # (N, H)
-        logps, sums, vocab = head_logps(head, picked, target, forward=original)
-        result.update(logps=logps, sums=sums, vocab=vocab)
-        return logps
+        if scorer is not None:
+            result.update(scorer(head, picked, target, original))
+        else:
+            logps, sums, vocab = head_logps(head, picked, target, forward=original)
+            result.update(logps=logps, sums=sums, vocab=vocab)
+        return result["logps"]
 
     head.forward = score
     try:
@@ -364,13 +370,13 @@ def _plan_for(batch: Mapping[str, Any], layout: str) -> dict[str, torch.Tensor]:
     return plans[layout]
 
 
-def scored_logps(model, batch: Mapping[str, Any], layout: str = "padded") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of the label tokens (2B, T - 1) (0 elsewhere) and each row's mean logit over its
-    label positions (2B,) (detached), through the scoring head in ``layout`` "shared" or "padded"."""
+def scored_forward(model, batch: Mapping[str, Any], layout: str = "padded", scorer=None
+                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One forward of ``model`` in ``layout`` "shared" or "padded" with its LM head replaced by the scoring
+    head (``scorer``: see ``_scoring_head``): (the scorer's results, one value per scored position, and the
+    layout's plan, whose ``dense`` places them in the (2B, T - 1) grid of the shifted labels)."""
     hf, _ = _unwrap(model)
     plan = _plan_for(batch, layout)
-    labels = batch["labels"]
-    rows, width = labels.shape
     if layout == "shared":
         mask = plan["attention_mask"]
         if hf.config._attn_implementation == "eager":  # eager attention adds the mask to its scores
@@ -379,13 +385,29 @@ def scored_logps(model, batch: Mapping[str, Any], layout: str = "padded") -> tup
         inputs = {"input_ids": plan["input_ids"], "position_ids": plan["position_ids"], "attention_mask": mask}
     else:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
-    with _scoring_head(hf, plan["index"], plan["target"]) as result:
+    with _scoring_head(hf, plan["index"], plan["target"], scorer) as result:
         model(**inputs, use_cache=False)
-    grid = rows * (width - 1)
-    per_token = result["logps"].new_zeros(grid).scatter(0, plan["dense"], result["logps"]).view(rows, width - 1)
-    sums = result["sums"].new_zeros(grid).scatter(0, plan["dense"], result["sums"]).view(rows, width - 1).sum(-1)
+    return result, plan
+
+
+def row_sums(values: torch.Tensor, plan: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Per scored position values (N,) -> their sum over each row of the (2B, T) batch: (2B,) (0 for a row
+    without labels); differentiable."""
+    rows, width = labels.shape
+    grid = values.new_zeros(rows * (width - 1)).scatter(0, plan["dense"], values)
+    return grid.view(rows, width - 1).sum(-1)
+
+
+def scored_logps(model, batch: Mapping[str, Any], layout: str = "padded") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the label tokens (2B, T - 1) (0 elsewhere) and each row's mean logit over its
+    label positions (2B,) (detached), through the scoring head in ``layout`` "shared" or "padded"."""
+    result, plan = scored_forward(model, batch, layout)
+    labels = batch["labels"]
+    rows, width = labels.shape
+    per_token = result["logps"].new_zeros(rows * (width - 1)).scatter(0, plan["dense"], result["logps"])
     counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
-    return per_token, sums / (counts.clamp(min=1) * result["vocab"])
+    sums = row_sums(result["sums"], plan, labels)
+    return per_token.view(rows, width - 1), sums / (counts.clamp(min=1) * result["vocab"])
 
 
 def _sub_batch(batch: Mapping[str, Any], pairs: int) -> dict[str, torch.Tensor]:
@@ -495,6 +517,7 @@ def per_token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: 
 
 
 __all__ = [
-    "PLAN_KEY", "LAYOUTS", "LAYOUT_NOTES", "token_logps", "sequence_logps", "forward_logits", "batch_logps", "score_plan",
-    "head_logps", "scored_logps", "pair_layout", "shared_layout_possible", "concatenated_forward", "per_token_kl",
+    "PLAN_KEY", "LAYOUTS", "LAYOUT_NOTES", "token_logps", "sequence_logps", "forward_logits", "batch_logps",
+    "score_plan", "head_logps", "scored_forward", "row_sums", "scored_logps", "pair_layout", "shared_layout_possible",
+    "concatenated_forward", "per_token_kl",
 ]

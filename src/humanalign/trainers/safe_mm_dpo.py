@@ -135,7 +135,7 @@ def run(cfg: SafeMMDPOConfig) -> dict[str, Any]:
         datasets = [d for parts in streams.values() for d in parts.values() if d is not None]
         reference = build_reference(cfg, policy, engine, datasets, pad_token_id=tokenizer.pad_token_id)
         engine.print(f"[safe-mm-dpo] reference: {reference.describe()}")
-        # the exact KL needs the reference's full logits; with kl_coeff 0 it is only measured (measure_kl)
+        # the exact KL needs a live reference's distributions; with kl_coeff 0 it is only measured (measure_kl)
         measure_kl = reference.mode != "precomputed" and (cfg.kl_coeff > 0 or cfg.measure_kl)
 
         joint = build_joint_dataset(streams[HELPFUL]["train"], streams[HARMLESS]["train"], cfg.seed,
@@ -167,8 +167,8 @@ def run(cfg: SafeMMDPOConfig) -> dict[str, Any]:
         train_seconds, steps_run = 0.0, 0
         for micro_batches in engine.train_steps(train_loader):
             step_start = time.time()
-            # the KL term needs every micro-batch's full logits; with kl_coeff 0 the KL is only measured, on the
-            # first micro-batch of a logged step (a plain forward there, the fast pair forward elsewhere)
+            # the KL term is computed on every micro-batch (each model's LM head on the response positions only,
+            # models/kl.py); with kl_coeff 0 the KL is only measured, on the first micro-batch of a logged step
             log_kl = measure_kl and is_logging_step(engine, engine.step + 1)
             kl_tokens = None
             if settings.kl_coeff > 0:  # the KL term: a mean over every response token of the step, on all ranks

@@ -184,12 +184,18 @@ def expected_cost_range(cost_chosen: Sequence[float], cost_rejected: Sequence[fl
     return start, float(np.mean([cost_chosen[i] for i in keep]))
 
 
-def _report_range(cfg, engine, chosen, rejected, has) -> dict[str, float]:
+def _report_range(cfg, engine, chosen, rejected, has, split) -> dict[str, float]:
     found = expected_cost_range(chosen, rejected, has)
     if found is None:
         return {}
     start, safer = found
     d = cfg.cost_threshold
+    where = "" if split == "train" else f" ({split} pairs)"
+    if split != "train" or not (cfg.use_safety_stream and cfg.update_lambda):
+        # Only the training pairs drive the dual update, and only when there is one: no outlook for lambda here.
+        engine.print(f"[margins] harmless{where}: J_c is {start:.4g} at the start (p = 1/2) and {safer:.4g} for a "
+                     f"policy that always prefers the safer answer (d = {d:g})")
+        return {"expected_cost_start": start, "expected_cost_always_safer": safer}
     if safer > d:
         outlook = "below every J_c that ranking can reach: the constraint cannot be met, lambda will rise to lambda_max"
     elif start > d:
@@ -212,7 +218,7 @@ def _report_margins(cfg, engine, stream, split, model_path, dataset, chosen, rej
             has = label_costs(dataset.pairs)[2]
             labelled = int(sum(has))
             out["pairs_with_costs"] = labelled
-            out.update(_report_range(cfg, engine, chosen, rejected, has))
+            out.update(_report_range(cfg, engine, chosen, rejected, has, split))
             if labelled < len(dataset):
                 engine.print(f"[margins] warning: {len(dataset) - labelled} of {len(dataset)} harmless pairs have no "
                              "is_safe labels and no cost model: they do not count in the expected cost")
@@ -225,7 +231,7 @@ def _report_margins(cfg, engine, stream, split, model_path, dataset, chosen, rej
         engine.print(f"[margins] warning: {stream} margins look degenerate: {problem}")
     out = {"model": model_path, "margins": stats, "beta_mean": float(beta.mean())}
     if stream == HARMLESS:
-        out.update(_report_range(cfg, engine, chosen, rejected, None))
+        out.update(_report_range(cfg, engine, chosen, rejected, None, split))
         sign = cost_sign_accuracy(dataset.pairs, chosen, rejected)
         out["cost_sign_accuracy"] = sign
         if sign is not None:

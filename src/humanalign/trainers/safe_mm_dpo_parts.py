@@ -6,7 +6,8 @@
   step of B helpful + B harmless pairs forwards 2B sequences, as DPO does for B pairs.
 - Margins (before training, with their checks): ``safe_mm_dpo_margins.py``.
 - ``step_loss``: one policy forward (and one reference forward) over the batch's distinct sequences, the
-  per-stream log-ratios h, the per-pair betas, ``safe_mm_dpo_loss``, the expected cost J of each harmless pair.
+  per-stream log-ratios h, the per-pair betas, the exact KL when asked (``models/kl.py``), ``safe_mm_dpo_loss``,
+  the expected cost J of each harmless pair.
 - ``evaluate``: every metric on the validation pairs of each stream; ``SampledCost``: J_c from the policy's
   own answers scored by the cost model (``expected_cost: sampled``).
 """
@@ -27,6 +28,7 @@ from humanalign.data.records import prompt_key
 from humanalign.data.tokenize import IGNORE_INDEX
 from humanalign.errors import UserError
 from humanalign.losses.safe_mm_dpo import expected_cost_pairwise, margin_scaled_beta, safe_mm_dpo_loss
+from humanalign.models.kl import pair_kl_forward
 from humanalign.models.logprobs import concatenated_forward, per_token_kl, sequence_logps
 from humanalign.models.reference import REF_CHOSEN, REF_REJECTED, ReferenceModel
 from humanalign.trainers.preference_data import INDEX_KEY, PAIR_KEYS, PairCollator, PairDataset
@@ -276,30 +278,36 @@ def step_loss(model, reference: ReferenceModel, batch: Mapping[str, Any], settin
     ``concatenated_forward``: prompt once per pair, LM head on response tokens only, where the model allows),
     the reference's log-probs of the same rows, then each stream's pairs.
 
-    ``with_kl``: compute the exact per-token KL (needs a live reference and the full logits of both models, so
-    such a step uses the plain forward); it enters the loss with kl_coeff, and is only measured (no gradient)
-    when kl_coeff is 0. ``kl_tokens``: the count the KL sum is divided by (default: this batch's response
-    tokens); a trainer passes the optimizer step's tokens / (micro-batches x processes), so that the KL term is
-    the mean over every response token of the step however the step is split."""
-    labels = batch["labels"]  # (2P, T)
-    with_kl = with_kl and reference.mode != "precomputed"  # no reference logits to compare with
-    out = concatenated_forward(model, batch, average=False, return_logits=with_kl)
-    sums = torch.cat([out["chosen_logps"], out["rejected_logps"]])  # (2P,) summed over response tokens
-    counts = torch.cat([out["chosen_token_counts"], out["rejected_token_counts"]])  # (2P,)
-    kl = kl_parts = None
-    if with_kl:
-        ref_logits = reference.forward_logits(batch)  # (2P, T, V), no grad
-        ref_sums = sequence_logps(ref_logits, labels)[0].detach()  # (2P,)
-        # KL(pi || pi_ref) per position from the full distributions; mean over every response token of the batch
-        policy_logits = out["logits"] if settings.kl_coeff > 0 else out["logits"].detach()
-        per_sequence = per_token_kl(policy_logits, ref_logits, labels)  # (2P,) mean over each row's tokens
-        weights = counts.to(per_sequence.dtype)
-        kl_parts = ((per_sequence * weights).sum(), weights.sum())
-        kl = kl_parts[0] / (kl_parts[1].clamp(min=1) if kl_tokens is None else kl_tokens)
-        del ref_logits
+    ``with_kl``: compute the exact per-token KL (needs a live reference); it enters the loss with kl_coeff, and
+    is only measured (no gradient) when kl_coeff is 0. It comes from the same fast forward as the log-probs,
+    each model's LM head on the response positions only (``models/kl.py``); a model that keeps the plain
+    forward (FSDP / DeepSpeed, post-processed logits, a head that is not a plain linear layer) computes it from
+    both models' full logits instead. ``kl_tokens``: the count the KL sum is divided by (default: this batch's
+    response tokens); a trainer passes the optimizer step's tokens / (micro-batches x processes), so that the
+    KL term is the mean over every response token of the step however the step is split."""
+    with_kl = with_kl and reference.mode != "precomputed"  # no reference distributions to compare with
+    fast = pair_kl_forward(model, reference, batch, kl_grad=settings.kl_coeff > 0) if with_kl else None
+    kl_sum = None
+    if fast is not None:  # one fast forward of each model: log-probs and the KL at the response positions
+        sums, counts, ref_sums, kl_sum = fast.logps, fast.counts, fast.ref_logps, fast.kl.sum()
     else:
-        ref_chosen, ref_rejected = reference.logps(batch, average=False)  # (P,), (P,)
-        ref_sums = torch.cat([ref_chosen, ref_rejected]).detach()
+        out = concatenated_forward(model, batch, average=False, return_logits=with_kl)
+        sums = torch.cat([out["chosen_logps"], out["rejected_logps"]])  # (2P,) summed over response tokens
+        counts = torch.cat([out["chosen_token_counts"], out["rejected_token_counts"]])  # (2P,)
+        if with_kl:  # the plain forward: KL(pi || pi_ref) per position from both models' full logits
+            ref_logits = reference.forward_logits(batch)  # (2P, T, V), no grad
+            ref_sums = sequence_logps(ref_logits, batch["labels"])[0].detach()  # (2P,)
+            policy_logits = out["logits"] if settings.kl_coeff > 0 else out["logits"].detach()
+            per_sequence = per_token_kl(policy_logits, ref_logits, batch["labels"])  # (2P,) mean over each row
+            kl_sum = (per_sequence * counts.to(per_sequence.dtype)).sum()
+            del ref_logits
+        else:
+            ref_chosen, ref_rejected = reference.logps(batch, average=False)  # (P,), (P,)
+            ref_sums = torch.cat([ref_chosen, ref_rejected]).detach()
+    kl = kl_parts = None
+    if kl_sum is not None:  # the mean over every response token of the batch (or of the step: kl_tokens)
+        kl_parts = (kl_sum, counts.sum().to(kl_sum.dtype))
+        kl = kl_parts[0] / (kl_parts[1].clamp(min=1) if kl_tokens is None else kl_tokens)
     streams = {s: stream_pairs(s, batch[s], sums, counts, ref_sums, settings) for s in (HELPFUL, HARMLESS)
                if s in batch}
     empty = sums.new_zeros(0)
