@@ -4,15 +4,17 @@ Data: ``pku-saferlhf/safe_vs_unsafe_pairs.jsonl`` of the shared data folder (``h
 ``HUMANALIGN_SHARED_DATA`` overrides): 5,135 pairs of one safe and one unsafe answer to the same prompt, read
 through the generic adapter (``safer`` -> chosen with is_safe true, ``unsafer`` -> rejected with is_safe false).
 Pairs are split by prompt with ``prepare.split_of`` (a prompt's pairs all land on the same side), so the test
-pairs answer prompts the model never saw. Nothing is copied: the split lives in memory and the trainer reads
-the pairs directly (``train_score_model``).
+pairs answer prompts the model never saw. The file repeats 30% of its (prompt, safe, unsafe) triples: the
+training side keeps each once (``--keep-duplicates`` trains on all), the held-out side is scored as it is (784
+pairs). Nothing is copied: the split lives in memory and the trainer reads the pairs directly
+(``train_score_model``).
 
 It trains with `humanalign train rm`'s trainer (task harmless: pairwise + sign terms) and reports the held-out
 pair accuracy (cost(safe answer) < cost(unsafe answer)), the sign accuracy (cost > 0 exactly for the unsafe
 answers), the AUC, the training wall time and pairs per second, as a table and as JSON::
 
     python benchmarks/cost_model_minilm.py                       # the defaults documented in docs/benchmarks.md
-    python benchmarks/cost_model_minilm.py --epochs 1 --max-length 128 --output /tmp/cm.json
+    python benchmarks/cost_model_minilm.py --head-lr-multiplier 1 --max-length 256 --output /tmp/cm.json
 
 The trained model is a normal score model folder (``--run-dir``): ``humanalign eval rm --model RUN_DIR ...``
 scores other data with it.
@@ -46,15 +48,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-ratio", type=float, default=0.15, help="share of prompts held out (default 0.15)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the prompt split (default 0)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    p.add_argument("--max-length", type=int, default=256, help="tokens of prompt + answer (default 256)")
-    p.add_argument("--max-prompt-length", type=int, default=96, help="prompt tokens kept (default 96)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens of prompt + answer (default 128)")
+    p.add_argument("--max-prompt-length", type=int, default=48, help="prompt tokens kept (default 48)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs (default 1)")
     p.add_argument("--batch-size", type=int, default=16, help="pairs per step (default 16)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup share (default 0.1)")
     p.add_argument("--regularization", type=float, default=0.001, help="score regularisation (default 0.001)")
+    p.add_argument("--head-lr-multiplier", type=float, default=10.0,
+                   help="pooler + classifier learning rate = lr x this (default 10)")
+    p.add_argument("--layer-lr-decay", type=float, default=1.0,
+                   help="layer-wise learning-rate decay, top layer at lr (default 1: off)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--keep-duplicates", action="store_true",
+                   help="train on every pair of the file, repeated (prompt, safe, unsafe) triples included")
     p.add_argument("--no-sign-terms", action="store_true", help="train on the pair ordering only (an ablation)")
     p.add_argument("--max-train-pairs", type=int, default=None, help="use at most this many training pairs")
+    p.add_argument("--eval-steps", type=int, default=None,
+                   help="also score the held-out pairs every N steps (metrics.jsonl of the run folder; default: end only)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on 2 shared cores a second thread costs CPU, not wall time)")
     return p.parse_args(argv)
@@ -78,6 +89,20 @@ def load_split(path: Path, test_ratio: float, seed: int):
     return train, test, skipped
 
 
+def unique_pairs(pairs: list) -> tuple[list, int]:
+    """The pairs with each (prompt, safe answer, unsafe answer) kept once, in file order, and how many repeats
+    were left out. The file repeats 30% of its triples; a repeat costs a training step and teaches nothing new."""
+    from humanalign.data.records import prompt_key
+
+    seen, kept = set(), []
+    for pair in pairs:
+        key = (prompt_key(pair.prompt), pair.chosen, pair.rejected)
+        if key not in seen:
+            seen.add(key)
+            kept.append(pair)
+    return kept, len(pairs) - len(kept)
+
+
 def table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -98,18 +123,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not data.is_file():
         sys.exit(f"benchmark data not found: {data} (set HUMANALIGN_SHARED_DATA or pass --data)")
     train, test, skipped = load_split(data, args.test_ratio, args.split_seed)
+    duplicates = 0
+    if not args.keep_duplicates:
+        train, duplicates = unique_pairs(train)
     if args.max_train_pairs:
         train = train[:args.max_train_pairs]
     print(f"[bench] {data}: {len(train):,} train / {len(test):,} held-out pairs (split by prompt); "
-          f"skipped: {dict(skipped) or 'none'}", file=sys.stderr)
+          f"skipped: {dict(skipped) or 'none'}; {duplicates:,} repeated training pairs left out", file=sys.stderr)
     cfg = load_config(RewardModelConfig, values={
         "task": "harmless", "base_model_path": args.model, "output_dir": args.run_dir,
         "overwrite_output_dir": True, "seed": args.seed, "max_length": args.max_length,
         "max_prompt_length": args.max_prompt_length, "epochs": args.epochs, "batch_size": args.batch_size,
         "eval_batch_size": 64, "learning_rate": args.lr, "warmup_ratio": args.warmup_ratio,
         "lr_scheduler": "linear", "regularization": args.regularization, "eval_on_start": False,
-        "use_sign_terms": not args.no_sign_terms,
-        "logging_steps": 10, "report_to": ["none"], "group_by_length": True,
+        "use_sign_terms": not args.no_sign_terms, "head_lr_multiplier": args.head_lr_multiplier,
+        "layer_lr_decay": args.layer_lr_decay, "weight_decay": args.weight_decay,
+        "logging_steps": 10, "eval_steps": args.eval_steps, "report_to": ["none"], "group_by_length": True,
     })
     start = time.time()
     summary = train_score_model(cfg, train, test, skipped={"train": skipped},
@@ -121,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "benchmark": "cost_model_minilm",
         "data": str(data), "train_pairs": summary["train_pairs"], "test_pairs": int(ev["eval/pairs"]),
+        "repeated_train_pairs_left_out": duplicates,
         "model": args.model, "run_dir": args.run_dir,
         "pair_accuracy": ev["eval/accuracy"], "sign_accuracy": ev.get("eval/sign_accuracy"),
         "auc": ev.get("eval/auc"), "eval_loss": ev["eval/loss"],
@@ -133,7 +163,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train_pairs_per_cpu_second": round(pairs_seen / max(summary["train_cpu_seconds"], 1e-9), 2),
         "settings": {k: getattr(args, k) for k in ("max_length", "max_prompt_length", "epochs", "batch_size", "lr",
                                                    "warmup_ratio", "regularization", "seed", "split_seed",
-                                                   "test_ratio", "no_sign_terms", "threads")},
+                                                   "test_ratio", "no_sign_terms", "threads", "head_lr_multiplier",
+                                                   "layer_lr_decay", "weight_decay", "keep_duplicates",
+                                                   "max_train_pairs", "eval_steps")},
         "truncation": {split: data_stats[split]["truncation"] for split in ("train", "val")},
         "machine": {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                     "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__,

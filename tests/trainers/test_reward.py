@@ -22,6 +22,7 @@ from humanalign.trainers.reward import (
     UNKNOWN_LABEL,
     LossSettings,
     NormalizerState,
+    build_score_optimizer,
     encode_pairs,
     safety_label_note,
     score_pair_loss,
@@ -132,6 +133,16 @@ def test_normalizer_state_restores_in_place():
 def test_config_rejects_centering_with_the_token_wise_loss():
     with pytest.raises(ConfigError, match="center_rewards_coefficient applies to the sequence-wise loss"):
         load_config(RewardModelConfig, values={"loss_granularity": "token", "center_rewards_coefficient": 0.01})
+
+
+def test_per_group_learning_rates_are_validated_and_off_by_default():
+    cfg = load_config(RewardModelConfig, values={"task": "harmless"})
+    assert cfg.head_lr_multiplier == 1.0 and cfg.layer_lr_decay == 1.0
+    engine = SimpleNamespace(distributed_type="NO")
+    assert build_score_optimizer(cfg, None, engine) is None  # the engine's default AdamW, checkpoints unchanged
+    for bad in ({"layer_lr_decay": 1.5}, {"layer_lr_decay": 0}, {"head_lr_multiplier": -1}):
+        with pytest.raises(ConfigError):
+            load_config(RewardModelConfig, values={"task": "harmless", **bad})
 
 
 def test_output_dir_defaults_by_task():
@@ -334,6 +345,34 @@ def test_lora_cost_model_with_gradient_checkpointing_saves_merged(demo_data, tmp
     weights = load_file(out / "model.safetensors")
     assert not any("lora_" in k or "modules_to_save" in k for k in weights)  # the adapter is merged
     assert "score.weight" in weights and not (out / "adapter_config.json").exists()
+
+
+def test_one_step_moves_each_layer_by_its_own_learning_rate(demo_data, tmp_path):
+    """head_lr_multiplier / layer_lr_decay reach the trainer's optimizer: after one AdamW step (no warmup, no
+    weight decay, eps far below the gradients) every weight moved by at most its group's rate, and the largest
+    move in each tensor is that rate: the 2-layer tiny model's top layer 1e-3, the layer below 0.5e-3, the
+    embeddings 0.25e-3; the logged train/lr is the peak rate."""
+    from safetensors.torch import load_file
+
+    from humanalign.models.load import resolve_model
+
+    out = tmp_path / "groups"
+    cfg = tiny_config("cost_tiny", demo_data, out, max_steps=1, warmup_ratio=0.0, learning_rate=1e-3,
+                      adam_epsilon=1e-14, head_lr_multiplier=10.0, layer_lr_decay=0.5, eval_on_start=False)
+    pairs = _pairs(demo_data)
+    train_score_model(cfg, pairs[:16], pairs[16:20])
+    base = load_file(Path(resolve_model("tiny").path) / "model.safetensors")
+    trained = load_file(out / "model.safetensors")
+
+    def moved(name: str) -> float:
+        rows = base[name].shape[0]  # the embedding table may have gained a pad row
+        return (trained[name][:rows] - base[name]).abs().max().item()
+
+    assert moved("model.layers.1.mlp.up_proj.weight") == pytest.approx(1e-3, rel=1e-3)
+    assert moved("model.layers.0.mlp.up_proj.weight") == pytest.approx(5e-4, rel=1e-3)
+    assert moved("model.embed_tokens.weight") == pytest.approx(2.5e-4, rel=1e-3)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["train/lr"] for row in logged if "train/lr" in row] == [pytest.approx(1e-3)]
 
 
 @pytest.mark.slow

@@ -49,6 +49,15 @@ class RewardModelConfig(TrainingConfig):
     regularization: float = Field(0.001, ge=0, description="Weight of mean(score^2), keeps scores near zero.")
     center_rewards_coefficient: float = Field(0.0, ge=0, description="TRL-style centering: coef * mean((r_w + r_l)^2).")
     use_sign_terms: bool = Field(True, description="Cost model: add the safe/unsafe sign terms when labels exist.")
+    head_lr_multiplier: float = Field(
+        1.0, gt=0, description="Learning rate of the score head (a decoder's score layer; an encoder's pooler and "
+        "classifier) = learning_rate x this. A fresh head starts near zero: a larger rate gets it learning sooner.",
+    )
+    layer_lr_decay: float = Field(
+        1.0, gt=0, le=1, description="Layer-wise learning-rate decay: the top transformer layer trains at "
+        "learning_rate, each layer below at this factor times the rate of the one above, the embeddings at "
+        "factor^num_layers (1: one rate for the whole backbone).",
+    )
     normalizer: Literal["none", "running", "ema"] = Field(
         "ema", description="Score normalisation statistics kept while training and saved with the model."
     )

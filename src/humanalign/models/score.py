@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -224,6 +225,56 @@ class ScoreModel(nn.Module):
                  "normalizer": self.normalizer.to_dict()}
         block.update(extra or {})
         return block
+
+
+# --------------------------------------------------------------------------------------------- optimizer
+
+HEAD_MODULES = ("score", "classifier", "pooler")  # a decoder's head; an encoder's pooler + classifier
+_LAYER_INDEX = re.compile(r"\.(?:layers?|h|blocks)\.(\d+)\.")
+
+
+def param_lr_scale(name: str, num_layers: int, head_lr_multiplier: float, layer_lr_decay: float) -> float:
+    """Learning-rate multiplier of one parameter (named as in ``named_parameters``) of a score model.
+
+    Head (``score``, or an encoder's ``pooler`` / ``classifier``): ``head_lr_multiplier``. Transformer layer
+    ``i`` of ``num_layers`` (0 = nearest the input): ``layer_lr_decay ** (num_layers - 1 - i)``, so the top
+    layer trains at the peak rate; embeddings (and anything else below the first layer): ``layer_lr_decay **
+    num_layers``; any other parameter (a final norm) is above the layers: 1. Layer-wise decay follows
+    ULMFiT's discriminative fine-tuning (Howard & Ruder 2018) / ELECTRA's layer-wise decay (Clark et al. 2020).
+    """
+    parts = name.split(".")
+    if any(part in HEAD_MODULES for part in parts):
+        return head_lr_multiplier
+    match = _LAYER_INDEX.search(f".{name}")
+    if match and num_layers > 0:
+        return layer_lr_decay ** (num_layers - 1 - min(int(match.group(1)), num_layers - 1))
+    if "embed" in name.lower() or "wte" in parts or "wpe" in parts:
+        return layer_lr_decay ** num_layers
+    return 1.0
+
+
+def score_param_groups(model: nn.Module, learning_rate: float, weight_decay: float,
+                       head_lr_multiplier: float = 1.0, layer_lr_decay: float = 1.0) -> list[dict]:
+    """AdamW parameter groups of a score model's trainable parameters: one group per (learning rate, decay)
+    pair, each with its ``lr`` set (the peak rate times ``param_lr_scale``) and its ``weight_decay`` (0 for
+    biases, norms and other 1-D parameters, as the engine's default groups do), the groups at ``learning_rate``
+    first. With both multipliers at 1 this is the engine's two-group split."""
+    from humanalign.engine.optim import is_no_decay
+
+    inner = _unwrap_peft(model.model if isinstance(model, ScoreModel) else model)
+    num_layers = int(getattr(inner.config, "num_hidden_layers", 0) or 0)
+    groups: dict[tuple[float, float], list[torch.Tensor]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        scale = param_lr_scale(name, num_layers, head_lr_multiplier, layer_lr_decay)
+        decay = 0.0 if is_no_decay(name, param) else weight_decay
+        groups.setdefault((learning_rate * scale, decay), []).append(param)
+    if not groups:
+        raise UserError("the model has no trainable parameters (is everything frozen?)")
+    # groups at the peak rate first: the engine logs the first group's rate as train/lr
+    ordered = sorted(groups.items(), key=lambda kv: (kv[0][0] != learning_rate, kv[0]))
+    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in ordered]
 
 
 # --------------------------------------------------------------------------------------------- encoding
@@ -515,5 +566,5 @@ def _move_into_place(tmp: Path, output_dir: Path) -> None:
 __all__ = [
     "SCORE_CONFIG_KEY", "SCORE_TYPES", "ScoreNormalizer", "ScoreModelOutput", "ScoreModel", "head_layout",
     "last_non_pad_index", "load_score_model", "save_score_model", "read_score_config", "is_score_model_dir",
-    "ensure_distinct_pad", "encode_score_input", "encode_score_pair",
+    "ensure_distinct_pad", "encode_score_input", "encode_score_pair", "param_lr_scale", "score_param_groups",
 ]

@@ -358,6 +358,25 @@ def _save_takes_state_dict() -> bool:
     return "state_dict" in inspect.signature(save_score_model).parameters
 
 
+def build_score_optimizer(cfg: RewardModelConfig, score_model, engine: Engine) -> torch.optim.Optimizer | None:
+    """AdamW with per-group learning rates when ``head_lr_multiplier`` or ``layer_lr_decay`` asks for them
+    (``score_param_groups``); None otherwise, so the engine builds its default optimizer (and checkpoints of
+    earlier runs keep their two-group layout)."""
+    from accelerate.utils import DistributedType
+
+    from humanalign.models.score import score_param_groups
+
+    if cfg.head_lr_multiplier == 1.0 and cfg.layer_lr_decay == 1.0:
+        return None
+    if engine.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("head_lr_multiplier / layer_lr_decay are not supported under DeepSpeed (it builds its "
+                          "own optimizer): set both to 1 or train with DDP")
+    groups = score_param_groups(score_model, cfg.learning_rate, cfg.weight_decay,
+                                head_lr_multiplier=cfg.head_lr_multiplier, layer_lr_decay=cfg.layer_lr_decay)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_epsilon)
+
+
 def promote_final(final: Path, run_dir: Path) -> None:
     """Move the final model's files from ``<run>/final`` into the run folder itself (config.json last, stale
     weight shards of an older save removed), then delete the emptied folder."""
@@ -420,7 +439,8 @@ def train_score_model(
             val_set = EncodedDataset(data.val, pair_length)
             eval_loader = engine.eval_loader(val_set, collate, lengths=val_set.lengths())
         engine.register_state(NORMALIZER_STATE, NormalizerState(normalizer))
-        model, _, _ = engine.prepare(score_model, train_loader)
+        optimizer = build_score_optimizer(cfg, score_model, engine)  # None: the engine's default AdamW
+        model, _, _ = engine.prepare(score_model, train_loader, optimizer=optimizer)
 
         eval_seconds = eval_cpu = 0.0  # wall and process CPU time spent evaluating
 
@@ -527,6 +547,7 @@ def run(cfg: RewardModelConfig) -> dict[str, Any]:
 
 
 __all__ = [
-    "pair_length", "LossSettings", "NormalizerState", "ScoreData", "encode_pairs", "evaluate", "load_pairs",
+    "pair_length", "LossSettings", "build_score_optimizer", "NormalizerState", "ScoreData", "encode_pairs",
+    "evaluate", "load_pairs",
     "prepare_score_data", "safety_label_note", "score_pair_loss", "train_score_model", "run",
 ]
