@@ -35,7 +35,7 @@ import torch
 
 from humanalign.data.tokenize import IGNORE_INDEX
 from humanalign.models import logprobs
-from humanalign.models.logprobs import _logits, _unwrap, pair_layout, row_sums, scored_forward
+from humanalign.models.logprobs import _HeadGrads, _logits, _unwrap, pair_layout, row_sums, scored_forward
 
 
 class _LinearHeadKL(torch.autograd.Function):
@@ -114,9 +114,7 @@ class _LinearHeadKL(torch.autograd.Function):
                 grad.addcmul_(kl_direction, g_kl)
             return (grad.to(hidden.dtype) if need_hidden else None, None, None, *nothing)
         dtype, chunk, n = ctx.dtype, ctx.chunk, hidden.shape[0]
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        grads = _HeadGrads(hidden, weight, bias, (need_hidden, need_weight, need_bias))
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         w_ref, b_ref = ref_weight.to(dtype), None if ref_bias is None else ref_bias.to(dtype)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -137,16 +135,8 @@ class _LinearHeadKL(torch.autograd.Function):
                 if d_kl is not None:
                     grad_z.addcmul_(d_kl, g_kl[lo:hi])
                 grad_z.scatter_add_(-1, target[lo:hi].unsqueeze(-1), g_lp[lo:hi])
-                grad_z = grad_z.to(dtype)
-                if grad_hidden is not None:
-                    grad_hidden[lo:hi] = (grad_z @ w).float()
-                if grad_weight is not None:
-                    grad_weight += (grad_z.t() @ h).float()
-                if grad_bias is not None:
-                    grad_bias += grad_z.float().sum(0)
-        return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
-                None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), *nothing)
+                grads.add(grad_z.to(dtype), h, w, lo, hi)
+        return (*grads.result(), *nothing)
 
 
 def linear_head_kl(head: torch.nn.Linear, hidden: torch.Tensor, ref_head: torch.nn.Linear, ref_hidden: torch.Tensor,

@@ -216,9 +216,7 @@ class _LinearHeadLogps(torch.autograd.Function):
         if direction is not None:  # a frozen head: the gradient reaches the hidden states only
             grad = (direction * g.unsqueeze(-1)).to(hidden.dtype) if need_hidden else None
             return grad, None, None, None, None, None
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        grads = _HeadGrads(hidden, weight, bias, (need_hidden, need_weight, need_bias))
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -232,21 +230,40 @@ class _LinearHeadLogps(torch.autograd.Function):
                 else:
                     grad_z = _logits(h, w, b).sub_(log_z[lo:hi].unsqueeze(-1)).exp_().mul_(-gc)
                 grad_z.scatter_add_(-1, target[lo:hi].unsqueeze(-1), gc)
-                grad_z = grad_z.to(dtype)
-                if grad_hidden is not None:
-                    grad_hidden[lo:hi] = (grad_z @ w).float()
-                if grad_weight is not None:
-                    grad_weight += (grad_z.t() @ h).float()
-                if grad_bias is not None:
-                    grad_bias += grad_z.float().sum(0)
-        return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
-                None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
+                grads.add(grad_z.to(dtype), h, w, lo, hi)
+        return (*grads.result(), None, None, None)
 
 
 def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     z = h @ w.t() if b is None else torch.addmm(b, h, w.t())
     return z.float()
+
+
+class _HeadGrads:
+    """The gradients of a linear head's inputs (hidden states, weight, bias), summed in float32 chunk by chunk
+    from d loss / d logits; None for what needs no gradient. Shared by the fused log-prob and KL backwards."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs) -> None:
+        def zeros(t, need):
+            return torch.zeros(t.shape, dtype=torch.float32, device=t.device) if need else None
+
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.grad_hidden, self.grad_weight, self.grad_bias = (zeros(hidden, needs[0]), zeros(weight, needs[1]),
+                                                              zeros(bias, needs[2]))
+
+    def add(self, grad_z: torch.Tensor, h: torch.Tensor, w: torch.Tensor, lo: int, hi: int) -> None:
+        """Chunk rows lo:hi: grad_z (n, V) = d loss / d logits, h (n, H) its hidden states, w (V, H) the head."""
+        if self.grad_hidden is not None:
+            self.grad_hidden[lo:hi] = (grad_z @ w).float()
+        if self.grad_weight is not None:
+            self.grad_weight += (grad_z.t() @ h).float()
+        if self.grad_bias is not None:
+            self.grad_bias += grad_z.float().sum(0)
+
+    def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        return tuple(None if g is None else g.to(t.dtype)  # type: ignore[return-value]
+                     for g, t in ((self.grad_hidden, self.hidden), (self.grad_weight, self.weight),
+                                  (self.grad_bias, self.bias)))
 
 
 def _module_chunk(head, hidden: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
