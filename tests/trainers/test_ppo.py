@@ -413,3 +413,67 @@ def test_cli_train_ppo(world, tmp_path):
     assert code == 0
     assert len(train_rows(out)) == 1  # logging_steps 10: one log at the last step
     assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_hidden_layers == 1
+
+
+DRIVER = '''
+import json, os, sys
+import torch
+from humanalign.config.base import load_config
+from humanalign.config.ppo import PPOLagConfig
+from humanalign.engine import Engine
+from humanalign.trainers.ppo import PPOTrainer
+
+torch.set_num_threads(1)
+cfg = load_config(PPOLagConfig, values=json.loads(open(sys.argv[1]).read()))
+with Engine(cfg, name="ppo-lag") as engine:
+    trainer = PPOTrainer(cfg, engine)
+    trainer.train()
+state = {"lagrangian": trainer.lam.state_dict(), "reward_stats": trainer.reward_stats.state_dict(),
+         "kl_controller": trainer.kl_ctl.state_dict()}
+with open(os.path.join(sys.argv[2], "rank%s.json" % os.environ.get("RANK", "0")), "w") as f:
+    json.dump(state, f)
+'''
+
+
+@pytest.mark.slow
+def test_ppo_lag_on_two_processes_keeps_lambda_and_statistics_identical_on_both_ranks(world, tmp_path):
+    """torchrun, 2 CPU processes (gloo): each rank generates its own rollouts, but the costs behind lambda's
+    update, the reward normaliser's statistics and the KL controller's input are gathered across ranks, so every
+    rank ends with the same lambda, cost window and statistics, built from both ranks' episodes; checkpoints and
+    critics are written once."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    out, states = tmp_path / "run", tmp_path / "states"
+    states.mkdir()
+    values = ppo_values(world, out, reward_fn="keyword_reward", reward_fn_kwargs={"keywords": {"good": 1.0, "bad": 2.0}},
+                        cost_fn="banned_word_cost", cost_fn_kwargs={"banned": ["bad"], "per_word": True},
+                        cost_threshold=0.02, lambda_lr=1.0, episode_cost_window_size=64, rollout_batch_size=8,
+                        batch_size=8, update_iters=1, max_steps=4, save_steps=4, logging_steps=1,
+                        normalize_reward=True, kl_coeff=0.05, adaptive_kl={"enabled": True, "target": 0.5,
+                                                                            "horizon": 64})
+    (tmp_path / "values.json").write_text(json.dumps(values))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    done = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), str(tmp_path / "driver.py"),
+                           str(tmp_path / "values.json"), str(states)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    rank0, rank1 = (json.loads((states / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1  # lambda, its cost window, the reward statistics, the KL coefficient: the same numbers
+    assert len(rank0["lagrangian"]["window"]) == 4 * 2 * 8  # 4 rollouts x 2 ranks x 8 episodes
+    assert rank0["reward_stats"]["count"] == 4 * 2 * 8
+    assert rank0["lagrangian"]["log_lambda"] != 0.0  # the costs moved lambda: a real check, not two defaults
+    saved = torch.load(out / "checkpoint-4" / "extra_state.pt", weights_only=True)
+    assert saved["lagrangian"]["log_lambda"] == pytest.approx(rank0["lagrangian"]["log_lambda"], rel=1e-6)
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["num_processes"] == 2
+    rows = train_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # one metrics line per step: rank 0 writes them
+    assert (out / "cost_critic" / "config.json").is_file() and (out / "final" / "config.json").is_file()
