@@ -322,6 +322,47 @@ def run_benchmark(*, script: Path, name: str, title: str, settings: dict[str, An
     return payload
 
 
+def parse_side_by_side_args(argv: list[str] | None, *, description: str, models: Sequence[str],
+                            defaults: dict[str, tuple], prefix: str, lora_help: str, variants: str,
+                            before_help: str) -> Any:
+    """The command line shared by dpo_vs_trl.py and rm_vs_trl.py. ``defaults[model]``: (batch size, max length,
+    max prompt length, full-fine-tuning lr, LoRA lr, pairs); options left unset take them."""
+    import argparse
+
+    def per_model(i: int) -> str:
+        return ", ".join(f"{m} {d[i]}" for m, d in defaults.items())
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="tiny", choices=sorted(models), help="tiny (demo pairs) or smollm2")
+    p.add_argument("--lora", action="store_true", help=lora_help)
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run (default 10)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--rounds", type=int, default=2, help="runs per variant, alternating (default 2)")
+    p.add_argument("--variants", default="ours,trl", help=f"comma-separated: {variants} (default ours,trl)")
+    p.add_argument("--before-src", default=None, help=before_help)
+    p.add_argument("--batch-size", type=int, default=None, help=f"pairs per step (default: {per_model(0)})")
+    p.add_argument("--max-length", type=int, default=None, help=f"tokens per sequence (default: {per_model(1)})")
+    p.add_argument("--max-prompt-length", type=int, default=None, help=f"prompt tokens (default: {per_model(2)})")
+    p.add_argument("--pairs", type=int, default=None, help=f"pairs in the training set (default: {per_model(5)})")
+    p.add_argument("--learning-rate", type=float, default=None, help="default per model and LoRA/full")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: the cores are shared)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one, deleted)")
+    p.add_argument("--output", default=None,
+                   help=f"JSON file (default: benchmarks/results/{prefix}_<model>[_lora].json)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-output", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    batch, length, prompt, lr_full, lr_lora, pairs = defaults[args.model]
+    args.batch_size = args.batch_size or batch
+    args.max_length = args.max_length or length
+    args.max_prompt_length = args.max_prompt_length or prompt
+    args.pairs = args.pairs or pairs
+    args.learning_rate = args.learning_rate or (lr_lora if args.lora else lr_full)
+    return args
+
+
 def run_parent(args: Any, *, script: Path, prefix: str, label: str,
                prepare_data: Callable[[Any, Path], Path]) -> dict[str, Any]:
     """The parent process of dpo_vs_trl.py / rm_vs_trl.py (the same command-line options): prepare the data in a

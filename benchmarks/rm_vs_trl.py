@@ -35,34 +35,11 @@ LORA = {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="tiny", choices=sorted(MODELS), help="tiny (demo pairs) or smollm2")
-    p.add_argument("--lora", action="store_true", help="train a LoRA adapter (r 16, alpha 32) and the head")
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run (default 10)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    p.add_argument("--rounds", type=int, default=2, help="runs per variant, alternating (default 2)")
-    p.add_argument("--variants", default="ours,trl", help="comma-separated: ours, trl, ours-before, ours-fused-adamw (default ours,trl)")
-    p.add_argument("--before-src", default=None, help="variant ours-before: humanalign from this src folder")
-    p.add_argument("--batch-size", type=int, default=None, help="pairs per step (default: tiny 16, smollm2 2)")
-    p.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default: tiny 128, smollm2 256)")
-    p.add_argument("--max-prompt-length", type=int, default=None, help="prompt tokens (default: tiny 48, smollm2 128)")
-    p.add_argument("--pairs", type=int, default=None, help="pairs in the training set (default: tiny 485, smollm2 256)")
-    p.add_argument("--learning-rate", type=float, default=None, help="default per model and LoRA/full")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: the cores are shared)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one, deleted)")
-    p.add_argument("--output", default=None, help="JSON file (default: benchmarks/results/rm_<model>[_lora].json)")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--child-output", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--data", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    batch, length, prompt, lr_full, lr_lora, pairs = DEFAULTS[args.model]
-    args.batch_size = args.batch_size or batch
-    args.max_length = args.max_length or length
-    args.max_prompt_length = args.max_prompt_length or prompt
-    args.pairs = args.pairs or pairs
-    args.learning_rate = args.learning_rate or (lr_lora if args.lora else lr_full)
-    return args
+    return common.parse_side_by_side_args(
+        argv, description=__doc__.split("\n\n")[0], models=MODELS, defaults=DEFAULTS, prefix="rm",
+        lora_help="train a LoRA adapter (r 16, alpha 32) and the head",
+        variants="ours, trl, ours-before, ours-fused-adamw",
+        before_help="variant ours-before: humanalign from this src folder")
 
 
 def rm_config(args: argparse.Namespace, run_dir: Path):
