@@ -12,20 +12,10 @@ import torch
 import humanalign.models.kl as kl_module
 import humanalign.models.logprobs as logprobs
 from humanalign.config.training import LoraSettings
-from humanalign.data.records import PreferencePair, user_prompt
 from humanalign.models.kl import linear_head_kl, pair_kl_forward
-from humanalign.models.load import load_causal_lm, load_tokenizer
+from humanalign.models.load import load_causal_lm
 from humanalign.models.logprobs import concatenated_forward, per_token_kl, sequence_logps
 from humanalign.models.reference import AdapterDisabledReference, FrozenReference, PrecomputedReference
-from humanalign.trainers.preference_data import PairCollator, build_pair_dataset
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_kl_of_two_point_distributions_by_hand():
@@ -92,21 +82,10 @@ def test_linear_head_kl_matches_autograd(bias, frozen, keep_probs, kl_grad, monk
 # ----------------------------------------------------------------------------------------- on the tiny model
 
 
-PAIRS = [
-    PreferencePair(user_prompt("How do I bake simple bread?"),
-                   "First, wash and measure the ingredients. Then, let it rest before serving.",
-                   "I'm sorry, but I can't help with that."),
-    PreferencePair(user_prompt("How can I sort a list?"), "Use the sorted function.",
-                   "That depends on many things. You could search online for more information about programming."),
-    PreferencePair(user_prompt("Hi"), "Hello there!", "Go away."),
-]
-
-
 @pytest.fixture(scope="module")
-def pair_batch():
-    tokenizer = load_tokenizer("tiny")
-    dataset, _, _ = build_pair_dataset(PAIRS, tokenizer, max_length=96, max_prompt_length=32)
-    return PairCollator(tokenizer.pad_token_id)(list(dataset))
+def batch(pair_batch):
+    """The collated pairs of conftest.PAIRS."""
+    return pair_batch[1]
 
 
 def _policy_and_reference(kind: str):
@@ -143,20 +122,20 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("kind", ["frozen", "lora"])
 @pytest.mark.parametrize("layout", ["shared", "padded"])
-def test_fast_kl_equals_the_full_logits_kl_values_and_gradients(pair_batch, kind, layout, monkeypatch):
+def test_fast_kl_equals_the_full_logits_kl_values_and_gradients(batch, kind, layout, monkeypatch):
     policy, reference = _policy_and_reference(kind)
     monkeypatch.setattr(kl_module, "pair_layout", lambda model, batch: layout)
     weights = torch.tensor([1.0, -2.0, 0.5, 0.3, 0.3, -1.0])  # per row, on the summed log-probs
     policy.zero_grad(set_to_none=True)
-    fast = pair_kl_forward(policy, reference, pair_batch)
+    fast = pair_kl_forward(policy, reference, batch)
     ((fast.logps * weights).sum() + 0.7 * fast.kl.sum()).backward()
     fast_grads = _grads(policy)
     policy.zero_grad(set_to_none=True)
-    sums, ref_sums, kl = _full_logits_kl(policy, reference, pair_batch)
+    sums, ref_sums, kl = _full_logits_kl(policy, reference, batch)
     ((sums * weights).sum() + 0.7 * kl.sum()).backward()
     plain_grads = _grads(policy)
 
-    assert fast.counts.tolist() == (pair_batch["labels"][:, 1:] != -100).sum(-1).tolist()
+    assert fast.counts.tolist() == (batch["labels"][:, 1:] != -100).sum(-1).tolist()
     assert (kl > 0.05).all()  # the policy was moved: a real divergence on every row
     for got, expected in ((fast.kl, kl), (fast.logps, sums), (fast.ref_logps, ref_sums)):
         # within 1e-5 of the row's largest value: each KL_t sums p (log p - log q) over the vocabulary, so its
@@ -171,32 +150,32 @@ def test_fast_kl_equals_the_full_logits_kl_values_and_gradients(pair_batch, kind
         assert all("lora_" in name for name in plain_grads)  # the reference (the base) got no gradient
 
 
-def test_measured_kl_carries_no_gradient(pair_batch):
+def test_measured_kl_carries_no_gradient(batch):
     policy, reference = _policy_and_reference("frozen")
-    measured = pair_kl_forward(policy, reference, pair_batch, kl_grad=False)
+    measured = pair_kl_forward(policy, reference, batch, kl_grad=False)
     assert measured.logps.requires_grad and not measured.kl.requires_grad
     with torch.no_grad():  # evaluation: nothing kept for a backward, same numbers
-        evaluated = pair_kl_forward(policy, reference, pair_batch)
+        evaluated = pair_kl_forward(policy, reference, batch)
     torch.testing.assert_close(evaluated.kl, measured.kl)
     torch.testing.assert_close(evaluated.logps, measured.logps.detach())
 
 
-def test_a_fresh_lora_policy_has_a_kl_of_exactly_zero(pair_batch):
+def test_a_fresh_lora_policy_has_a_kl_of_exactly_zero(batch):
     """lora_B starts at 0: the policy is its base, so both heads see bit-equal hidden states and logits."""
     policy = load_causal_lm("tiny", lora=LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0))
-    out = pair_kl_forward(policy, AdapterDisabledReference(policy), pair_batch)
+    out = pair_kl_forward(policy, AdapterDisabledReference(policy), batch)
     assert out.kl.tolist() == [0.0] * 6
     torch.testing.assert_close(out.logps.detach(), out.ref_logps, atol=0, rtol=0)
 
 
-def test_models_without_the_fast_path_get_none(pair_batch):
+def test_models_without_the_fast_path_get_none(batch):
     """The caller then computes the KL from full logits: a precomputed reference (no distributions), a model
     whose logits are post-processed (soft-capping: the plain layout), a head that is not a plain linear layer."""
     policy, reference = _policy_and_reference("frozen")
-    assert pair_kl_forward(policy, PrecomputedReference(), pair_batch) is None
+    assert pair_kl_forward(policy, PrecomputedReference(), batch) is None
     capped = load_causal_lm("tiny", trainable=False)
     capped.config.final_logit_softcapping = 30.0
-    assert pair_kl_forward(policy, FrozenReference(capped), pair_batch) is None
+    assert pair_kl_forward(policy, FrozenReference(capped), batch) is None
 
     class ScaledHead(torch.nn.Linear):
         pass
@@ -206,5 +185,5 @@ def test_models_without_the_fast_path_get_none(pair_batch):
     scaled = ScaledHead(head.in_features, head.out_features, bias=False)
     scaled.weight = head.weight
     odd.set_output_embeddings(scaled)
-    assert pair_kl_forward(policy, FrozenReference(odd), pair_batch) is None
-    assert pair_kl_forward(odd, reference, pair_batch) is None
+    assert pair_kl_forward(policy, FrozenReference(odd), batch) is None
+    assert pair_kl_forward(odd, reference, batch) is None

@@ -8,11 +8,9 @@ import torch
 
 import humanalign.models.logprobs as logprobs
 from humanalign.config.training import LoraSettings
-from humanalign.data.records import PreferencePair, user_prompt
 from humanalign.data.tokenize import collate_pairs
-from humanalign.models.load import load_causal_lm, load_tokenizer
+from humanalign.models.load import load_causal_lm
 from humanalign.models.logprobs import PLAN_KEY, concatenated_forward, head_logps, pair_layout, score_plan
-from humanalign.trainers.preference_data import PairCollator, build_pair_dataset
 
 I = -100  # noqa: E741 - the ignored label, short for the hand-written tables
 
@@ -70,23 +68,6 @@ def test_head_logps_matches_autograd(bias, frozen, keep_probs, monkeypatch):
         torch.testing.assert_close(head.weight.grad, twin.weight.grad, atol=1e-5, rtol=1e-5)
         if bias:
             torch.testing.assert_close(head.bias.grad, twin.bias.grad, atol=1e-5, rtol=1e-5)
-
-
-PAIRS = [
-    PreferencePair(user_prompt("How do I bake simple bread?"),
-                   "First, wash and measure the ingredients. Then, let it rest before serving.",
-                   "I'm sorry, but I can't help with that."),
-    PreferencePair(user_prompt("How can I sort a list?"), "Use the sorted function.",
-                   "That depends on many things. You could search online for more information about programming."),
-    PreferencePair(user_prompt("Hi"), "Hello there!", "Go away."),
-]
-
-
-@pytest.fixture(scope="module")
-def pair_batch():
-    tokenizer = load_tokenizer("tiny")
-    dataset, _, _ = build_pair_dataset(PAIRS, tokenizer, max_length=96, max_prompt_length=32)
-    return dataset, PairCollator(tokenizer.pad_token_id)(list(dataset))
 
 
 def _grads(model) -> dict[str, torch.Tensor]:

@@ -150,14 +150,7 @@ def linear_head_kl(head: torch.nn.Linear, hidden: torch.Tensor, ref_head: torch.
     if ref_head.weight.shape[0] != vocab:
         raise ValueError(f"the policy's vocabulary ({vocab}) and the reference's ({ref_head.weight.shape[0]}) differ")
     chunk = max(1, logprobs.HEAD_CHUNK_ELEMENTS // vocab)
-    weights_grad = head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad)
-    if not torch.is_grad_enabled() or not (hidden.requires_grad or weights_grad):
-        keep = "none"
-    elif not weights_grad:
-        keep = "direction"
-    else:
-        kept = hidden.shape[0] * vocab * (2 if kl_grad else 1)
-        keep = "probs" if kept <= logprobs.PROBS_ELEMENTS else "recompute"
+    keep = logprobs.head_backward_plan(head, hidden, vocab, tables=2 if kl_grad else 1)  # p, and d KL / d z
     ref_bias = None if ref_head.bias is None else ref_head.bias.detach()
     return _LinearHeadKL.apply(hidden, head.weight, head.bias, ref_hidden.detach(), ref_head.weight.detach(),
                                ref_bias, target, chunk, keep, kl_grad)

@@ -239,6 +239,18 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
     return z.float()
 
 
+def head_backward_plan(head: torch.nn.Linear, hidden: torch.Tensor, vocab: int, tables: int = 1) -> str:
+    """What a fused linear-head forward keeps for its backward: "none" (no gradient wanted), "direction" (a
+    frozen head: the (N, H) gradient direction only), "probs" (``tables`` (N, V) float32 tables, while they fit
+    in ``PROBS_ELEMENTS``) or "recompute" (the logits again, chunk by chunk, in the backward)."""
+    weights_grad = head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad)
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weights_grad):
+        return "none"
+    if not weights_grad:
+        return "direction"
+    return "probs" if hidden.shape[0] * vocab * tables <= PROBS_ELEMENTS else "recompute"
+
+
 class _HeadGrads:
     """The gradients of a linear head's inputs (hidden states, weight, bias), summed in float32 chunk by chunk
     from d loss / d logits; None for what needs no gradient. Shared by the fused log-prob and KL backwards."""
@@ -281,13 +293,7 @@ def head_logps(head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor
     vocab = int(getattr(head, "out_features", 0) or head.weight.shape[0])
     chunk = max(1, HEAD_CHUNK_ELEMENTS // vocab)
     if type(head) is torch.nn.Linear:
-        weights_grad = head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad)
-        if not torch.is_grad_enabled() or not (hidden.requires_grad or weights_grad):
-            keep = "none"
-        elif not weights_grad:
-            keep = "direction"
-        else:
-            keep = "probs" if hidden.shape[0] * vocab <= PROBS_ELEMENTS else "recompute"
+        keep = head_backward_plan(head, hidden, vocab)
         logps, sums = _LinearHeadLogps.apply(hidden, head.weight, head.bias, target, chunk, keep)
         return logps, sums, vocab
     call = forward or head

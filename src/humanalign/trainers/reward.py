@@ -364,6 +364,7 @@ def build_score_optimizer(cfg: RewardModelConfig, score_model, engine: Engine) -
     earlier runs keep their two-group layout)."""
     from accelerate.utils import DistributedType
 
+    from humanalign.engine.optim import build_optimizer
     from humanalign.models.score import score_param_groups
 
     if cfg.head_lr_multiplier == 1.0 and cfg.layer_lr_decay == 1.0:
@@ -373,8 +374,7 @@ def build_score_optimizer(cfg: RewardModelConfig, score_model, engine: Engine) -
                           "own optimizer): set both to 1 or train with DDP")
     groups = score_param_groups(score_model, cfg.learning_rate, cfg.weight_decay,
                                 head_lr_multiplier=cfg.head_lr_multiplier, layer_lr_decay=cfg.layer_lr_decay)
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_epsilon)
+    return build_optimizer(score_model, cfg, groups=groups)  # the engine's AdamW (fused where it can be)
 
 
 def promote_final(final: Path, run_dir: Path) -> None:
