@@ -264,19 +264,6 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def forget_gguf_marker(model) -> None:
-    """A model read from a GGUF file holds plain dequantised float weights, but transformers keeps a GGUF
-    "quantizer" on it and the transformers Trainer then refuses to train it: drop the marker (TRL runs only)."""
-    get_base = getattr(model, "get_base_model", None)  # under a LoRA wrapper
-    inner = get_base() if callable(get_base) else model
-    if type(getattr(inner, "hf_quantizer", None)).__name__ != "GgufHfQuantizer":
-        return
-    inner.hf_quantizer = None
-    inner.is_quantized = False
-    if hasattr(inner.config, "quantization_config"):
-        del inner.config.quantization_config
-
-
 def run_benchmark(*, script: Path, name: str, title: str, settings: dict[str, Any], variants: Sequence[str],
                   rounds: int, threads: int, child_args: Sequence[str], work: Path, output: Path,
                   before_src: str | None = None) -> dict[str, Any]:
@@ -422,5 +409,5 @@ def set_threads(threads: int) -> None:
 __all__ = [
     "peak_rss_mib", "current_rss_mib", "reset_peak_rss", "matmul_peak_gflops", "flops_per_token", "mfu",
     "StepRecorder", "machine_info", "alternate", "run_child", "run_alternating", "summarize", "format_table",
-    "write_json", "set_threads", "forget_gguf_marker", "run_benchmark", "run_parent", "use_fused_adamw",
+    "write_json", "set_threads", "run_benchmark", "run_parent", "use_fused_adamw",
 ]

@@ -186,9 +186,6 @@ def child_trl(args: argparse.Namespace, run_dir: Path, same_order: bool) -> dict
                 recorder.batch(int(inputs["attention_mask"].sum()))
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    for model in (policy, reference):
-        if model is not None:
-            common.forget_gguf_marker(model)
     params = sum(p.numel() for p in policy.parameters())
     config = DPOConfig(
         output_dir=str(run_dir), per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps,

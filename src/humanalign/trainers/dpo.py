@@ -132,19 +132,6 @@ def disable_dropout(model: torch.nn.Module) -> int:
     return changed
 
 
-def forget_gguf_marker(model: torch.nn.Module) -> None:
-    """A policy read from a GGUF file (the SmolLM2 preset) holds plain dequantised float weights, but
-    transformers keeps its GGUF "quantizer" on the model and then refuses ``save_pretrained``: drop it so the
-    trained policy saves as an ordinary safetensors folder (as the reward trainer does for its backbone)."""
-    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    if type(getattr(inner, "hf_quantizer", None)).__name__ != "GgufHfQuantizer":
-        return
-    inner.hf_quantizer = None
-    inner.is_quantized = False
-    if hasattr(inner.config, "quantization_config"):
-        del inner.config.quantization_config
-
-
 def _describe(cfg: DPOConfig, settings: LossSettings) -> str:
     spec = LOSS_SPECS[cfg.loss_type]
     parts = [f"loss {cfg.loss_type}: {spec.summary}", f"{'averaged' if settings.average else 'summed'} log-probs"]
@@ -178,7 +165,6 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
                    if cfg.val_path else None)
         policy = load_causal_lm(cfg.policy_model_path, cfg.model, cfg.lora,
                                 gradient_checkpointing=cfg.gradient_checkpointing)
-        forget_gguf_marker(policy)
         if cfg.disable_dropout:
             disable_dropout(policy)
         trainable, total = count_parameters(policy)
@@ -238,4 +224,4 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
 
 
 __all__ = ["LossSettings", "PairStep", "current_beta", "pair_loss", "evaluate", "disable_dropout",
-           "forget_gguf_marker", "run"]
+           "run"]

@@ -312,21 +312,6 @@ def use_encoder_template(cfg: RewardModelConfig, score_model, tokenizer, say: Ca
         f"answer {tokenizer.sep_token} (set model.chat_template to choose another)")
 
 
-def forget_gguf_marker(score_model) -> None:
-    """A backbone read from a GGUF file holds plain dequantised float weights, yet transformers keeps its GGUF
-    "quantizer" on the model and then refuses ``save_pretrained``; drop that marker so the trained model saves
-    as an ordinary safetensors folder (the saved config.json then has no quantization_config)."""
-    get_base = getattr(score_model.model, "get_base_model", None)  # under a LoRA wrapper
-    inner = get_base() if callable(get_base) else score_model.model
-    quantizer = getattr(inner, "hf_quantizer", None)
-    if quantizer is None or type(quantizer).__name__ != "GgufHfQuantizer":
-        return
-    inner.hf_quantizer = None
-    inner.is_quantized = False
-    if hasattr(inner.config, "quantization_config"):
-        del inner.config.quantization_config
-
-
 def effective_lengths(cfg: RewardModelConfig, score_model, tokenizer, say: Callable[[str], None]) -> tuple[int, int]:
     """max_length capped at what an encoder's positions allow (the same cap ``Scorer`` applies), and a
     max_prompt_length below it (half of it when the configured one does not fit, as ``Scorer`` does)."""
@@ -415,7 +400,6 @@ def train_score_model(
         normalizer = ScoreNormalizer(cfg.normalizer, cfg.normalizer_momentum)
         score_model, tokenizer = load_score_model(cfg.base_model_path, cfg.model, cfg.lora, score_type=score_type,
                                                   normalizer=normalizer)
-        forget_gguf_marker(score_model)
         check_backbone(cfg, score_model, engine)
         use_encoder_template(cfg, score_model, tokenizer, engine.print)
         max_length, max_prompt_length = effective_lengths(cfg, score_model, tokenizer, engine.print)
