@@ -213,6 +213,10 @@ class ScoreModel(nn.Module):
         else:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits  # (B, 1)
             end_scores, scores, end_index = logits.squeeze(-1).float(), None, None
+        # fresh tensors, not views of the head's output: FSDP2 hooks its pre-backward into the forward's outputs,
+        # and an in-place op on a view would bypass the hook (it warns on every forward otherwise)
+        end_scores = end_scores.clone()
+        scores = scores.clone() if scores is not None else None
         if normalize:
             end_scores = self.normalizer.normalize(end_scores)
             scores = self.normalizer.normalize(scores) if scores is not None else None
@@ -473,6 +477,19 @@ def _bnb_config(quantization: str):
 # --------------------------------------------------------------------------------------------- saving
 
 
+def _as_plain_weights(state: dict[str, torch.Tensor], adapter: str) -> dict[str, torch.Tensor]:
+    """Keys of a LoRA-wrapped model's (merged) weights as the plain model names them: adapter tensors and
+    ``original_module`` copies dropped, ``base_layer`` / ``modules_to_save.<adapter>`` unwrapped."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if any(p.startswith("lora_") for p in parts) or ".original_module." in key:
+            continue
+        key = key.replace(f".modules_to_save.{adapter}.", ".").replace(".base_layer.", ".")
+        out[key] = value
+    return out
+
+
 def _merged_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     """Full-model weights of a LoRA-wrapped model with the adapter folded in, without changing the model."""
     adapter = peft_model.active_adapter
@@ -481,22 +498,54 @@ def _merged_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
         raise UserError("cannot save a score model trained on a 4/8-bit base as a full model: merge the LoRA "
                         "adapter onto the full-precision base first")
     peft_model.merge_adapter()
-    try:
-        out: dict[str, torch.Tensor] = {}
-        for key, value in inner.state_dict().items():
-            parts = key.split(".")
-            if any(p.startswith("lora_") for p in parts) or ".original_module." in key:
-                continue
-            key = key.replace(f".modules_to_save.{adapter}.", ".").replace(".base_layer.", ".")
-            out[key] = value.detach().to("cpu", copy=True)  # a CPU copy: no second model on the GPU
+    try:  # CPU copies: no second model on the GPU
+        state = {k: v.detach().to("cpu", copy=True) for k, v in inner.state_dict().items()}
     finally:
         peft_model.unmerge_adapter()
-    return out
+    return _as_plain_weights(state, adapter)
+
+
+def _merge_gathered_lora(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold the adapter into *gathered* weights (keys of ``peft_model.get_base_model()``), for sharded training
+    where the live parameters are shards: W + scaling * B @ A per LoRA linear layer (transposed for
+    fan_in_fan_out layers), as peft's ``merge`` computes it."""
+    from peft.tuners.lora import LoraLayer
+
+    adapter = peft_model.active_adapter
+    state = dict(state)
+    for name, module in peft_model.get_base_model().named_modules():
+        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
+            continue
+        if adapter in getattr(module, "lora_magnitude_vector", {}) or adapter in getattr(module, "lora_embedding_A", {}):
+            raise UserError(f"cannot merge a DoRA or embedding LoRA adapter ({name}) from sharded weights: "
+                            "train this score model with DDP, or with a plain LoRA on linear layers")
+        a = state[f"{name}.lora_A.{adapter}.weight"].float()  # (r, in)
+        b = state[f"{name}.lora_B.{adapter}.weight"].float()  # (out, r)
+        delta = (b @ a) * module.scaling[adapter]  # (out, in)
+        if getattr(module, "fan_in_fan_out", False):
+            delta = delta.T
+        key = f"{name}.base_layer.weight"
+        state[key] = (state[key].float() + delta.to(state[key].device)).to(state[key].dtype)
+    return _as_plain_weights(state, adapter)
+
+
+def _weights_from_gathered(model: ScoreModel, gathered: dict[str, torch.Tensor],
+                           owner_prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """The full weights FSDP / DeepSpeed gathered as keys of the transformers model inside ``model``, the
+    LoRA adapter folded in. ``owner_prefix``: where that model sits in the gathered keys ("model." when they
+    are the ``ScoreModel``'s, "" when they are the transformers model's own)."""
+    prefix = owner_prefix + ("base_model.model." if model.is_peft else "")
+    state = {k[len(prefix):]: v for k, v in gathered.items() if k.startswith(prefix)}
+    if len(state) != len(gathered):
+        raise UserError(f"the gathered weights are not those of this score model ({len(gathered) - len(state)} "
+                        f"keys outside '{prefix}')")
+    return _merge_gathered_lora(model.model, state) if model.is_peft else state
 
 
 def save_score_model(model: ScoreModel | nn.Module, tokenizer, output_dir: str | Path,
                      normalizer_state: dict[str, Any] | ScoreNormalizer | None = None,
-                     score_type: str | None = None, extra: dict[str, Any] | None = None) -> Path:
+                     score_type: str | None = None, extra: dict[str, Any] | None = None,
+                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a transformers ``*ForSequenceClassification`` folder (safetensors, tokenizer, config.json with
     ``humanalign_score``) that ``AutoModelForSequenceClassification.from_pretrained`` loads as is.
 
@@ -504,11 +553,14 @@ def save_score_model(model: ScoreModel | nn.Module, tokenizer, output_dir: str |
     to a temporary sub-folder and moved into ``output_dir`` one by one, ``config.json`` last; weight files of an
     older save that the new one does not have are removed. Other files in ``output_dir`` (a run's metrics,
     checkpoints) are left alone. ``extra`` adds keys to the ``humanalign_score`` block (e.g. max_length).
+    ``state_dict``: the full weights gathered from FSDP / DeepSpeed shards (``engine.save_model`` passes them;
+    keys of the ``ScoreModel``), written instead of the live parameters, which are shards then.
     """
     from humanalign.models.load import portable_tokenizer_config
 
+    owner_prefix = "model."  # where the transformers model sits in the keys of a gathered state_dict
     if not isinstance(model, ScoreModel):
-        model = ScoreModel(model, score_type=score_type or "reward")
+        model, owner_prefix = ScoreModel(model, score_type=score_type or "reward"), ""
     if isinstance(normalizer_state, ScoreNormalizer):
         normalizer = normalizer_state
     elif normalizer_state is not None:
@@ -518,7 +570,10 @@ def save_score_model(model: ScoreModel | nn.Module, tokenizer, output_dir: str |
     if score_type is not None and score_type not in SCORE_TYPES:
         raise UserError(f"unknown score type '{score_type}' (use 'reward' or 'cost')")
     inner = _unwrap_peft(model.model)
-    state_dict = _merged_state_dict(model.model) if model.is_peft else None
+    if state_dict is not None:
+        state_dict = _weights_from_gathered(model, state_dict, owner_prefix)
+    elif model.is_peft:
+        state_dict = _merged_state_dict(model.model)
     block = model.score_config(extra)
     block["score_type"] = score_type or model.score_type
     block["normalizer"] = normalizer.to_dict()

@@ -324,23 +324,10 @@ def effective_lengths(cfg: RewardModelConfig, score_model, tokenizer, say: Calla
     return max_length, max_prompt_length
 
 
-def check_backbone(cfg: RewardModelConfig, score_model, engine: Engine) -> None:
-    from accelerate.utils import DistributedType
-
+def check_backbone(cfg: RewardModelConfig, score_model) -> None:
     if cfg.loss_granularity == "token" and score_model.layout != "decoder":
         raise ConfigError("loss_granularity: token needs a decoder backbone (a causal LM scores every token); "
                           f"{cfg.base_model_path} is an encoder that scores its first token: use sequence")
-    if engine.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and not _save_takes_state_dict():
-        raise ConfigError("saving a score model trained under FSDP/DeepSpeed needs save_score_model(state_dict=...), "
-                          "which this version lacks: train it with DDP (one process per GPU)")
-
-
-def _save_takes_state_dict() -> bool:
-    import inspect
-
-    from humanalign.models.score import save_score_model
-
-    return "state_dict" in inspect.signature(save_score_model).parameters
 
 
 def build_score_optimizer(cfg: RewardModelConfig, score_model, engine: Engine) -> torch.optim.Optimizer | None:
@@ -400,7 +387,7 @@ def train_score_model(
         normalizer = ScoreNormalizer(cfg.normalizer, cfg.normalizer_momentum)
         score_model, tokenizer = load_score_model(cfg.base_model_path, cfg.model, cfg.lora, score_type=score_type,
                                                   normalizer=normalizer)
-        check_backbone(cfg, score_model, engine)
+        check_backbone(cfg, score_model)
         use_encoder_template(cfg, score_model, tokenizer, engine.print)
         max_length, max_prompt_length = effective_lengths(cfg, score_model, tokenizer, engine.print)
         data = prepare_score_data(cfg, tokenizer, encoder=score_model.is_encoder, max_length=max_length,
