@@ -233,7 +233,13 @@ def test_deepspeed_dpo_matches_one_process(config, stage, demo_pairs, one_proces
 
 # ------------------------------------------------------------------------------------ score models, sharded
 
-COST_LORA = ["--set", "lora.enabled=true", "--set", "lora.r=4", "--set", "lora.alpha=8", "--set", "lora.dropout=0.0"]
+COST_VARIANTS = {
+    "full": [],
+    "lora": ["--set", "lora.enabled=true", "--set", "lora.r=4", "--set", "lora.alpha=8", "--set", "lora.dropout=0.0"],
+    # full fine-tuning with per-group learning rates: the engine's AdamW over the groups, or under the offload
+    # config DeepSpeed's CPU Adam built from them
+    "groups": ["--set", "head_lr_multiplier=10", "--set", "layer_lr_decay=0.8"],
+}
 
 
 def train_cost_model(prefix: list[str], out: Path, data: Path, batch_size: int, *extra: str) -> str:
@@ -244,19 +250,24 @@ def train_cost_model(prefix: list[str], out: Path, data: Path, batch_size: int, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config, lora", [("fsdp", False), ("fsdp", True), ("deepspeed_zero3_offload", False),
-                                          ("deepspeed_zero3_offload", True)])
-def test_sharded_cost_model_matches_one_process_and_saves_a_plain_classifier(config, lora, demo_pairs, tmp_path):
-    """`humanalign train rm --task harmless` under FSDP2 and ZeRO-3 (full and LoRA): the same losses, held-out
-    metrics, score statistics and final weights as one process, saved from the gathered shards as a plain
-    *ForSequenceClassification folder (a LoRA adapter folded into the gathered base weights)."""
+@pytest.mark.parametrize("config, variant", [("fsdp", "full"), ("fsdp", "lora"), ("deepspeed_zero2", "groups"),
+                                             ("deepspeed_zero3_offload", "lora"),
+                                             ("deepspeed_zero3_offload", "groups")])
+def test_sharded_cost_model_matches_one_process_and_saves_a_plain_classifier(config, variant, demo_pairs, tmp_path):
+    """`humanalign train rm --task harmless` under FSDP2, ZeRO-2 and ZeRO-3 (full, LoRA, per-group learning
+    rates): the same losses, held-out metrics, score statistics and final weights as one process, saved from
+    the gathered shards as a plain *ForSequenceClassification folder (a LoRA adapter folded into the gathered
+    base weights)."""
     if config.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
-    extra = COST_LORA if lora else []
+    extra = COST_VARIANTS[variant]
+    if variant == "groups":  # 1e-2 with a 10x head diverges
+        extra = [*extra, "--learning-rate", "1e-3"]
     one, two = tmp_path / "one", tmp_path / "two"
     train_cost_model(["python"], one, demo_pairs, 8, *extra)
     log = train_cost_model(sharded(config), two, demo_pairs, 4, *extra)
-    assert ("FSDP2" if config == "fsdp" else "ZeRO-3") in log and "FSDP2-wrapped module" not in log
+    assert {"fsdp": "FSDP2", "deepspeed_zero2": "ZeRO-2"}.get(config, "ZeRO-3") in log
+    assert "FSDP2-wrapped module" not in log  # no view-tensor warnings
     assert_same_curve(one, two, "train/loss", list(range(1, STEPS + 1)))  # measured: 1.5e-6 (ZeRO-3)
     assert_same_curve(one, two, "eval/loss", [0, 3, 6])
     assert metrics(one, "train/loss")[STEPS] < metrics(one, "train/loss")[1]  # it trained

@@ -22,9 +22,9 @@ from humanalign.trainers.reward import (
     UNKNOWN_LABEL,
     LossSettings,
     NormalizerState,
-    build_score_optimizer,
     encode_pairs,
     safety_label_note,
+    score_groups,
     score_pair_loss,
     train_score_model,
 )
@@ -138,8 +138,7 @@ def test_config_rejects_centering_with_the_token_wise_loss():
 def test_per_group_learning_rates_are_validated_and_off_by_default():
     cfg = load_config(RewardModelConfig, values={"task": "harmless"})
     assert cfg.head_lr_multiplier == 1.0 and cfg.layer_lr_decay == 1.0
-    engine = SimpleNamespace(distributed_type="NO")
-    assert build_score_optimizer(cfg, None, engine) is None  # the engine's default AdamW, checkpoints unchanged
+    assert score_groups(cfg, None) is None  # the engine's default groups, checkpoints unchanged
     for bad in ({"layer_lr_decay": 1.5}, {"layer_lr_decay": 0}, {"head_lr_multiplier": -1}):
         with pytest.raises(ConfigError):
             load_config(RewardModelConfig, values={"task": "harmless", **bad})

@@ -193,11 +193,13 @@ class Engine(CheckpointingMixin, AbstractContextManager):
         train_loader: DataLoader | None = None,
         *,
         optimizer: torch.optim.Optimizer | None = None,
+        groups: list[dict] | None = None,
         total_steps: int | None = None,
     ):
-        """Wrap the trained model for the distributed setup, build AdamW (unless given) and the schedule over
-        ``total_steps`` (max_steps, else epochs x steps per epoch of ``train_loader``), and resume from the
-        checkpoint when asked. Returns (model, optimizer, scheduler)."""
+        """Wrap the trained model for the distributed setup, build AdamW (unless given; over ``groups`` when
+        given: parameter groups with their own ``lr`` / ``weight_decay``) and the schedule over ``total_steps``
+        (max_steps, else epochs x steps per epoch of ``train_loader``), and resume from the checkpoint when
+        asked. Returns (model, optimizer, scheduler)."""
         cfg = self.config
         if total_steps is None:
             if cfg.max_steps is not None:
@@ -213,7 +215,7 @@ class Engine(CheckpointingMixin, AbstractContextManager):
             if not is_gradient_checkpointing(model):  # trainers usually enable it when loading
                 enable_gradient_checkpointing(model)
         if optimizer is None:
-            optimizer = self._default_optimizer(model)
+            optimizer = self._default_optimizer(model, groups)
         model, optimizer = self.accelerator.prepare(model, optimizer)
         scheduler = build_scheduler(optimizer, cfg, total_steps)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -248,15 +250,15 @@ class Engine(CheckpointingMixin, AbstractContextManager):
         prepared.eval()
         return prepared
 
-    def _default_optimizer(self, model: torch.nn.Module):
+    def _default_optimizer(self, model: torch.nn.Module, groups: list[dict] | None = None):
+        groups = groups if groups is not None else param_groups(model, self.config.weight_decay)
         if self.distributed_type == DistributedType.DEEPSPEED:
             ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
-            if "optimizer" in ds_config:  # DeepSpeed builds its own (e.g. CPUAdam for ZeRO-Offload)
+            if "optimizer" in ds_config:  # DeepSpeed builds its own (e.g. CPUAdam for ZeRO-Offload) from the groups
                 from accelerate.utils import DummyOptim
 
-                return DummyOptim(param_groups(model, self.config.weight_decay), lr=self.config.learning_rate,
-                                  weight_decay=self.config.weight_decay)
-        return build_optimizer(model, self.config)
+                return DummyOptim(groups, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
+        return build_optimizer(model, self.config, groups=groups)
 
     # ----------------------------------------------------------------- the loop
     @property

@@ -330,23 +330,17 @@ def check_backbone(cfg: RewardModelConfig, score_model) -> None:
                           f"{cfg.base_model_path} is an encoder that scores its first token: use sequence")
 
 
-def build_score_optimizer(cfg: RewardModelConfig, score_model, engine: Engine) -> torch.optim.Optimizer | None:
-    """AdamW with per-group learning rates when ``head_lr_multiplier`` or ``layer_lr_decay`` asks for them
-    (``score_param_groups``); None otherwise, so the engine builds its default optimizer (and checkpoints of
-    earlier runs keep their two-group layout)."""
-    from accelerate.utils import DistributedType
-
-    from humanalign.engine.optim import build_optimizer
+def score_groups(cfg: RewardModelConfig, score_model) -> list[dict] | None:
+    """Parameter groups with per-group learning rates when ``head_lr_multiplier`` or ``layer_lr_decay`` asks for
+    them (``score_param_groups``); None otherwise, so the engine builds its default groups (and checkpoints of
+    earlier runs keep their two-group layout). The engine builds the optimizer over them: its AdamW, or under
+    a DeepSpeed config with an ``optimizer`` section DeepSpeed's own (CPU Adam)."""
     from humanalign.models.score import score_param_groups
 
     if cfg.head_lr_multiplier == 1.0 and cfg.layer_lr_decay == 1.0:
         return None
-    if engine.distributed_type == DistributedType.DEEPSPEED:
-        raise ConfigError("head_lr_multiplier / layer_lr_decay are not supported under DeepSpeed (it builds its "
-                          "own optimizer): set both to 1 or train with DDP")
-    groups = score_param_groups(score_model, cfg.learning_rate, cfg.weight_decay,
-                                head_lr_multiplier=cfg.head_lr_multiplier, layer_lr_decay=cfg.layer_lr_decay)
-    return build_optimizer(score_model, cfg, groups=groups)  # the engine's AdamW (fused where it can be)
+    return score_param_groups(score_model, cfg.learning_rate, cfg.weight_decay,
+                              head_lr_multiplier=cfg.head_lr_multiplier, layer_lr_decay=cfg.layer_lr_decay)
 
 
 def promote_final(final: Path, run_dir: Path) -> None:
@@ -410,8 +404,7 @@ def train_score_model(
             val_set = EncodedDataset(data.val, pair_length)
             eval_loader = engine.eval_loader(val_set, collate, lengths=val_set.lengths())
         engine.register_state(NORMALIZER_STATE, NormalizerState(normalizer))
-        optimizer = build_score_optimizer(cfg, score_model, engine)  # None: the engine's default AdamW
-        model, _, _ = engine.prepare(score_model, train_loader, optimizer=optimizer)
+        model, _, _ = engine.prepare(score_model, train_loader, groups=score_groups(cfg, score_model))
 
         eval_seconds = eval_cpu = 0.0  # wall and process CPU time spent evaluating
 
@@ -518,7 +511,7 @@ def run(cfg: RewardModelConfig) -> dict[str, Any]:
 
 
 __all__ = [
-    "pair_length", "LossSettings", "build_score_optimizer", "NormalizerState", "ScoreData", "encode_pairs",
+    "pair_length", "LossSettings", "score_groups", "NormalizerState", "ScoreData", "encode_pairs",
     "evaluate", "load_pairs",
     "prepare_score_data", "safety_label_note", "score_pair_loss", "train_score_model", "run",
 ]
