@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -198,3 +200,17 @@ def deepspeed_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine
+
+
+@contextmanager
+def without_zero3_init(plugin) -> Iterator[None]:
+    """transformers partitions every model it loads while a ZeRO-3 config is registered (``zero.Init``); inside
+    this context none is, so models load whole. accelerate's ``zero3_init_context_manager(enable=False)``
+    re-registers the same stage-3 config and so does not stop it (accelerate 1.15, transformers 5)."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()  # the registration accelerate made at start

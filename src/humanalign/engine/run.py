@@ -119,6 +119,22 @@ class Engine(CheckpointingMixin, AbstractContextManager):
     def distributed_type(self) -> DistributedType:
         return self.accelerator.distributed_type
 
+    @property
+    def zero_stage(self) -> int | None:
+        """DeepSpeed's ZeRO stage (3: parameters sharded too), None when DeepSpeed is off."""
+        if self.distributed_type != DistributedType.DEEPSPEED:
+            return None
+        return self.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage")
+
+    def loading_whole_models(self) -> AbstractContextManager[None]:
+        """Models loaded inside stay whole on every rank: ZeRO-3's partitioning at load time (zero3_init_flag)
+        is off, for models used outside the engine, such as PPO's reward and cost scorers."""
+        from contextlib import nullcontext
+
+        if self.zero_stage != 3:
+            return nullcontext()
+        return launch.without_zero3_init(self.accelerator.state.deepspeed_plugin)
+
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()
 

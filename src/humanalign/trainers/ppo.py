@@ -46,6 +46,7 @@ from humanalign.losses.ppo import (
 )
 from humanalign.rollout import GenerationSettings, build_rollout_engine
 from humanalign.trainers.ppo_parts import (
+    ActorGeneration,
     PolicyAndCritics,
     PtxStream,
     RolloutBatch,
@@ -83,10 +84,8 @@ class PPOTrainer:
         self._load_data()
         module = self._load_models()
         self._plan()
-        optimizer = torch.optim.AdamW(
-            build_param_groups(module, cfg.learning_rate, cfg.critic_learning_rate, cfg.weight_decay),
-            lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-        self.model, self.optimizer, _ = engine.prepare(module, optimizer=optimizer, total_steps=self.total_steps)
+        groups = build_param_groups(module, cfg.learning_rate, cfg.critic_learning_rate, cfg.weight_decay)
+        self.model, self.optimizer, _ = engine.prepare(module, groups=groups, total_steps=self.total_steps)
         # the engine's schedule is one curve for every group; actor and critics each get their own
         engine.scheduler = per_group_scheduler(self.optimizer, cfg, self.total_steps, engine.step)
         self.roles = ["actor", *(f"{k}_critic" for k in module.critics())]
@@ -95,8 +94,9 @@ class PPOTrainer:
             DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU))
         self.unwrapped: PolicyAndCritics = engine.unwrap(self.model)
         self._register_states()
-        self.rollout_engine = build_rollout_engine("hf", self.unwrapped.actor, self.tokenizer,
-                                                   batch_size=cfg.generation_batch_size)
+        actor = ActorGeneration(self.model, self.unwrapped.actor, synced_gpus=engine.num_processes > 1 and (
+            engine.distributed_type == DistributedType.FSDP or engine.zero_stage == 3))
+        self.rollout_engine = build_rollout_engine("hf", actor, self.tokenizer, batch_size=cfg.generation_batch_size)
         self.generation = GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
                                              cfg.repetition_penalty)
         self.last_rollout: dict[str, float] = {}
@@ -118,10 +118,11 @@ class PPOTrainer:
         self.eval_prompts = (load_prompts(cfg.eval_prompts_path, cfg.eval_max_prompts, log=engine.print)
                              if cfg.eval_prompts_path else [])
         device, forward_bs = engine.device, cfg.forward_batch_size or cfg.batch_size
-        self.reward_scorer = SequenceScorer("reward", cfg.reward_model_path, cfg.reward_fn, cfg.reward_fn_kwargs,
-                                            device, forward_bs, cfg.model, log=engine.print)
-        self.cost_scorer = SequenceScorer("cost", cfg.cost_model_path, cfg.cost_fn, cfg.cost_fn_kwargs, device,
-                                          forward_bs, cfg.model, log=engine.print) if cfg.uses_cost else None
+        with engine.loading_whole_models():  # each rank scores its own answers with a whole score model
+            self.reward_scorer = SequenceScorer("reward", cfg.reward_model_path, cfg.reward_fn, cfg.reward_fn_kwargs,
+                                                device, forward_bs, cfg.model, log=engine.print)
+            self.cost_scorer = SequenceScorer("cost", cfg.cost_model_path, cfg.cost_fn, cfg.cost_fn_kwargs, device,
+                                              forward_bs, cfg.model, log=engine.print) if cfg.uses_cost else None
         self.ptx = None
         if cfg.ptx_path and cfg.ptx_coeff > 0:
             examples = load_ptx_examples(cfg.ptx_path, cfg.ptx_source, self.tokenizer, cfg.max_length,
@@ -340,17 +341,25 @@ class PPOTrainer:
         """Answer the held-out prompts (this rank's share) and log their mean reward, cost and length."""
         engine = self.engine
         mine = list(range(engine.process_index, len(self.eval_prompts), engine.num_processes))
+        # Every rank answers the same number of prompts (a rank short of one repeats a prompt, not counted):
+        # sharded models gather weights inside each forward, so all ranks must run the same generate calls.
+        # (Done under DDP too, so that every backend samples the same batches and reports the same figures.)
+        share = math.ceil(len(self.eval_prompts) / engine.num_processes)
+        padding = [mine[-1] if mine else 0] * (share - len(mine))
         totals = torch.zeros(5, device=engine.device)  # reward, cost, length, finished, count
-        if mine:
+        if mine or padding:
             from humanalign.data.tokenize import encode_prompt
 
-            prompts = [self.eval_prompts[i] for i in mine]
+            prompts = [self.eval_prompts[i] for i in mine + padding]
             ids = [encode_prompt(self.tokenizer, p, self.cfg.max_prompt_length) for p in prompts]
             gen = self.rollout_engine.generate(ids, self.generation, 1, seed=_seed(self.cfg.seed, -1))
-            rewards, _ = self.reward_scorer(prompts, gen.texts)
-            costs = self.cost_scorer(prompts, gen.texts)[0] if self.cost_scorer else [0.0] * len(gen)
-            totals += torch.tensor([sum(rewards), sum(costs), float(sum(len(r) for r in gen.response_ids)),
-                                    float(sum(gen.finished)), float(len(gen))], device=engine.device)
+            counted = len(mine)  # one answer per prompt, in prompt order
+            prompts, texts = prompts[:counted], gen.texts[:counted]
+            if counted:
+                rewards, _ = self.reward_scorer(prompts, texts)
+                costs = self.cost_scorer(prompts, texts)[0] if self.cost_scorer else [0.0] * counted
+                totals += torch.tensor([sum(rewards), sum(costs), float(sum(len(r) for r in gen.response_ids[:counted])),
+                                        float(sum(gen.finished[:counted])), float(counted)], device=engine.device)
         totals = engine.reduce_sum(totals)
         n = max(float(totals[4]), 1.0)
         metrics = {"reward": float(totals[0]) / n, "response_length": float(totals[2]) / n,
@@ -366,18 +375,34 @@ class PPOTrainer:
         return after == self.engine.total_steps or bool(every and after // every > before // every)
 
     def _save_final(self, unwrapped: PolicyAndCritics, folder: Path, state_dict: dict | None) -> None:
+        """The actor into ``folder`` (the engine's final model), each critic into ``<run>/<kind>_critic``, and
+        with lora.merge_on_save the merged actor into ``<run>/final-merged``. ``state_dict``: the whole
+        module's weights gathered from FSDP / DeepSpeed shards (the live parameters are shards then)."""
         from humanalign.models.load import save_pretrained_model
+        from humanalign.models.score import save_score_model
 
-        if state_dict is not None:  # sharded training: keep the actor's part of the gathered weights
-            state_dict = {k[len("actor."):]: v for k, v in state_dict.items() if k.startswith("actor.")}
-            unwrapped.actor.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        def part(prefix: str) -> dict | None:
+            return None if state_dict is None else {k[len(prefix):]: v for k, v in state_dict.items()
+                                                    if k.startswith(prefix)}
+
+        run_dir = self.engine.run_dir
+        if state_dict is not None:
+            unwrapped.actor.save_pretrained(folder, state_dict=part("actor."), safe_serialization=True)
             self.tokenizer.save_pretrained(folder)
         else:
             save_pretrained_model(unwrapped.actor, self.tokenizer, folder)
+        for kind, critic in unwrapped.critics().items():
+            save_score_model(critic, self.critic_tokenizers[kind], run_dir / f"{kind}_critic",
+                             state_dict=part(f"{kind}_critic."))
+        if self.cfg.lora.enabled and self.cfg.lora.merge_on_save:
+            if state_dict is not None:
+                self.engine.print(f"[{self.engine.name}] lora.merge_on_save skipped under sharded training: merge "
+                                  f"{run_dir / 'final'} afterwards on one process")
+            else:
+                save_pretrained_model(unwrapped.actor, self.tokenizer, run_dir / "final-merged", merge_lora=True)
 
     def train(self) -> dict[str, Any]:
         from humanalign.engine.progress import Progress
-        from humanalign.models.score import save_score_model
 
         cfg, engine = self.cfg, self.engine
         if engine.step % self.steps_per_rollout:
@@ -407,15 +432,6 @@ class PPOTrainer:
         if self.lam is not None:
             summary["lambda"] = self.lam.value
         final = engine.finish(self.model, self.tokenizer, save_fn=self._save_final, summary=summary)
-        if engine.is_main_process:
-            if cfg.lora.enabled and cfg.lora.merge_on_save:
-                from humanalign.models.load import save_pretrained_model
-
-                save_pretrained_model(self.unwrapped.actor, self.tokenizer, engine.run_dir / "final-merged",
-                                      merge_lora=True)
-            for kind, critic in self.unwrapped.critics().items():
-                save_score_model(critic, self.critic_tokenizers[kind], engine.run_dir / f"{kind}_critic")
-        engine.wait()
         return {"final_model": str(final), **summary}
 
 

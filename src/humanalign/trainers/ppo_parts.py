@@ -34,11 +34,27 @@ class PolicyAndCritics(nn.Module):
         self.actor, self.reward_critic, self.cost_critic = actor, reward_critic, cost_critic
         self.is_gradient_checkpointing = False  # enabled per sub-model at load time (the engine skips it here)
 
+    @property
+    def config(self):
+        """The actor's config (DeepSpeed's "auto" settings read the hidden size from ``model.config``)."""
+        return self.actor.config
+
+    def tie_weights(self) -> None:
+        """Re-tie each sub-model's tied weights (the actor's embeddings and LM head): accelerate's FSDP2
+        preparation moves the weights through the meta device and re-ties them through the root's
+        ``tie_weights``; without this the actor's two copies would train apart."""
+        for model in (self.actor, *(critic.model for critic in self.critics().values())):
+            if hasattr(model, "tie_weights"):
+                model.tie_weights()
+
     def critics(self) -> dict[str, ScoreModel]:
         return {name: m for name, m in (("reward", self.reward_critic), ("cost", self.cost_critic)) if m is not None}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, ptx_input_ids: torch.Tensor | None = None,
-                ptx_attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                ptx_input_ids: torch.Tensor | None = None, ptx_attention_mask: torch.Tensor | None = None,
+                generate_kwargs: dict[str, Any] | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
+        if generate_kwargs is not None:  # sampling, through the prepared module's forward: see ActorGeneration
+            return self.actor.generate(**generate_kwargs)
         out = {"logits": self.actor(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits}
         for name, critic in self.critics().items():
             out[f"{name}_values"] = critic(input_ids=input_ids, attention_mask=attention_mask).scores  # (B, L)
@@ -46,6 +62,42 @@ class PolicyAndCritics(nn.Module):
             out["ptx_logits"] = self.actor(input_ids=ptx_input_ids, attention_mask=ptx_attention_mask,
                                            use_cache=False).logits
         return out
+
+
+class ActorGeneration:
+    """The actor as a rollout engine sees it, its ``generate`` run through the prepared module's forward.
+
+    Under FSDP2 only the root module's forward hooks initialise the sharding and gather the root unit's
+    parameters (embeddings, final norm, LM head), and under ZeRO-3 the engine's hooks gather each sub-module's
+    shard, so calling ``actor.generate`` directly would meet sharded weights. Inside, every decoder layer
+    gathers its shard in each forward: all ranks must run the same number of forwards, so with
+    ``synced_gpus`` a rank whose answers have all ended keeps stepping until every rank's have (as
+    transformers does under ZeRO-3). Under DDP or one process this is the plain ``actor.generate``."""
+
+    def __init__(self, prepared: nn.Module, actor: nn.Module, synced_gpus: bool):
+        self.prepared, self.actor, self.synced_gpus = prepared, actor, synced_gpus
+
+    @property
+    def generation_config(self):
+        return self.actor.generation_config
+
+    @property
+    def training(self) -> bool:
+        return self.actor.training
+
+    def parameters(self):
+        return self.actor.parameters()
+
+    def eval(self) -> ActorGeneration:
+        self.actor.eval()
+        return self
+
+    def train(self, mode: bool = True) -> ActorGeneration:
+        self.actor.train(mode)
+        return self
+
+    def generate(self, **kwargs) -> torch.Tensor:
+        return self.prepared(generate_kwargs={**kwargs, "synced_gpus": self.synced_gpus})
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -404,7 +456,7 @@ def clip_per_role(optimizer: torch.optim.Optimizer, max_norm: float | None, role
 
 
 __all__ = [
-    "PolicyAndCritics", "RolloutBatch", "SequenceScorer", "RunningScoreStats", "PtxStream", "disable_dropout",
+    "PolicyAndCritics", "ActorGeneration", "RolloutBatch", "SequenceScorer", "RunningScoreStats", "PtxStream", "disable_dropout",
     "load_critic", "critic_source", "vocabulary_mismatch", "response_logps", "response_values", "ptx_loss",
     "load_prompts", "load_ptx_examples", "build_param_groups", "per_group_scheduler", "clip_per_role",
 ]
