@@ -294,7 +294,7 @@ PPO_TIMINGS = ("seconds", "per_s", "grad_norm", "time")  # wall-clock figures; g
 
 
 @pytest.fixture(scope="module")
-def ppo_scorers(demo_pairs, tmp_path_factory) -> dict[str, Path]:
+def tiny_score_models(demo_pairs, tmp_path_factory) -> dict[str, Path]:
     """A helpful reward model and a harmless cost model on the tiny model (6 steps each)."""
     root = tmp_path_factory.mktemp("scorers")
     train_cost_model(["python"], root / "cost", demo_pairs, 8)
@@ -316,9 +316,9 @@ def train_ppo_lag(prefix: list[str], out: Path, data: Path, scorers: dict[str, P
 
 
 @pytest.fixture(scope="module")
-def ddp_ppo_lag(demo_pairs, ppo_scorers, tmp_path_factory) -> Path:
+def ddp_ppo_lag(demo_pairs, tiny_score_models, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ppo") / "ddp"
-    train_ppo_lag([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port())], out, demo_pairs, ppo_scorers)
+    train_ppo_lag([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port())], out, demo_pairs, tiny_score_models)
     return out
 
 
@@ -334,7 +334,7 @@ def all_metrics(run_dir: Path) -> dict[str, dict[int, float]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["fsdp", "deepspeed_zero2", "deepspeed_zero3_offload"])
-def test_sharded_ppo_lag_matches_ddp(config, demo_pairs, ppo_scorers, ddp_ppo_lag, tmp_path):
+def test_sharded_ppo_lag_matches_ddp(config, demo_pairs, tiny_score_models, ddp_ppo_lag, tmp_path):
     """PPO-Lagrangian (actor + reward and cost critics in one module, sampling with the live actor, frozen
     reward/cost models) on two processes: FSDP2, ZeRO-2 and ZeRO-3 against DDP with the same per-rank prompts
     and sampling seeds. The actor samples through the prepared module's forward (FSDP2's root hooks gather the
@@ -346,7 +346,7 @@ def test_sharded_ppo_lag_matches_ddp(config, demo_pairs, ppo_scorers, ddp_ppo_la
     if config.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
     out = tmp_path / config
-    train_ppo_lag(sharded(config), out, demo_pairs, ppo_scorers)
+    train_ppo_lag(sharded(config), out, demo_pairs, tiny_score_models)
     ddp, mine = all_metrics(ddp_ppo_lag), all_metrics(out)
     assert sorted(mine["train/loss"]) == [1, 2, 3, 4] and sorted(mine["eval/reward"]) == [2, 4]
     for key, curve in ddp.items():
@@ -359,6 +359,34 @@ def test_sharded_ppo_lag_matches_ddp(config, demo_pairs, ppo_scorers, ddp_ppo_la
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4, part
     assert_loads_as_trained(out / "final")  # the actor: a plain causal LM, embeddings tied
     assert len(set(ddp["train/lambda"].values())) > 1  # lambda moved: the Lagrangian part ran
+
+
+@pytest.mark.slow
+def test_zero3_safe_mm_dpo_with_reward_model_margins_matches_one_process(demo_pairs, tiny_score_models, tmp_path):
+    """Safe-MM-DPO with both score models (margin-scaled beta from the Helpful-RM, costs from the cost model)
+    under ZeRO-3: the score models load whole on every rank (partitioned at load, they crashed the scoring).
+    The sharded run goes first, so it scores the pairs itself (the disk cache is keyed by the freshly saved
+    models); the one-process run then reads the same scores from the cache."""
+    pytest.importorskip("deepspeed")
+
+    def safe_mm_dpo(prefix: list[str], out: Path, batch_size: int) -> str:
+        args = ["train", "safe-mm-dpo", "--config", str(CONFIGS / "safe_mm_dpo_tiny.yaml"), "--output-dir",
+                str(out), "--batch-size", str(batch_size), *LOG_EVAL_SAVE, "--eval-on-start", "false",
+                "--set", f"helpful_rm_path={tiny_score_models['reward']}",
+                "--set", f"harmless_rm_path={tiny_score_models['cost']}"]
+        for kind in ("helpful", "harmless"):
+            args += [f"--train-{kind}-path", str(demo_pairs / "val" / f"{kind}_pairs.jsonl"),
+                     f"--val-{kind}-path", str(demo_pairs / "test" / f"{kind}_pairs.jsonl")]
+        return run_cli(prefix, args)
+
+    one, two = tmp_path / "one", tmp_path / "zero3"
+    log = safe_mm_dpo(sharded("deepspeed_zero3_offload"), two, 4)
+    assert "ZeRO-3" in log and "[margins] helpful delta_h: n 59" in log
+    safe_mm_dpo(["python"], one, 8)
+    for key in ("train/loss_total", "train/loss_safety", "train/reward_helpful_mean", "train/reward_safety_mean"):
+        assert_same_curve(one, two, key, list(range(1, STEPS + 1)))  # measured: 3e-6 (reward means)
+    assert_same_curve(one, two, "eval/loss_total", [3, 6])
+    assert_close_weights(one, two)
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -85,8 +85,9 @@ def _score(cfg, engine, model_path: str, datasets: Sequence[PairDataset], expect
 
     # the policy's dtype and kernel settings, not its GGUF file or chat template (a score model keeps its own)
     settings = cfg.model.model_copy(update={"gguf_file": None, "chat_template": "auto"})
-    scorer = load_scorer(model_path, device=engine.device, batch_size=cfg.margin_batch_size, settings=settings,
-                         progress=engine.is_main_process)
+    with engine.loading_whole_models():  # used outside the engine: not partitioned under ZeRO-3
+        scorer = load_scorer(model_path, device=engine.device, batch_size=cfg.margin_batch_size, settings=settings,
+                             progress=engine.is_main_process)
     if scorer.score_type != expected_type:
         engine.print(f"[safe-mm-dpo] warning: {model_path} is a {scorer.score_type} model, used here as the "
                      f"{expected_type} model (swapped helpful_rm_path / harmless_rm_path?)")
