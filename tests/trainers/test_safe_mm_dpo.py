@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -447,7 +448,7 @@ def test_margins_come_from_the_score_models_once(demo_data, tokenizer, score_mod
 
     printed: list[str] = []
     engine = SimpleNamespace(print=printed.append, device=torch.device("cpu"), is_main_process=True,
-                             wait=lambda: None)
+                             wait=lambda: None, loading_whole_models=nullcontext)
     cfg = load_config(SafeMMDPOConfig, values={"helpful_rm_path": str(score_models["helpful"]),
                                                "harmless_rm_path": str(score_models["harmless"])})
     helpful, harmless = _datasets(demo_data, tokenizer, n=20)
@@ -479,7 +480,7 @@ def test_margins_come_from_the_score_models_once(demo_data, tokenizer, score_mod
 def test_flat_reward_model_warns_with_statistics(demo_data, tokenizer, score_models, score_cache):
     printed: list[str] = []
     engine = SimpleNamespace(print=printed.append, device=torch.device("cpu"), is_main_process=True,
-                             wait=lambda: None)
+                             wait=lambda: None, loading_whole_models=nullcontext)
     cfg = load_config(SafeMMDPOConfig, values={"helpful_rm_path": str(score_models["flat"]), "harmless_rm_path": None})
     helpful, harmless = _datasets(demo_data, tokenizer, n=12)
     summary, _ = attach_margins(cfg, engine, {HELPFUL: {"train": helpful}, HARMLESS: {"train": harmless}})
