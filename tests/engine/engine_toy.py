@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -108,6 +109,8 @@ def toy_loop(engine: Engine, model, train_set, eval_set=None, *, poison_steps=()
                     loss_sum = loss_sum * float("nan")
                 engine.backward(loss_sum, normalizer=n_tokens)
                 engine.record({"loss": loss_sum / n.clamp(min=1)}, weight=n)
+                # logged as exp(mean NLL per token of the window), see test_metrics
+                engine.record({"perplexity": loss_sum / n.clamp(min=1)}, weight=n, then=math.exp)
         engine.optimizer_step()
         if on_step is not None:
             on_step(engine, model)

@@ -27,6 +27,19 @@ def test_accumulator_weighted_mean_and_discarded_windows():
     assert doubled == {"a": 1.0, "b": 2.0}
 
 
+def test_a_mapped_metric_is_the_map_of_the_weighted_mean(tmp_path):
+    """record(then=math.exp): the logged perplexity is exp of the token-weighted NLL over every micro-batch of
+    the logged window (here 2 accumulated micro-batches x 2 logged steps), not a mean of per-batch values."""
+    import math
+
+    run_toy({"output_dir": str(tmp_path), "max_steps": 4, "logging_steps": 2, "gradient_accumulation_steps": 2,
+             "batch_size": 2})
+    losses, perplexities = read_metrics(tmp_path, "train/loss"), read_metrics(tmp_path, "train/perplexity")
+    assert sorted(perplexities) == [2, 4]
+    for step, loss in losses.items():
+        assert perplexities[step] == pytest.approx(math.exp(loss), rel=1e-6)
+
+
 def test_truncate_metrics_drops_lines_after_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "train/loss": s / 10}) + "\n" for s in range(1, 7)) + '{"step": 7, "tr')

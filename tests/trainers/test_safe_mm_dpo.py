@@ -692,5 +692,7 @@ def test_two_processes_match_one_process(demo_data, tmp_path):
     for step in a:
         for key in ("train/loss_total", "train/loss_safety", "train/expected_cost", "train/kl_divergence"):
             assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (step, key)
+        # exp of the token-weighted NLL over both ranks (a mean of per-rank perplexities was ~0.5% off)
+        assert b[step]["train/perplexity"] == pytest.approx(a[step]["train/perplexity"], rel=1e-5), step
     for key in ("helpful_accuracy", "harmless_accuracy", "expected_cost", "kl_divergence"):
         assert fb["after"][key] == pytest.approx(fa["after"][key], abs=1e-5), key

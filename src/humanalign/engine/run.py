@@ -77,6 +77,7 @@ class Engine(CheckpointingMixin, AbstractContextManager):
         self._states: dict[str, Any] = {}
         self._pending_states: dict[str, Any] = {}
         self._acc = MetricAccumulator()
+        self._log_transforms: dict[str, Callable[[float], float]] = {}  # see record(then=...)
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
         self._micro_in_window = 0
         self._start_time = time.time()
@@ -346,10 +347,17 @@ class Engine(CheckpointingMixin, AbstractContextManager):
         self.accelerator.backward(loss)
         self._micro_in_window += 1
 
-    def record(self, metrics: dict[str, Any], weight: Any = 1.0) -> None:
+    def record(self, metrics: dict[str, Any], weight: Any = 1.0,
+               then: Callable[[float], float] | None = None) -> None:
         """Train metrics of this micro-batch; logged as their ``weight``-weighted mean over the micro-batches
-        since the last log, across all ranks. Keys get a 'train/' prefix unless they carry one."""
-        self._acc.add({k if "/" in k else f"train/{k}": v for k, v in metrics.items()}, weight)
+        since the last log, across all ranks. Keys get a 'train/' prefix unless they carry one. ``then`` maps
+        the mean when it is logged: a perplexity is recorded as the NLL per token, weighted by the token count,
+        with ``then=math.exp``, so it is exp of the mean over every token of every rank, as one process
+        computes it, not a mean of per-batch perplexities."""
+        named = {k if "/" in k else f"train/{k}": v for k, v in metrics.items()}
+        if then is not None:
+            self._log_transforms.update(dict.fromkeys(named, then))
+        self._acc.add(named, weight)
 
     def _deepspeed_guard(self) -> None:
         # DeepSpeed steps the optimizer inside the last backward of a step, so a bad step cannot be undone
@@ -422,6 +430,9 @@ class Engine(CheckpointingMixin, AbstractContextManager):
             return
         reduce = self.reduce_sum if self.num_processes > 1 else None
         values = self._acc.reduce(reduce)
+        for key, then in self._log_transforms.items():
+            if key in values:
+                values[key] = then(values[key])
         values.update({"train/lr": lr, "train/epoch": round(self.epoch, 4),
                        "train/skipped_nonfinite": float(self.nonfinite_skipped)})
         self.last_train_metrics = values

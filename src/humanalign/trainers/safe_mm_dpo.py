@@ -182,7 +182,10 @@ def run(cfg: SafeMMDPOConfig) -> dict[str, Any]:
                     engine.backward(out.loss)
                     metrics = dict(out.metrics)
                     metrics.pop("kl_divergence", None)
+                    metrics.pop("perplexity", None)  # token-weighted below
                     engine.record(metrics, weight=len(batch[HELPFUL]["index"]))
+                    nll, nll_tokens = out.nll_parts  # perplexity = exp(NLL per token over the whole logged window)
+                    engine.record({"perplexity": nll / nll_tokens.clamp(min=1)}, weight=nll_tokens, then=math.exp)
                     if out.kl_parts is not None:  # token-weighted: the KL of all the step's response tokens
                         engine.record({"kl_divergence": out.kl_parts[0] / out.kl_parts[1].clamp(min=1)},
                                       weight=out.kl_parts[1])
