@@ -168,6 +168,13 @@ class CheckpointingMixin:
 
                 save_pretrained_model(unwrapped, tokenizer, output_dir, merge_lora=merge_lora, extra_files=extra_files)
             else:
+                if merge_lora and state_dict is not None and getattr(unwrapped, "peft_config", None):
+                    from humanalign.models.lora_merge import merged_gathered_weights
+
+                    prefix = "base_model.model."  # the gathered keys of a PeftModel; the base model's without it
+                    base_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+                    state_dict = merged_gathered_weights(unwrapped, base_state)
+                    unwrapped = unwrapped.get_base_model()  # saved with the merged weights: a plain model
                 self._write_model_folder(unwrapped, tokenizer, output_dir, state_dict, save_fn, extra_files)
         self.wait()
         return output_dir
@@ -186,7 +193,7 @@ class CheckpointingMixin:
             save_fn(unwrapped, tmp, state_dict)
         else:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            if getattr(unwrapped, "peft_config", None) and getattr(unwrapped, "humanalign_base", None):
+            if hasattr(unwrapped, "get_base_model") and getattr(unwrapped, "humanalign_base", None):  # an adapter
                 atomic_write_json(tmp / ADAPTER_INFO_FILE, unwrapped.humanalign_base)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
@@ -223,13 +230,9 @@ class CheckpointingMixin:
             self.accelerator.load_state(str(best))
         final = self.save_model(model, tokenizer, self.run_dir / ckpt.FINAL_DIR, save_fn=save_fn,
                                 extra_files=extra_files)
-        if cfg.lora.enabled and cfg.lora.merge_on_save and save_fn is None:
-            if self.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-                self.print(f"[{self.name}] lora.merge_on_save skipped under sharded training: merge "
-                           f"{final} afterwards on one process")
-            else:
-                self.save_model(model, tokenizer, self.run_dir / (ckpt.FINAL_DIR + "-merged"), merge_lora=True,
-                                extra_files=extra_files)
+        if cfg.lora.enabled and cfg.lora.merge_on_save and save_fn is None:  # sharded: from the gathered state
+            self.save_model(model, tokenizer, self.run_dir / (ckpt.FINAL_DIR + "-merged"), merge_lora=True,
+                            extra_files=extra_files)
         if self.is_main_process:
             from humanalign.data.io import atomic_write_json
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from humanalign.errors import UserError
+from humanalign.models.lora_merge import merged_gathered_weights, merged_weights
 
 SCORE_CONFIG_KEY = "humanalign_score"
 SCORE_TYPES = ("reward", "cost")
@@ -477,58 +478,6 @@ def _bnb_config(quantization: str):
 # --------------------------------------------------------------------------------------------- saving
 
 
-def _as_plain_weights(state: dict[str, torch.Tensor], adapter: str) -> dict[str, torch.Tensor]:
-    """Keys of a LoRA-wrapped model's (merged) weights as the plain model names them: adapter tensors and
-    ``original_module`` copies dropped, ``base_layer`` / ``modules_to_save.<adapter>`` unwrapped."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        if any(p.startswith("lora_") for p in parts) or ".original_module." in key:
-            continue
-        key = key.replace(f".modules_to_save.{adapter}.", ".").replace(".base_layer.", ".")
-        out[key] = value
-    return out
-
-
-def _merged_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full-model weights of a LoRA-wrapped model with the adapter folded in, without changing the model."""
-    adapter = peft_model.active_adapter
-    inner = peft_model.get_base_model()
-    if getattr(inner, "is_loaded_in_4bit", False) or getattr(inner, "is_loaded_in_8bit", False):
-        raise UserError("cannot save a score model trained on a 4/8-bit base as a full model: merge the LoRA "
-                        "adapter onto the full-precision base first")
-    peft_model.merge_adapter()
-    try:  # CPU copies: no second model on the GPU
-        state = {k: v.detach().to("cpu", copy=True) for k, v in inner.state_dict().items()}
-    finally:
-        peft_model.unmerge_adapter()
-    return _as_plain_weights(state, adapter)
-
-
-def _merge_gathered_lora(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fold the adapter into *gathered* weights (keys of ``peft_model.get_base_model()``), for sharded training
-    where the live parameters are shards: W + scaling * B @ A per LoRA linear layer (transposed for
-    fan_in_fan_out layers), as peft's ``merge`` computes it."""
-    from peft.tuners.lora import LoraLayer
-
-    adapter = peft_model.active_adapter
-    state = dict(state)
-    for name, module in peft_model.get_base_model().named_modules():
-        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
-            continue
-        if adapter in getattr(module, "lora_magnitude_vector", {}) or adapter in getattr(module, "lora_embedding_A", {}):
-            raise UserError(f"cannot merge a DoRA or embedding LoRA adapter ({name}) from sharded weights: "
-                            "train this score model with DDP, or with a plain LoRA on linear layers")
-        a = state[f"{name}.lora_A.{adapter}.weight"].float()  # (r, in)
-        b = state[f"{name}.lora_B.{adapter}.weight"].float()  # (out, r)
-        delta = (b @ a) * module.scaling[adapter]  # (out, in)
-        if getattr(module, "fan_in_fan_out", False):
-            delta = delta.T
-        key = f"{name}.base_layer.weight"
-        state[key] = (state[key].float() + delta.to(state[key].device)).to(state[key].dtype)
-    return _as_plain_weights(state, adapter)
-
-
 def _weights_from_gathered(model: ScoreModel, gathered: dict[str, torch.Tensor],
                            owner_prefix: str = "model.") -> dict[str, torch.Tensor]:
     """The full weights FSDP / DeepSpeed gathered as keys of the transformers model inside ``model``, the
@@ -539,7 +488,7 @@ def _weights_from_gathered(model: ScoreModel, gathered: dict[str, torch.Tensor],
     if len(state) != len(gathered):
         raise UserError(f"the gathered weights are not those of this score model ({len(gathered) - len(state)} "
                         f"keys outside '{prefix}')")
-    return _merge_gathered_lora(model.model, state) if model.is_peft else state
+    return merged_gathered_weights(model.model, state) if model.is_peft else state
 
 
 def save_score_model(model: ScoreModel | nn.Module, tokenizer, output_dir: str | Path,
@@ -573,7 +522,7 @@ def save_score_model(model: ScoreModel | nn.Module, tokenizer, output_dir: str |
     if state_dict is not None:
         state_dict = _weights_from_gathered(model, state_dict, owner_prefix)
     elif model.is_peft:
-        state_dict = _merged_state_dict(model.model)
+        state_dict = merged_weights(model.model)
     block = model.score_config(extra)
     block["score_type"] = score_type or model.score_type
     block["normalizer"] = normalizer.to_dict()
