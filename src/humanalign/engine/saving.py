@@ -171,16 +171,16 @@ class CheckpointingMixin:
                 if merge_lora and state_dict is not None and getattr(unwrapped, "peft_config", None):
                     from humanalign.models.lora_merge import merged_gathered_weights
 
-                    prefix = "base_model.model."  # the gathered keys of a PeftModel; the base model's without it
-                    base_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-                    state_dict = merged_gathered_weights(unwrapped, base_state)
+                    state_dict = merged_gathered_weights(unwrapped, state_dict)
                     unwrapped = unwrapped.get_base_model()  # saved with the merged weights: a plain model
-                self._write_model_folder(unwrapped, tokenizer, output_dir, state_dict, save_fn, extra_files)
+                self.write_model_folder(unwrapped, tokenizer, output_dir, state_dict, save_fn, extra_files)
         self.wait()
         return output_dir
 
     @staticmethod
-    def _write_model_folder(unwrapped, tokenizer, output_dir: Path, state_dict, save_fn, extra_files) -> None:
+    def write_model_folder(unwrapped, tokenizer, output_dir: Path, state_dict, save_fn=None, extra_files=None) -> None:
+        """Write ``unwrapped`` (with ``state_dict`` when given) and the tokenizer into a temporary folder, then
+        publish it as ``output_dir``; ``save_fn`` replaces the model writer. Main process only."""
         import json
 
         from humanalign.data.io import atomic_write_json, publish_dir

@@ -42,14 +42,15 @@ def merged_weights(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     return plain_weight_names(state, adapter)
 
 
-def merged_gathered_weights(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fold the adapter into *gathered* weights (keys of ``peft_model.get_base_model()``), for sharded training
-    where the live parameters are shards: W + scaling * B @ A per LoRA linear layer (transposed for
-    fan_in_fan_out layers), as peft's ``merge`` computes it."""
+def merged_gathered_weights(peft_model: nn.Module, gathered: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold the adapter into *gathered* weights (keys of the ``PeftModel``, ``base_model.model.<...>``), for
+    sharded training where the live parameters are shards: W + scaling * B @ A per LoRA linear layer
+    (transposed for fan_in_fan_out layers), as peft's ``merge`` computes it."""
     from peft.tuners.lora import LoraLayer
 
     adapter = peft_model.active_adapter
-    state = dict(state)
+    prefix = "base_model.model."  # the PeftModel's keys; the base model's without it
+    state = {k[len(prefix):]: v for k, v in gathered.items() if k.startswith(prefix)}
     for name, module in peft_model.get_base_model().named_modules():
         if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
             continue

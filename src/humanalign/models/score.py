@@ -483,11 +483,10 @@ def _weights_from_gathered(model: ScoreModel, gathered: dict[str, torch.Tensor],
     """The full weights FSDP / DeepSpeed gathered as keys of the transformers model inside ``model``, the
     LoRA adapter folded in. ``owner_prefix``: where that model sits in the gathered keys ("model." when they
     are the ``ScoreModel``'s, "" when they are the transformers model's own)."""
-    prefix = owner_prefix + ("base_model.model." if model.is_peft else "")
-    state = {k[len(prefix):]: v for k, v in gathered.items() if k.startswith(prefix)}
+    state = {k[len(owner_prefix):]: v for k, v in gathered.items() if k.startswith(owner_prefix)}
     if len(state) != len(gathered):
         raise UserError(f"the gathered weights are not those of this score model ({len(gathered) - len(state)} "
-                        f"keys outside '{prefix}')")
+                        f"keys outside '{owner_prefix}')")
     return merged_gathered_weights(model.model, state) if model.is_peft else state
 
 

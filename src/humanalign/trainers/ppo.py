@@ -21,8 +21,6 @@ happen on rollout boundaries, so a resumed run regenerates nothing and continues
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -380,7 +378,6 @@ class PPOTrainer:
         """The actor into ``folder`` (the engine's final model), each critic into ``<run>/<kind>_critic``, and
         with lora.merge_on_save the merged actor into ``<run>/final-merged``. ``state_dict``: the whole
         module's weights gathered from FSDP / DeepSpeed shards (the live parameters are shards then)."""
-        from humanalign.data.io import publish_dir
         from humanalign.models.load import save_pretrained_model
         from humanalign.models.score import save_score_model
 
@@ -401,14 +398,9 @@ class PPOTrainer:
             if state_dict is not None:  # the adapter folded into the gathered base weights
                 from humanalign.models.lora_merge import merged_gathered_weights
 
-                merged = merged_gathered_weights(unwrapped.actor, part("actor.base_model.model."))
-                tmp = Path(tempfile.mkdtemp(prefix=".final-merged.", dir=run_dir))
-                try:
-                    unwrapped.actor.get_base_model().save_pretrained(tmp, state_dict=merged, safe_serialization=True)
-                    self.tokenizer.save_pretrained(tmp)
-                    publish_dir(tmp, run_dir / "final-merged")
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
+                merged = merged_gathered_weights(unwrapped.actor, part("actor."))
+                self.engine.write_model_folder(unwrapped.actor.get_base_model(), self.tokenizer,
+                                               run_dir / "final-merged", merged)
             else:
                 save_pretrained_model(unwrapped.actor, self.tokenizer, run_dir / "final-merged", merge_lora=True)
 
