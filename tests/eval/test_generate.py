@@ -6,14 +6,13 @@ import json
 
 import pytest
 
+from humanalign.data.prompts import prompt_hash, read_prompts
 from humanalign.errors import RecordError, UserError
 from humanalign.eval.generate import (
     Sampling,
     generate_responses,
     generate_to_file,
     load_done,
-    prompt_hash,
-    read_prompts,
 )
 
 PROMPTS = [

@@ -1,4 +1,5 @@
-"""AdamW with weight-decay groups, and the learning-rate schedules every trainer shares.
+"""AdamW with weight-decay groups, and the learning-rate schedules every trainer shares; for a module trained
+in several roles (PPO's actor and critics), groups tagged by role with a schedule and gradient clipping each.
 
 The learning rate is a pure function of the optimizer step (``lr_factor``), so a resumed run, a run on more
 processes and a run whose steps were skipped for a non-finite loss all follow the same curve.
@@ -7,7 +8,9 @@ processes and a run whose steps were skipped for a non-finite loss all follow th
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -105,3 +108,46 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig, to
     """LambdaLR stepping once per optimizer step (skipped steps included) over ``total_steps`` steps."""
     fn = partial(lr_factor, kind=config.lr_scheduler, warmup=warmup_steps_for(config, total_steps), total=total_steps)
     return LambdaLR(optimizer, fn)
+
+
+# ----------------------------------------------------------------------------------------- groups by role
+
+
+def build_param_groups(model: torch.nn.Module, actor_lr: float, critic_lr: float, weight_decay: float
+                       ) -> list[dict[str, Any]]:
+    """AdamW groups of a ``PolicyAndCritics`` (``.actor``, ``.critics()``): actor (decay / no decay) at
+    ``actor_lr``, then critics at ``critic_lr``; each group is tagged with ``role`` so the schedule and the
+    gradient clipping can tell them apart."""
+    groups = []
+    for role, module, lr in (("actor", model.actor, actor_lr), *(
+            (f"{name}_critic", critic, critic_lr) for name, critic in model.critics().items())):
+        for group in param_groups(module, weight_decay):
+            groups.append({**group, "lr": lr, "role": role})
+    return groups
+
+
+def per_group_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int, last_step: int):
+    """LambdaLR with the actor's schedule (lr_scheduler) on actor groups and critic_lr_scheduler on critic
+    groups, positioned at optimizer step ``last_step`` (a resumed run continues its curve)."""
+    warmup = warmup_steps_for(cfg, total_steps)
+    fns = [partial(lr_factor, kind=cfg.lr_scheduler if g.get("role") == "actor" else cfg.critic_lr_scheduler,
+                   warmup=warmup, total=total_steps) for g in optimizer.param_groups]
+    return LambdaLR(optimizer, fns, last_epoch=last_step - 1)
+
+
+def clip_per_role(optimizer: torch.optim.Optimizer, max_norm: float | None, roles: Sequence[str]
+                  ) -> dict[str, float]:
+    """Clip the gradients of each role (actor, each critic) to ``max_norm / sqrt(len(roles))`` separately.
+
+    Separate clipping keeps a large value-loss gradient from shrinking the policy's step (Safe RLHF clips
+    actor and critic apart); dividing by sqrt(#roles) keeps the joint norm within ``max_norm``, so the
+    engine's joint clip that follows changes nothing. Returns each role's norm before clipping.
+    """
+    norms = {}
+    limit = (max_norm / math.sqrt(len(roles))) if max_norm else float("inf")
+    for role in roles:
+        params = [p for g in optimizer.param_groups if g.get("role") == role for p in g["params"]
+                  if p.grad is not None]
+        if params:
+            norms[role] = float(torch.nn.utils.clip_grad_norm_(params, limit))
+    return norms

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from humanalign.data.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from humanalign.data.prompts import prompt_hash, read_prompts
 from humanalign.data.records import prompt_to_jsonable
 from humanalign.errors import UserError
 from humanalign.eval.generate import (
@@ -26,8 +27,6 @@ from humanalign.eval.generate import (
     generate_to_file,
     generation_settings_match,
     load_generator,
-    prompt_hash,
-    read_prompts,
     require,
     responses_by_key,
 )

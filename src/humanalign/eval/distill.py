@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from humanalign.data.io import atomic_write_jsonl
+from humanalign.data.prompts import prompt_hash, read_prompts
 from humanalign.data.records import prompt_to_jsonable
 from humanalign.errors import UserError
 from humanalign.eval.arena import _free_memory, score_texts
@@ -24,8 +25,6 @@ from humanalign.eval.generate import (
     generate_to_file,
     generation_settings_match,
     load_generator,
-    prompt_hash,
-    read_prompts,
     require,
     responses_by_key,
 )

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from humanalign.data.io import atomic_write_json, iter_records
-from humanalign.data.records import Message, prompt_from_jsonable, prompt_key, prompt_to_jsonable
+from humanalign.data.io import atomic_write_json
+from humanalign.data.prompts import prompt_hash, read_prompts
+from humanalign.data.records import Message, prompt_from_jsonable, prompt_to_jsonable
 from humanalign.errors import RecordError, UserError
 
 
@@ -49,44 +50,8 @@ class Sampling:
 # ---------------------------------------------------------------------------------------------------- prompts
 
 
-def prompt_hash(prompt: Sequence[Message]) -> str:
-    """Stable short id of a prompt (whitespace-normalised, see ``prompt_key``)."""
-    return hashlib.sha256(prompt_key(list(prompt)).encode("utf-8")).hexdigest()[:16]
-
-
 def _as_prompt(value: Any) -> list[Message]:
     return prompt_from_jsonable(value) if isinstance(value, (str, list)) else value
-
-
-def read_prompts(path: str | Path, limit: int | None = None) -> tuple[list[list[Message]], int]:
-    """Prompts of a file (records with a 'prompt' string or message list), first occurrence of each kept.
-
-    Returns (prompts, number of duplicate prompts skipped).
-    """
-    prompts: list[list[Message]] = []
-    seen: set[str] = set()
-    duplicates = 0
-    for line, rec in iter_records(path):
-        if "prompt" not in rec:
-            raise RecordError(path, line, "prompt", "missing (each record needs a 'prompt')")
-        value = rec["prompt"]
-        is_text = isinstance(value, str) and bool(value.strip())
-        is_messages = isinstance(value, list) and bool(value) and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value
-        )
-        if not (is_text or is_messages):
-            raise RecordError(path, line, "prompt", "must be a non-empty string or a list of {role, content} messages")
-        prompt = prompt_from_jsonable(value)
-        key = prompt_hash(prompt)
-        if key in seen:
-            duplicates += 1
-            continue
-        seen.add(key)
-        prompts.append(prompt)
-        if limit is not None and len(prompts) >= limit:
-            break
-    return prompts, duplicates
 
 
 # ---------------------------------------------------------------------------------------------------- decoding

@@ -3,7 +3,7 @@
 preference   DPO family (sigmoid/cDPO, hinge, IPO, robust, DPO+SFT), CPO, SimPO, ORPO and the LOSS_SPECS table
 safe_mm_dpo  MM-DPO's margin-scaled beta, the Safe-MM-DPO Lagrangian loss, the lambda dual ascent
 score        reward- and cost-model losses (sequence- and token-wise)
-sft          next-token cross-entropy on assistant tokens
+sft          next-token cross-entropy on assistant tokens (SFT, and PPO's ptx term)
 ppo          GAE, KL-shaped rewards, clipped policy / value losses, KL controllers, PPO-Lag lambda
 """
 
@@ -53,10 +53,10 @@ from humanalign.losses.score import (
     reward_pairwise_loss,
     reward_tokenwise_loss,
 )
-from humanalign.losses.sft import sft_loss_sums
+from humanalign.losses.sft import ptx_loss, sft_loss_sums
 
 __all__ = [
-    "sft_loss_sums",
+    "ptx_loss", "sft_loss_sums",
     "AdaptiveKLController", "DPO_LOSS_TYPES", "FixedKLController", "LOSS_SPECS", "LambdaState", "LossSpec",
     "ORPOLoss", "PPOLagLambda", "PreferenceLoss", "ScoreLoss", "aggregate", "beta_schedule", "clipped_surrogate_loss",
     "clipped_value_loss", "compute_preference_loss", "cost_loss", "cost_tokenwise_loss", "cpo_loss",

@@ -28,9 +28,13 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 
-from humanalign.config.ppo import PPOConfig
+from humanalign.config.ppo import PPOConfig, PPOLagConfig
+from humanalign.data.prompts import PtxStream, load_prompts, load_ptx_examples
+from humanalign.data.tokenize import TruncationStats, encode_prompt
 from humanalign.engine import Engine
 from humanalign.engine.data import StepBatchSampler
+from humanalign.engine.optim import build_param_groups, clip_per_role, per_group_scheduler
+from humanalign.engine.progress import Progress
 from humanalign.errors import UserError
 from humanalign.losses.ppo import (
     AdaptiveKLController,
@@ -44,26 +48,20 @@ from humanalign.losses.ppo import (
     masked_mean,
     masked_whiten,
 )
-from humanalign.rollout import GenerationSettings, build_rollout_engine
-from humanalign.trainers.ppo_parts import (
+from humanalign.losses.sft import ptx_loss
+from humanalign.models.actor_critic import (
     ActorGeneration,
     PolicyAndCritics,
-    PtxStream,
-    RolloutBatch,
-    RunningScoreStats,
-    SequenceScorer,
-    build_param_groups,
-    clip_per_role,
     critic_source,
     disable_dropout,
     load_critic,
-    load_prompts,
-    load_ptx_examples,
-    per_group_scheduler,
-    ptx_loss,
-    response_logps,
-    response_values,
 )
+from humanalign.models.load import load_causal_lm, load_tokenizer, resolve_model, save_pretrained_model
+from humanalign.models.lora_merge import merged_gathered_weights
+from humanalign.models.score import save_score_model
+from humanalign.rollout import GenerationSettings, build_rollout_engine
+from humanalign.rollout.batch import RolloutBatch, response_logps, response_values
+from humanalign.rollout.scorers import RunningScoreStats, SequenceScorer
 
 
 def _seed(*parts: int) -> int:
@@ -103,9 +101,6 @@ class PPOTrainer:
 
     def _load_data(self) -> None:
         """Tokenizer, prompts (encoded once), scorers, ptx examples and evaluation prompts."""
-        from humanalign.data.tokenize import TruncationStats, encode_prompt
-        from humanalign.models.load import load_tokenizer
-
         cfg, engine = self.cfg, self.engine
         self.tokenizer = load_tokenizer(cfg.actor_model_path, cfg.model)
         self.pad_id = self.tokenizer.pad_token_id
@@ -127,13 +122,13 @@ class PPOTrainer:
         if cfg.ptx_path and cfg.ptx_coeff > 0:
             examples = load_ptx_examples(cfg.ptx_path, cfg.ptx_source, self.tokenizer, cfg.max_length,
                                          log=engine.print)
-            self.ptx = PtxStream(examples, cfg.batch_size, cfg.gradient_accumulation_steps, self.pad_id, cfg.seed + 1,
-                                 engine.num_processes, engine.process_index)
+            sampler = StepBatchSampler(len(examples), cfg.batch_size, num_processes=engine.num_processes,
+                                       process_index=engine.process_index,
+                                       accumulation=cfg.gradient_accumulation_steps, seed=cfg.seed + 1)
+            self.ptx = PtxStream(examples, sampler, self.pad_id)
 
     def _load_models(self) -> PolicyAndCritics:
         """Actor (LoRA when asked), critics, and the frozen reference unless the adapter-disabled actor serves."""
-        from humanalign.models.load import load_causal_lm
-
         cfg, engine = self.cfg, self.engine
         actor = load_causal_lm(cfg.actor_model_path, cfg.model, cfg.lora,
                                gradient_checkpointing=cfg.gradient_checkpointing)
@@ -348,8 +343,6 @@ class PPOTrainer:
         padding = [mine[-1] if mine else 0] * (share - len(mine))
         totals = torch.zeros(5, device=engine.device)  # reward, cost, length, finished, count
         if mine or padding:
-            from humanalign.data.tokenize import encode_prompt
-
             prompts = [self.eval_prompts[i] for i in mine + padding]
             ids = [encode_prompt(self.tokenizer, p, self.cfg.max_prompt_length) for p in prompts]
             gen = self.rollout_engine.generate(ids, self.generation, 1, seed=_seed(self.cfg.seed, -1))
@@ -378,9 +371,6 @@ class PPOTrainer:
         """The actor into ``folder`` (the engine's final model), each critic into ``<run>/<kind>_critic``, and
         with lora.merge_on_save the merged actor into ``<run>/final-merged``. ``state_dict``: the whole
         module's weights gathered from FSDP / DeepSpeed shards (the live parameters are shards then)."""
-        from humanalign.models.load import save_pretrained_model
-        from humanalign.models.score import save_score_model
-
         def part(prefix: str) -> dict | None:
             return None if state_dict is None else {k[len(prefix):]: v for k, v in state_dict.items()
                                                     if k.startswith(prefix)}
@@ -396,8 +386,6 @@ class PPOTrainer:
                              state_dict=part(f"{kind}_critic."))
         if self.cfg.lora.enabled and self.cfg.lora.merge_on_save:
             if state_dict is not None:  # the adapter folded into the gathered base weights
-                from humanalign.models.lora_merge import merged_gathered_weights
-
                 merged = merged_gathered_weights(unwrapped.actor, part("actor."))
                 self.engine.write_model_folder(unwrapped.actor.get_base_model(), self.tokenizer,
                                                run_dir / "final-merged", merged)
@@ -405,8 +393,6 @@ class PPOTrainer:
                 save_pretrained_model(unwrapped.actor, self.tokenizer, run_dir / "final-merged", merge_lora=True)
 
     def train(self) -> dict[str, Any]:
-        from humanalign.engine.progress import Progress
-
         cfg, engine = self.cfg, self.engine
         if engine.step % self.steps_per_rollout:
             raise UserError(f"cannot resume at step {engine.step}: PPO checkpoints lie on rollout boundaries "
@@ -440,8 +426,6 @@ class PPOTrainer:
 
 def check_inputs(cfg: PPOConfig) -> None:
     """Fail before the run folder is touched when a data file or a local model folder is missing."""
-    from humanalign.models.load import resolve_model
-
     prompts = [cfg.prompts_path] if isinstance(cfg.prompts_path, str) else list(cfg.prompts_path)
     for key, path in [*(("prompts_path", p) for p in prompts), ("eval_prompts_path", cfg.eval_prompts_path),
                       ("ptx_path", cfg.ptx_path)]:
@@ -456,8 +440,6 @@ def check_inputs(cfg: PPOConfig) -> None:
 
 def run(cfg: PPOConfig) -> dict[str, Any]:
     """Entry point of `humanalign train ppo` and `humanalign train ppo-lag` (chosen by the config class)."""
-    from humanalign.config.ppo import PPOLagConfig
-
     check_inputs(cfg)
     name = "ppo-lag" if isinstance(cfg, PPOLagConfig) else "ppo"
     with Engine(cfg, name=name) as engine:

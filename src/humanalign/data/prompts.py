@@ -1,0 +1,145 @@
+"""Prompt files (eval generation, PPO rollouts) and the SFT examples of PPO's ptx term.
+
+``read_prompts`` reads one file's prompts, ``load_prompts`` merges several (each distinct prompt once);
+``load_ptx_examples`` encodes conversations or pairs' chosen answers for the ptx loss, and ``PtxStream`` hands
+out their micro-batch for any optimizer step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from humanalign.config.data import SourceSpec
+from humanalign.data.io import iter_records
+from humanalign.data.load import load_source
+from humanalign.data.records import Message, PreferencePair, SFTRecord, prompt_from_jsonable, prompt_key
+from humanalign.data.tokenize import TruncationStats, collate_sft, encode_conversation
+from humanalign.errors import RecordError, UserError
+
+
+def prompt_hash(prompt: Sequence[Message]) -> str:
+    """Stable short id of a prompt (whitespace-normalised, see ``prompt_key``)."""
+    return hashlib.sha256(prompt_key(list(prompt)).encode("utf-8")).hexdigest()[:16]
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> tuple[list[list[Message]], int]:
+    """Prompts of a file (records with a 'prompt' string or message list), first occurrence of each kept.
+
+    Returns (prompts, number of duplicate prompts skipped).
+    """
+    prompts: list[list[Message]] = []
+    seen: set[str] = set()
+    duplicates = 0
+    for line, rec in iter_records(path):
+        if "prompt" not in rec:
+            raise RecordError(path, line, "prompt", "missing (each record needs a 'prompt')")
+        value = rec["prompt"]
+        is_text = isinstance(value, str) and bool(value.strip())
+        is_messages = isinstance(value, list) and bool(value) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value
+        )
+        if not (is_text or is_messages):
+            raise RecordError(path, line, "prompt", "must be a non-empty string or a list of {role, content} messages")
+        prompt = prompt_from_jsonable(value)
+        key = prompt_hash(prompt)
+        if key in seen:
+            duplicates += 1
+            continue
+        seen.add(key)
+        prompts.append(prompt)
+        if limit is not None and len(prompts) >= limit:
+            break
+    return prompts, duplicates
+
+
+def load_prompts(paths: str | Sequence[str], max_prompts: int | None = None,
+                 log: Callable[[str], None] = print) -> list[list[dict[str, str]]]:
+    """Prompts of one or more files (records with a 'prompt'), each distinct prompt once, in file order."""
+    seen: set[str] = set()
+    prompts, duplicates = [], 0
+    for path in [paths] if isinstance(paths, str) else list(paths):
+        found, dup = read_prompts(path)
+        duplicates += dup
+        for prompt in found:
+            key = prompt_hash(prompt)
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            prompts.append(prompt)
+    if duplicates:
+        log(f"[ppo] {duplicates} duplicate prompts skipped (each distinct prompt is used once per epoch)")
+    if max_prompts is not None:
+        prompts = prompts[:max_prompts]
+    if not prompts:
+        raise UserError(f"no prompts in {paths}")
+    return prompts
+
+
+def load_ptx_examples(path: str, source: str, tokenizer, max_length: int,
+                      log: Callable[[str], None] = print) -> list[dict[str, list[int]]]:
+    """SFT examples for the ptx loss: 'messages' records as they are, or pairs / other sources through their
+    adapter (a pair's chosen answer is imitated). Conversations with no assistant token left are counted."""
+    first = next(iter_records(path), (0, {}))[1]
+    conversations: list[list[dict[str, str]]] = []
+    if "messages" in first:
+        for line, rec in iter_records(path):
+            msgs = rec.get("messages")
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                     for m in msgs):
+                raise RecordError(path, line, "messages", "must be a list of {role, content} messages")
+            conversations.append(msgs)
+    else:
+        for record in load_source(SourceSpec(path=path, source=source)).records:
+            if isinstance(record, SFTRecord):
+                conversations.append(record.messages)
+            elif isinstance(record, PreferencePair):
+                conversations.append([*record.prompt, {"role": "assistant", "content": record.chosen}])
+            else:
+                raise UserError(f"{path}: ptx data must be conversations or preference pairs, "
+                                f"not {type(record).__name__} records")
+    stats = TruncationStats()
+    examples = [e for e in (encode_conversation(tokenizer, c, max_length, stats) for c in conversations) if e]
+    if stats.dropped_empty or stats.response_truncated:
+        log(f"[ppo] ptx data: {stats.summary()}")
+    if not examples:
+        raise UserError(f"{path}: no usable ptx example")
+    return examples
+
+
+class MicroBatchSampler(Protocol):
+    """What ``PtxStream`` needs of a sampler (the engine's ``StepBatchSampler`` over the ptx examples)."""
+
+    accumulation: int
+    micro_batches_per_epoch: int
+
+    def epoch_order(self, epoch: int) -> Any: ...
+
+    def micro_batch(self, order: Any, micro: int) -> list[int]: ...
+
+
+class PtxStream:
+    """The ptx micro-batch of every (optimizer step, micro-batch): a pure function of the step, so a resumed
+    run draws the same SFT batches as an uninterrupted one. ``sampler`` orders the examples (this rank's share
+    of each micro-batch, seeded per epoch)."""
+
+    def __init__(self, examples: list[dict[str, list[int]]], sampler: MicroBatchSampler, pad_id: int):
+        self.examples, self.pad_id, self.sampler = examples, pad_id, sampler
+        self.accumulation = sampler.accumulation
+        self._order: tuple[int, Any] | None = None
+
+    def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        epoch, index = divmod(step * self.accumulation + micro, self.sampler.micro_batches_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, self.sampler.epoch_order(epoch))
+        rows = self.sampler.micro_batch(self._order[1], index)
+        return collate_sft([self.examples[i] for i in rows], self.pad_id)
+
+
+__all__ = ["prompt_hash", "read_prompts", "load_prompts", "load_ptx_examples", "MicroBatchSampler", "PtxStream"]

@@ -1,0 +1,109 @@
+"""A rollout's sequences as tensors, and the per-token log-probs and values read off them.
+
+Layout: each sequence is ``[prompt | response]`` right-padded to (N, L), so positions are the natural 0..L-1
+(as in generation, where transformers derives positions from the attention mask). Response token t of row i
+sits at ``start_i + t``; the logits (and the critic's value) that "choose" it sit one position earlier, at
+``start_i - 1 + t``. Every per-token tensor is response-aligned: (N, R) with R the longest response and
+``response_mask`` 1 on real response tokens (``humanalign.losses.ppo`` expects this layout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from humanalign.data.tokenize import pad_sequences
+
+
+@dataclass
+class RolloutBatch:
+    """One rollout's sequences and everything PPO computes on them; tensors on one device.
+
+    (N, L): ``input_ids``, ``attention_mask``. (N,): ``starts`` (first response position). (N, R)
+    response-aligned: ``response_ids``, ``response_mask``, ``old_logps``,
+    ``ref_logps``, ``old_reward_values``, ``old_cost_values``, ``advantages``, ``reward_returns``,
+    ``cost_returns`` (None when not used).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    starts: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    old_logps: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+    old_reward_values: torch.Tensor | None = None
+    old_cost_values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    reward_returns: torch.Tensor | None = None
+    cost_returns: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @classmethod
+    def from_generation(cls, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                        pad_id: int, device: torch.device) -> RolloutBatch:
+        sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+        return cls(
+            input_ids=pad_sequences(sequences, pad_id, "right").to(device),  # (N, L)
+            attention_mask=pad_sequences([[1] * len(s) for s in sequences], 0, "right").to(device),  # (N, L)
+            starts=torch.tensor([len(p) for p in prompt_ids], dtype=torch.long, device=device),  # (N,)
+            response_ids=pad_sequences(response_ids, pad_id, "right").to(device),  # (N, R)
+            response_mask=pad_sequences([[1] * len(r) for r in response_ids], 0, "right").to(device),  # (N, R)
+        )
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> RolloutBatch:
+        """Rows ``index``, trimmed to the longest sequence and response among them."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.input_ids.device)
+        width = int(self.attention_mask[index].sum(-1).max())
+        resp = int(self.response_mask[index].sum(-1).max())
+        values: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                values[f.name] = None
+            elif f.name in ("input_ids", "attention_mask"):
+                values[f.name] = value[index, :width]
+            elif f.name == "starts":
+                values[f.name] = value[index]
+            else:
+                values[f.name] = value[index, :resp]
+        return RolloutBatch(**values)
+
+    def action_positions(self) -> torch.Tensor:
+        """(N, R): position of the logits / value that chooses each response token (clamped on padding)."""
+        offsets = torch.arange(self.response_ids.shape[1], device=self.starts.device)  # (R,)
+        positions = self.starts.unsqueeze(1) - 1 + offsets.unsqueeze(0)  # (N, R)
+        return positions.clamp(max=self.input_ids.shape[1] - 1)
+
+
+def response_logps(logits: torch.Tensor, batch: RolloutBatch, with_entropy: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(response token t) (N, R), and the policy entropy at each response position (N, R, no grad).
+
+    Row by row in float32, so that only one (R, V) slice of log-softmax exists at a time.
+    """
+    positions = batch.action_positions()  # (N, R)
+    logps, entropies = [], []
+    for row_logits, row_pos, row_targets in zip(logits, positions, batch.response_ids):
+        picked = row_logits[row_pos].float()  # (R, V)
+        log_probs = torch.log_softmax(picked, dim=-1)
+        logps.append(log_probs.gather(-1, row_targets.unsqueeze(-1)).squeeze(-1))  # (R,)
+        if with_entropy:
+            with torch.no_grad():
+                entropies.append(-(log_probs.exp() * log_probs).sum(-1))  # (R,)
+    mask = batch.response_mask.to(torch.float32)
+    entropy = torch.stack(entropies) * mask if with_entropy else None
+    return torch.stack(logps) * mask, entropy
+
+
+def response_values(values: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:
+    """Token-wise critic values (N, L) -> the value of each response token's state (N, R), 0 on padding."""
+    return values.float().gather(1, batch.action_positions()) * batch.response_mask.to(torch.float32)
+
+
+__all__ = ["RolloutBatch", "response_logps", "response_values"]
