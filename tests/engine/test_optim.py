@@ -1,4 +1,4 @@
-"""Learning-rate schedule shapes and AdamW weight-decay groups."""
+"""Learning-rate schedule shapes, AdamW weight-decay groups, and groups by role (PPO's actor and critics)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ import pytest
 import torch
 from engine_toy import tiny_llama
 
+from humanalign.config.base import load_config
+from humanalign.config.ppo import PPOConfig
 from humanalign.config.training import TrainingConfig
 from humanalign.engine.optim import (
     build_optimizer,
     build_scheduler,
+    clip_per_role,
     lr_factor,
     param_groups,
+    per_group_scheduler,
     warmup_steps_for,
 )
 
@@ -111,3 +115,32 @@ def test_fused_adamw_falls_back_where_torch_has_no_fused_kernel():
     assert not fused_supported([torch.zeros(2), torch.zeros(2, device="meta")])  # two devices
     model = torch.nn.Linear(2, 2).double()
     assert not build_optimizer(model, TrainingConfig()).defaults["fused"]
+
+
+def test_per_group_scheduler_and_resume_position():
+    actor = torch.nn.Parameter(torch.zeros(2))
+    critic = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [actor], "lr": 1.0, "role": "actor"},
+                             {"params": [critic], "lr": 0.5, "role": "reward_critic"}], lr=1.0)
+    cfg = load_config(PPOConfig, values={"reward_fn": "a:b", "lr_scheduler": "cosine",
+                                         "critic_lr_scheduler": "constant"})
+    sched = per_group_scheduler(opt, cfg, total_steps=10, last_step=0)
+    assert [g["lr"] for g in opt.param_groups] == [1.0, 0.5]
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    # step 5 of 10 on the cosine: 0.5 (1 + cos(pi/2)) = 0.5; the critic stays at its constant 0.5
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.5])
+    resumed = per_group_scheduler(opt, cfg, total_steps=10, last_step=5)  # a new scheduler at step 5
+    assert resumed.last_epoch == 5 and [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.5])
+
+
+def test_clip_per_role_hand_worked():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([6.0, 8.0])  # norms 5 and 10
+    opt = torch.optim.SGD([{"params": [a], "role": "actor"}, {"params": [b], "role": "reward_critic"}], lr=0.1)
+    norms = clip_per_role(opt, max_norm=math.sqrt(2), roles=["actor", "reward_critic"])
+    assert norms == pytest.approx({"actor": 5.0, "reward_critic": 10.0})
+    # each role clipped to sqrt(2) / sqrt(2) = 1 on its own: [0.6, 0.8] both
+    torch.testing.assert_close(a.grad, torch.tensor([0.6, 0.8]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.grad, torch.tensor([0.6, 0.8]), atol=1e-5, rtol=0)

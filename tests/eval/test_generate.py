@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from humanalign.data.prompts import prompt_hash, read_prompts
+from humanalign.data.prompts import prompt_hash
 from humanalign.errors import RecordError, UserError
 from humanalign.eval.generate import (
     Sampling,
@@ -136,18 +136,6 @@ def test_corrupt_middle_line_is_an_error(tmp_path):
     out.write_text('{"prompt": "a", "response": "x", "sample_index": 0}\nnot json\n{"prompt": "b"}\n')
     with pytest.raises(RecordError, match=":2:"):
         load_done(out)
-
-
-def test_read_prompts_counts_duplicates_and_names_bad_lines(tmp_path):
-    good = tmp_path / "p.jsonl"
-    good.write_text('{"prompt": "a"}\n{"prompt": "a "}\n{"prompt": [{"role": "user", "content": "b"}]}\n')
-    prompts, duplicates = read_prompts(good)
-    assert duplicates == 1  # "a " is "a" after whitespace normalisation
-    assert prompts == [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "a"}\n{"question": "b"}\n')
-    with pytest.raises(RecordError, match=r"bad.jsonl:2: field 'prompt'"):
-        read_prompts(bad)
 
 
 def test_cli_generate_writes_jsonl_and_resumes(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from humanalign.data.tokenize import encode_prompt
 from humanalign.models.load import load_causal_lm, load_tokenizer
 from humanalign.rollout import GeneratedBatch, GenerationSettings, HFRolloutEngine, RolloutEngine
-from humanalign.trainers.ppo_parts import RolloutBatch, response_logps
+from humanalign.rollout.batch import RolloutBatch, response_logps
 
 PROMPTS = ["How do I grow tomatoes?", "Tell me a joke.", "Name three colours please, and explain each of them."]
 

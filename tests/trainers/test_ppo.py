@@ -8,7 +8,6 @@ optimum is 1.0 (answers made only of "good"). Runs take a few seconds on one CPU
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 
@@ -17,16 +16,11 @@ import torch
 
 from humanalign.config.base import load_config
 from humanalign.config.ppo import PPOConfig, PPOLagConfig
-from humanalign.errors import ConfigError
-from humanalign.trainers.ppo_parts import (
-    PtxStream,
-    RolloutBatch,
-    clip_per_role,
-    critic_source,
-    per_group_scheduler,
-    response_values,
-    vocabulary_mismatch,
-)
+from humanalign.data.prompts import load_ptx_examples
+from humanalign.errors import ConfigError, RecordError
+from humanalign.models.actor_critic import critic_source, vocabulary_mismatch
+from humanalign.models.load import load_tokenizer
+from humanalign.rollout.batch import response_logps
 
 WORDS = ["good", "bad", "ok", "yes", "no", "maybe", "cat", "dog", "red", "blue", "sun", "moon", "tree", "car",
          "book", "fish", "say", "something", "please", "hello", "a", "word"]
@@ -153,53 +147,7 @@ def test_shipped_configs_validate(name):
 # --------------------------------------------------------------------------------------------- pieces
 
 
-def test_rollout_layout_hand_worked():
-    # prompt [1, 2, 3] + response [4, 5]; prompt [6] + response [7, 8, 9]; pad 0
-    batch = RolloutBatch.from_generation([[1, 2, 3], [6]], [[4, 5], [7, 8, 9]], 0, torch.device("cpu"))
-    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
-    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
-    assert batch.starts.tolist() == [3, 1]
-    assert batch.response_ids.tolist() == [[4, 5, 0], [7, 8, 9]]
-    # the logits choosing response token t sit at start - 1 + t (row 0's padding slot clamps to the end)
-    assert batch.action_positions().tolist() == [[2, 3, 4], [0, 1, 2]]
-    values = torch.arange(10, dtype=torch.float32).view(2, 5)  # value at (row, position) = 5 row + position
-    assert response_values(values, batch).tolist() == [[2.0, 3.0, 0.0], [5.0, 6.0, 7.0]]
-    one = batch.select([0])  # trimmed to its own width: 5 tokens, 2 response tokens
-    assert one.input_ids.tolist() == [[1, 2, 3, 4, 5]] and one.response_ids.tolist() == [[4, 5]]
-    assert batch.select([1]).input_ids.tolist() == [[6, 7, 8, 9]]
-
-
-def test_per_group_scheduler_and_resume_position():
-    actor = torch.nn.Parameter(torch.zeros(2))
-    critic = torch.nn.Parameter(torch.zeros(2))
-    opt = torch.optim.AdamW([{"params": [actor], "lr": 1.0, "role": "actor"},
-                             {"params": [critic], "lr": 0.5, "role": "reward_critic"}], lr=1.0)
-    cfg = load_config(PPOConfig, values={"reward_fn": "a:b", "lr_scheduler": "cosine",
-                                         "critic_lr_scheduler": "constant"})
-    sched = per_group_scheduler(opt, cfg, total_steps=10, last_step=0)
-    assert [g["lr"] for g in opt.param_groups] == [1.0, 0.5]
-    for _ in range(5):
-        opt.step()
-        sched.step()
-    # step 5 of 10 on the cosine: 0.5 (1 + cos(pi/2)) = 0.5; the critic stays at its constant 0.5
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.5])
-    resumed = per_group_scheduler(opt, cfg, total_steps=10, last_step=5)  # a new scheduler at step 5
-    assert resumed.last_epoch == 5 and [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.5])
-
-
-def test_clip_per_role_hand_worked():
-    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
-    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([6.0, 8.0])  # norms 5 and 10
-    opt = torch.optim.SGD([{"params": [a], "role": "actor"}, {"params": [b], "role": "reward_critic"}], lr=0.1)
-    norms = clip_per_role(opt, max_norm=math.sqrt(2), roles=["actor", "reward_critic"])
-    assert norms == pytest.approx({"actor": 5.0, "reward_critic": 10.0})
-    # each role clipped to sqrt(2) / sqrt(2) = 1 on its own: [0.6, 0.8] both
-    torch.testing.assert_close(a.grad, torch.tensor([0.6, 0.8]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(b.grad, torch.tensor([0.6, 0.8]), atol=1e-5, rtol=0)
-
-
 def test_critic_source_prefers_a_score_model_on_the_same_tokenizer(world, tmp_path):
-    from humanalign.models.load import load_tokenizer
     from humanalign.models.score import load_score_model, save_score_model
 
     cfg = load_config(PPOConfig, values={"reward_fn": "a:b"})
@@ -217,29 +165,10 @@ def test_critic_source_prefers_a_score_model_on_the_same_tokenizer(world, tmp_pa
     assert critic_source("explicit", str(tmp_path / "rm_same"), actor_path, tokenizer, cfg) == "explicit"
 
 
-def test_ptx_stream_is_a_function_of_the_step():
-    examples = [{"input_ids": [i, i + 1], "labels": [-100, i + 1]} for i in range(1, 8)]
-    a = PtxStream(examples, batch_size=2, accumulation=2, pad_id=0, seed=3)
-    b = PtxStream(examples, batch_size=2, accumulation=2, pad_id=0, seed=3)
-    seen = [a.batch(step, micro)["input_ids"].tolist() for step in range(4) for micro in range(2)]
-    assert [b.batch(3, 1)["input_ids"].tolist(), b.batch(0, 0)["input_ids"].tolist()] == [seen[7], seen[0]]
-    firsts = {row[0] for batch in seen[:4] for row in batch}  # one epoch = 2 steps x 2 micro x 2 = 8 >= 7 examples
-    assert firsts == set(range(1, 8))
-
-
-def test_prompts_and_ptx_data(world, tmp_path):
-    from humanalign.errors import RecordError
-    from humanalign.models.load import load_tokenizer
-    from humanalign.trainers.ppo_parts import load_prompts, load_ptx_examples
-
-    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    a.write_text('{"prompt": "say good"}\n{"prompt": "say  good"}\n{"prompt": [{"role": "user", "content": "x"}]}\n')
+def test_ptx_data_from_pairs_and_conversations(world, tmp_path):
+    """(The prompt files and the ptx stream are tested in tests/data/test_prompts.py.)"""
+    b = tmp_path / "b.jsonl"
     b.write_text('{"prompt": "say good", "chosen": "good good", "rejected": "bad"}\n')
-    notes = []
-    prompts = load_prompts([str(a), str(b)], log=notes.append)
-    # "say  good" is "say good" up to whitespace and b's prompt repeats it: 2 distinct prompts, 2 duplicates
-    assert prompts == [[{"role": "user", "content": "say good"}], [{"role": "user", "content": "x"}]]
-    assert notes and "2 duplicate prompts" in notes[0]
     tokenizer = load_tokenizer(str(world["model"]))
     pair = load_ptx_examples(str(b), "auto", tokenizer, 64)  # a pair's chosen answer is imitated
     assert tokenizer.decode([t for t in pair[0]["labels"] if t != -100]) == "good good <|im_end|>"
@@ -387,8 +316,6 @@ def test_lora_actor_reward_model_on_another_tokenizer_and_reward_shaping(world, 
         base = load_causal_lm(str(world["model"]), trainable=False)
         with torch.no_grad():
             logits = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        from humanalign.trainers.ppo_parts import response_logps
-
         torch.testing.assert_close(response_logps(logits, batch)[0], batch.ref_logps, atol=1e-5, rtol=1e-5)
         # the rollout's no-grad forward and the update's forward see the same policy: ratios start at exactly 1
         _, metrics = trainer._loss(batch.select(range(len(batch))), None)
