@@ -61,6 +61,7 @@ def rm_config(args: argparse.Namespace, run_dir: Path):
 
 def child_ours(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     import humanalign.trainers.reward as reward
+    from humanalign.data.score_pairs import load_pairs
     from humanalign.engine import Engine
 
     recorder = common.StepRecorder(warmup=args.warmup)
@@ -80,7 +81,7 @@ def child_ours(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
 
     reward.forward_scores, Engine.optimizer_step = counting_forward, timed_step
     cfg = rm_config(args, run_dir)
-    pairs, _ = reward.load_pairs(cfg, cfg.train_path, None)
+    pairs, _ = load_pairs(cfg, cfg.train_path, None)
     reward.train_score_model(cfg, pairs)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     curve = {m["step"]: m["train/loss"] for m in lines if "train/loss" in m}
@@ -96,12 +97,13 @@ def child_trl(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
 
     import humanalign.trainers.reward as reward
     from humanalign.config.training import LoraSettings, ModelSettings
+    from humanalign.data.score_pairs import load_pairs
     from humanalign.engine.data import StepBatchSampler
     from humanalign.models.score import load_score_model
 
     recorder = common.StepRecorder(warmup=args.warmup)
     cfg = rm_config(args, run_dir)
-    pairs, _ = reward.load_pairs(cfg, cfg.train_path, None)
+    pairs, _ = load_pairs(cfg, cfg.train_path, None)
     transformers.set_seed(args.seed)  # as our engine seeds before loading: the same fresh head
     score_model, tokenizer = load_score_model(MODELS[args.model], ModelSettings(),
                                               LoraSettings(**LORA) if args.lora else None, score_type="reward")

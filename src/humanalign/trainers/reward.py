@@ -35,12 +35,16 @@ from typing import Any
 
 import torch
 
-from humanalign.config.data import SourceSpec
 from humanalign.config.rm import RewardModelConfig
-from humanalign.data.records import HarmlessPair, PreferencePair
+from humanalign.data.io import atomic_write_json
+from humanalign.data.records import PreferencePair
+from humanalign.data.score_pairs import count_labelled, load_pairs, pair_length
+from humanalign.data.tokenize import CHATML_TEMPLATE, TruncationStats, collate_pairs
 from humanalign.engine import Engine
+from humanalign.engine import checkpoint as ckpt
 from humanalign.engine.data import EncodedDataset
 from humanalign.errors import ConfigError, UserError
+from humanalign.eval.rm import rm_metrics
 from humanalign.losses.score import (
     ScoreLoss,
     cost_loss,
@@ -49,6 +53,16 @@ from humanalign.losses.score import (
     reward_pairwise_loss,
     reward_tokenwise_loss,
 )
+from humanalign.models.load import count_parameters
+from humanalign.models.score import (
+    ScoreNormalizer,
+    _move_into_place,
+    encode_score_pair,
+    load_score_model,
+    save_score_model,
+    score_param_groups,
+)
+from humanalign.models.scoring import _position_limit
 
 NAME = "rm"
 FINAL_METRICS_FILE = "final_metrics.json"
@@ -60,33 +74,6 @@ COST_METRICS = ("accuracy", "margin", "cost_safer", "cost_unsafer", "labeled_fra
 
 
 # ----------------------------------------------------------------------------------------------- data
-
-
-def pair_length(example: dict[str, Any]) -> int:
-    return max(len(example["chosen_input_ids"]), len(example["rejected_input_ids"]))
-
-
-def source_spec(cfg: RewardModelConfig, path: str) -> SourceSpec:
-    return SourceSpec(source=cfg.source, path=path, field_map=cfg.field_map, constants=cfg.constants,
-                      record_type=cfg.record_type)
-
-
-def load_pairs(cfg: RewardModelConfig, path: str, limit: int | None) -> tuple[list[PreferencePair], Counter[str]]:
-    """The task's pairs from ``path`` (bad records raise with file and line unless skip_invalid), at most
-    ``limit`` of them; everything left out is counted by reason."""
-    from humanalign.data.pairs import load_preference_pairs
-
-    pairs, skipped = load_preference_pairs(source_spec(cfg, path), kind=cfg.task, skip_invalid=cfg.skip_invalid)
-    if limit is not None and len(pairs) > limit:
-        skipped[f"beyond the first {limit} (max samples)"] += len(pairs) - limit
-        pairs = pairs[:limit]
-    return pairs, skipped
-
-
-def count_labelled(pairs: Sequence[PreferencePair]) -> int:
-    """Pairs with both is_safe labels."""
-    return sum(1 for p in pairs if isinstance(p, HarmlessPair) and p.is_chosen_safe is not None
-               and p.is_rejected_safe is not None)
 
 
 def safety_label_note(pairs: Sequence[PreferencePair], where: str, use_sign_terms: bool) -> str | None:
@@ -117,9 +104,6 @@ def encode_pairs(
     ``is_rejected_safe`` as 1 (safe), 0 (unsafe) or -1 (unknown); the reward task gets ``margin`` when
     ``use_margin`` and any pair has one (a pair without a margin gets 0, i.e. the plain Bradley-Terry term).
     """
-    from humanalign.data.tokenize import TruncationStats
-    from humanalign.models.score import encode_score_pair
-
     stats = TruncationStats()
     with_margin = task == "helpful" and use_margin and any(p.margin is not None for p in pairs)
     features, identical = [], 0
@@ -232,8 +216,6 @@ def forward_scores(model, batch: dict[str, Any]):
 def evaluate(engine: Engine, model, loader, settings: LossSettings) -> dict[str, float]:
     """Loss, pair accuracy and mean scores over the whole validation set; for cost models with labels also the
     sign accuracy and the AUC (the same ``rm_metrics`` as `humanalign eval rm`)."""
-    from humanalign.eval.rm import rm_metrics
-
     was_training = model.training
     model.eval()
     losses, chosen, rejected, chosen_safe, rejected_safe = [], [], [], [], []
@@ -279,8 +261,6 @@ class NormalizerState:
         return self.normalizer.to_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from humanalign.models.score import ScoreNormalizer
-
         restored = ScoreNormalizer.from_dict(state)
         for key in ("kind", "momentum", "epsilon", "mean", "var", "count"):
             setattr(self.normalizer, key, getattr(restored, key))
@@ -301,8 +281,6 @@ def use_encoder_template(cfg: RewardModelConfig, score_model, tokenizer, say: Ca
     """An encoder without a chat template of its own (``model.chat_template: auto`` fell back to ChatML, whose
     markers an encoder's vocabulary splits into ~30 word pieces per input) gets ``encoder_pair_template``
     instead. The template is saved with the model, so ``Scorer`` renders inputs the same way."""
-    from humanalign.data.tokenize import CHATML_TEMPLATE
-
     chatml = (CHATML_TEMPLATE, CHATML_TEMPLATE.replace("'<|im_end|>'", "eos_token"))
     if (not score_model.is_encoder or cfg.model.chat_template != "auto" or tokenizer.sep_token is None
             or tokenizer.cls_token is None or getattr(tokenizer, "chat_template", None) not in chatml):
@@ -315,8 +293,6 @@ def use_encoder_template(cfg: RewardModelConfig, score_model, tokenizer, say: Ca
 def effective_lengths(cfg: RewardModelConfig, score_model, tokenizer, say: Callable[[str], None]) -> tuple[int, int]:
     """max_length capped at what an encoder's positions allow (the same cap ``Scorer`` applies), and a
     max_prompt_length below it (half of it when the configured one does not fit, as ``Scorer`` does)."""
-    from humanalign.models.scoring import _position_limit
-
     max_length = min(cfg.max_length, _position_limit(score_model, tokenizer))
     if max_length < cfg.max_length:
         say(f"[{NAME}] max_length {cfg.max_length} -> {max_length}: the encoder reads at most {max_length} tokens")
@@ -335,8 +311,6 @@ def score_groups(cfg: RewardModelConfig, score_model) -> list[dict] | None:
     them (``score_param_groups``); None otherwise, so the engine builds its default groups (and checkpoints of
     earlier runs keep their two-group layout). The engine builds the optimizer over them: its AdamW, or under
     a DeepSpeed config with an ``optimizer`` section DeepSpeed's own (CPU Adam)."""
-    from humanalign.models.score import score_param_groups
-
     if cfg.head_lr_multiplier == 1.0 and cfg.layer_lr_decay == 1.0:
         return None
     return score_param_groups(score_model, cfg.learning_rate, cfg.weight_decay,
@@ -346,13 +320,150 @@ def score_groups(cfg: RewardModelConfig, score_model) -> list[dict] | None:
 def promote_final(final: Path, run_dir: Path) -> None:
     """Move the final model's files from ``<run>/final`` into the run folder itself (config.json last, stale
     weight shards of an older save removed), then delete the emptied folder."""
-    from humanalign.models.score import _move_into_place
-
     _move_into_place(final, run_dir)
     shutil.rmtree(final, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------- run
+
+
+class ScoreModelTrainer:
+    """One reward / cost model run on the engine: the model and its data (``__init__``), the micro-batch step,
+    the loop with its timed evaluations, then the final model and its summary (``finish``)."""
+
+    def __init__(self, cfg: RewardModelConfig, engine: Engine, train_pairs: Sequence[PreferencePair],
+                 val_pairs: Sequence[PreferencePair], skipped: dict[str, Counter[str]], sources: dict[str, str]):
+        self.cfg, self.engine = cfg, engine
+        self.normalizer = ScoreNormalizer(cfg.normalizer, cfg.normalizer_momentum)
+        score_model, self.tokenizer = load_score_model(cfg.base_model_path, cfg.model, cfg.lora,
+                                                       score_type=cfg.score_type, normalizer=self.normalizer)
+        check_backbone(cfg, score_model)
+        use_encoder_template(cfg, score_model, self.tokenizer, engine.print)
+        self.max_length, self.max_prompt_length = effective_lengths(cfg, score_model, self.tokenizer, engine.print)
+        self.data = prepare_score_data(cfg, self.tokenizer, encoder=score_model.is_encoder,
+                                       max_length=self.max_length, max_prompt_length=self.max_prompt_length,
+                                       train_pairs=train_pairs, val_pairs=val_pairs, skipped=skipped,
+                                       sources=sources, say=engine.print)
+        if engine.is_main_process:
+            atomic_write_json(engine.run_dir / "data_stats.json", self.data.stats)
+        trainable, total = count_parameters(score_model)
+        engine.print(f"[{NAME}] {cfg.score_type} model on {cfg.base_model_path} ({score_model.layout}): "
+                     f"{trainable:,} of {total:,} parameters trained" + (" (LoRA)" if cfg.lora.enabled else "")
+                     + f", {cfg.loss_granularity}-wise loss")
+        self.settings = LossSettings(
+            task=cfg.task, granularity=cfg.loss_granularity, regularization=cfg.regularization,
+            center_coef=cfg.center_rewards_coefficient, use_margin=cfg.use_margin,
+            use_sign_terms=cfg.use_sign_terms and (cfg.task == "helpful" or self.data.labelled_train > 0))
+        self.metric_keys = REWARD_METRICS if cfg.task == "helpful" else COST_METRICS
+        collate = partial(collate_pairs, pad_token_id=score_model.pad_token_id)
+        train_set = EncodedDataset(self.data.train, pair_length)
+        self.train_loader = engine.train_loader(train_set, collate, lengths=train_set.lengths())
+        self.eval_loader = None
+        if self.data.val:
+            val_set = EncodedDataset(self.data.val, pair_length)
+            self.eval_loader = engine.eval_loader(val_set, collate, lengths=val_set.lengths())
+        engine.register_state(NORMALIZER_STATE, NormalizerState(self.normalizer))
+        self.model, _, _ = engine.prepare(score_model, self.train_loader, groups=score_groups(cfg, score_model))
+        self.eval_seconds = self.eval_cpu = 0.0  # wall and process CPU time spent evaluating
+
+    def step(self, batch: dict[str, Any]) -> None:
+        """Forward, loss and backward of one micro-batch; the normaliser learns from its end scores."""
+        engine = self.engine
+        with engine.accumulate(self.model):
+            output = forward_scores(self.model, batch)
+            result = score_pair_loss(output, batch, self.settings)
+            loss = result.losses.mean()
+            engine.backward(loss)
+            self.normalizer.update(engine.accelerator.gather(output.end_scores.detach()))
+            engine.record({"loss": loss, **{k: result.metrics[k] for k in self.metric_keys}})
+            if self.cfg.task == "harmless":  # over the labelled responses only (weight 0 when none)
+                sign = result.metrics["sign_accuracy"]
+                labelled = result.metrics["labeled_fraction"] * 2 * result.losses.shape[0]
+                engine.record({"sign_accuracy": torch.nan_to_num(sign)}, weight=labelled)
+
+    def run_eval(self) -> dict[str, float]:
+        """Evaluate and log, adding the time it took to the evaluation totals."""
+        began, began_cpu = time.perf_counter(), time.process_time()
+        values = self.engine.log_eval(evaluate(self.engine, self.model, self.eval_loader, self.settings))
+        self.eval_seconds += time.perf_counter() - began
+        self.eval_cpu += time.process_time() - began_cpu
+        return values
+
+    def train(self) -> dict[str, Any]:
+        """The training loop, then ``finish``; returns the summary that ``final_metrics.json`` holds."""
+        cfg, engine = self.cfg, self.engine
+        loop_start, loop_cpu, first_step = time.perf_counter(), time.process_time(), engine.step
+        start_eval = None
+        if self.eval_loader is not None and cfg.eval_on_start and engine.step == 0:
+            start_eval = self.run_eval()
+        self.model.train()
+        for micro_batches in engine.train_steps(self.train_loader):
+            for batch in micro_batches:
+                self.step(batch)
+            engine.optimizer_step()
+            if self.eval_loader is not None and engine.should_evaluate():
+                self.run_eval()
+            if engine.should_save():
+                engine.save_checkpoint()
+        loop_seconds, loop_cpu = time.perf_counter() - loop_start, time.process_time() - loop_cpu
+        return self.finish(start_eval, loop_seconds, loop_cpu, engine.step - first_step)
+
+    def save_fn(self, unwrapped, folder: Path, state_dict: dict | None) -> None:
+        """The engine's final save: the score model with its normaliser and the lengths it was trained with."""
+        cfg = self.cfg
+        extra = {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length, "task": cfg.task,
+                 "loss_granularity": cfg.loss_granularity, "base_model": cfg.base_model_path}
+        kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+        save_score_model(unwrapped, self.tokenizer, folder, normalizer_state=self.normalizer,
+                         score_type=cfg.score_type, extra=extra, **kwargs)
+
+    def finish(self, start_eval: dict[str, float] | None, loop_seconds: float, loop_cpu: float,
+               steps_this_run: int) -> dict[str, Any]:
+        """Save the final model (the best checkpoint's with load_best_model_at_end) into the run folder, measure
+        it on the validation set, and write ``final_metrics.json``."""
+        cfg, engine = self.cfg, self.engine
+        best = engine.best_checkpoint
+        loaded_best = bool(cfg.load_best_model_at_end and best and (engine.run_dir / best).is_dir())
+        if loaded_best:  # the weights come back in finish(); the statistics that go with them come back here
+            extra = engine.run_dir / best / ckpt.EXTRA_FILE
+            if extra.is_file():
+                state = torch.load(extra, weights_only=True)[NORMALIZER_STATE]
+                NormalizerState(self.normalizer).load_state_dict(state)
+        summary = self.summary(start_eval, loop_seconds, loop_cpu, steps_this_run)  # the restored normaliser
+        final = engine.finish(self.model, self.tokenizer, save_fn=self.save_fn,
+                              summary={"final_model": str(engine.run_dir), NAME: summary})
+        final_eval = engine.last_eval[1] if engine.last_eval else None
+        if loaded_best and self.eval_loader is not None:  # the saved model is the best checkpoint's: measure it
+            measured = evaluate(engine, self.model, self.eval_loader, self.settings)
+            final_eval = {f"eval/{k}": v for k, v in measured.items()}
+        summary["eval"] = final_eval
+        summary["best_checkpoint"] = best if loaded_best else None
+        summary["model"] = str(engine.run_dir)
+        if engine.is_main_process:
+            promote_final(final, engine.run_dir)
+            atomic_write_json(engine.run_dir / FINAL_METRICS_FILE, summary)
+        engine.wait()
+        engine.print(final_line(summary))
+        return summary
+
+    def summary(self, start_eval: dict[str, float] | None, loop_seconds: float, loop_cpu: float,
+                steps_this_run: int) -> dict[str, Any]:
+        cfg, engine, harmless = self.cfg, self.engine, self.cfg.task == "harmless"
+        return {
+            "task": cfg.task, "score_type": cfg.score_type, "base_model": cfg.base_model_path,
+            "steps": engine.step, "train_pairs": len(self.data.train), "val_pairs": len(self.data.val),
+            "labelled_train_pairs": self.data.labelled_train if harmless else None,
+            "sign_terms": self.settings.use_sign_terms if harmless else None,
+            "max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
+            "train": engine.last_train_metrics,
+            "eval_on_start": start_eval,
+            "normalizer": self.normalizer.to_dict(),
+            "skipped_nonfinite": engine.nonfinite_skipped,
+            # the loop's time without evaluations (checkpoints included), over the steps this process ran
+            "train_seconds": round(loop_seconds - self.eval_seconds, 2), "eval_seconds": round(self.eval_seconds, 2),
+            "train_cpu_seconds": round(loop_cpu - self.eval_cpu, 2), "eval_cpu_seconds": round(self.eval_cpu, 2),
+            "steps_this_run": steps_this_run,
+        }
 
 
 def train_score_model(
@@ -367,124 +478,11 @@ def train_score_model(
 
     ``run`` reads the pairs from the config's paths; scripts and benchmarks that build their own split call
     this directly. Returns the summary that ``final_metrics.json`` holds."""
-    from humanalign.data.io import atomic_write_json
-    from humanalign.data.tokenize import collate_pairs
-    from humanalign.engine import checkpoint as ckpt
-    from humanalign.models.load import count_parameters
-    from humanalign.models.score import ScoreNormalizer, load_score_model, save_score_model
-
     skipped, sources = skipped or {}, dict(sources or {})
     sources.setdefault("train", "training pairs")
     sources.setdefault("val", "validation pairs")
-    score_type = cfg.score_type
     with Engine(cfg, name=NAME) as engine:
-        normalizer = ScoreNormalizer(cfg.normalizer, cfg.normalizer_momentum)
-        score_model, tokenizer = load_score_model(cfg.base_model_path, cfg.model, cfg.lora, score_type=score_type,
-                                                  normalizer=normalizer)
-        check_backbone(cfg, score_model)
-        use_encoder_template(cfg, score_model, tokenizer, engine.print)
-        max_length, max_prompt_length = effective_lengths(cfg, score_model, tokenizer, engine.print)
-        data = prepare_score_data(cfg, tokenizer, encoder=score_model.is_encoder, max_length=max_length,
-                                  max_prompt_length=max_prompt_length, train_pairs=train_pairs,
-                                  val_pairs=val_pairs, skipped=skipped, sources=sources, say=engine.print)
-        if engine.is_main_process:
-            atomic_write_json(engine.run_dir / "data_stats.json", data.stats)
-        trainable, total = count_parameters(score_model)
-        engine.print(f"[{NAME}] {score_type} model on {cfg.base_model_path} ({score_model.layout}): {trainable:,} of "
-                     f"{total:,} parameters trained" + (" (LoRA)" if cfg.lora.enabled else "")
-                     + f", {cfg.loss_granularity}-wise loss")
-        settings = LossSettings(task=cfg.task, granularity=cfg.loss_granularity, regularization=cfg.regularization,
-                                center_coef=cfg.center_rewards_coefficient, use_margin=cfg.use_margin,
-                                use_sign_terms=cfg.use_sign_terms and (cfg.task == "helpful" or data.labelled_train > 0))
-        collate = partial(collate_pairs, pad_token_id=score_model.pad_token_id)
-        train_set = EncodedDataset(data.train, pair_length)
-        train_loader = engine.train_loader(train_set, collate, lengths=train_set.lengths())
-        eval_loader = None
-        if data.val:
-            val_set = EncodedDataset(data.val, pair_length)
-            eval_loader = engine.eval_loader(val_set, collate, lengths=val_set.lengths())
-        engine.register_state(NORMALIZER_STATE, NormalizerState(normalizer))
-        model, _, _ = engine.prepare(score_model, train_loader, groups=score_groups(cfg, score_model))
-
-        eval_seconds = eval_cpu = 0.0  # wall and process CPU time spent evaluating
-
-        def run_eval() -> dict[str, float]:
-            nonlocal eval_seconds, eval_cpu
-            began, began_cpu = time.perf_counter(), time.process_time()
-            values = engine.log_eval(evaluate(engine, model, eval_loader, settings))
-            eval_seconds += time.perf_counter() - began
-            eval_cpu += time.process_time() - began_cpu
-            return values
-
-        loop_start, loop_cpu, first_step = time.perf_counter(), time.process_time(), engine.step
-        start_eval = None
-        if eval_loader is not None and cfg.eval_on_start and engine.step == 0:
-            start_eval = run_eval()
-        metric_keys = REWARD_METRICS if cfg.task == "helpful" else COST_METRICS
-        model.train()
-        for micro_batches in engine.train_steps(train_loader):
-            for batch in micro_batches:
-                with engine.accumulate(model):
-                    output = forward_scores(model, batch)
-                    result = score_pair_loss(output, batch, settings)
-                    loss = result.losses.mean()
-                    engine.backward(loss)
-                    normalizer.update(engine.accelerator.gather(output.end_scores.detach()))
-                    engine.record({"loss": loss, **{k: result.metrics[k] for k in metric_keys}})
-                    if cfg.task == "harmless":  # over the labelled responses only (weight 0 when none)
-                        sign = result.metrics["sign_accuracy"]
-                        labelled = result.metrics["labeled_fraction"] * 2 * result.losses.shape[0]
-                        engine.record({"sign_accuracy": torch.nan_to_num(sign)}, weight=labelled)
-            engine.optimizer_step()
-            if eval_loader is not None and engine.should_evaluate():
-                run_eval()
-            if engine.should_save():
-                engine.save_checkpoint()
-        loop_seconds, loop_cpu = time.perf_counter() - loop_start, time.process_time() - loop_cpu
-
-        best = engine.best_checkpoint
-        loaded_best = bool(cfg.load_best_model_at_end and best and (engine.run_dir / best).is_dir())
-        if loaded_best:  # the weights come back in finish(); the statistics that go with them come back here
-            extra = engine.run_dir / best / ckpt.EXTRA_FILE
-            if extra.is_file():
-                NormalizerState(normalizer).load_state_dict(torch.load(extra, weights_only=True)[NORMALIZER_STATE])
-        extra_block = {"max_length": max_length, "max_prompt_length": max_prompt_length, "task": cfg.task,
-                       "loss_granularity": cfg.loss_granularity, "base_model": cfg.base_model_path}
-
-        def save_fn(unwrapped, folder: Path, state_dict: dict | None) -> None:
-            kwargs = {"state_dict": state_dict} if state_dict is not None else {}
-            save_score_model(unwrapped, tokenizer, folder, normalizer_state=normalizer, score_type=score_type,
-                             extra=extra_block, **kwargs)
-
-        summary: dict[str, Any] = {
-            "task": cfg.task, "score_type": score_type, "base_model": cfg.base_model_path,
-            "steps": engine.step, "train_pairs": len(data.train), "val_pairs": len(data.val),
-            "labelled_train_pairs": data.labelled_train if cfg.task == "harmless" else None,
-            "sign_terms": settings.use_sign_terms if cfg.task == "harmless" else None,
-            "max_length": max_length, "max_prompt_length": max_prompt_length,
-            "train": engine.last_train_metrics,
-            "eval_on_start": start_eval,
-            "normalizer": normalizer.to_dict(),
-            "skipped_nonfinite": engine.nonfinite_skipped,
-            # the loop's time without evaluations (checkpoints included), over the steps this process ran
-            "train_seconds": round(loop_seconds - eval_seconds, 2), "eval_seconds": round(eval_seconds, 2),
-            "train_cpu_seconds": round(loop_cpu - eval_cpu, 2), "eval_cpu_seconds": round(eval_cpu, 2),
-            "steps_this_run": engine.step - first_step,
-        }
-        final = engine.finish(model, tokenizer, save_fn=save_fn,
-                              summary={"final_model": str(engine.run_dir), NAME: summary})
-        final_eval = engine.last_eval[1] if engine.last_eval else None
-        if loaded_best and eval_loader is not None:  # the saved model is the best checkpoint's: measure it
-            final_eval = {f"eval/{k}": v for k, v in evaluate(engine, model, eval_loader, settings).items()}
-        summary["eval"] = final_eval
-        summary["best_checkpoint"] = best if loaded_best else None
-        summary["model"] = str(engine.run_dir)
-        if engine.is_main_process:
-            promote_final(final, engine.run_dir)
-            atomic_write_json(engine.run_dir / FINAL_METRICS_FILE, summary)
-        engine.wait()
-        engine.print(final_line(summary))
-    return summary
+        return ScoreModelTrainer(cfg, engine, train_pairs, val_pairs, skipped, sources).train()
 
 
 def final_line(summary: dict[str, Any]) -> str:
@@ -511,7 +509,6 @@ def run(cfg: RewardModelConfig) -> dict[str, Any]:
 
 
 __all__ = [
-    "pair_length", "LossSettings", "score_groups", "NormalizerState", "ScoreData", "encode_pairs",
-    "evaluate", "load_pairs",
-    "prepare_score_data", "safety_label_note", "score_pair_loss", "train_score_model", "run",
+    "LossSettings", "score_groups", "NormalizerState", "ScoreData", "ScoreModelTrainer", "encode_pairs",
+    "evaluate", "prepare_score_data", "safety_label_note", "score_pair_loss", "train_score_model", "run",
 ]
