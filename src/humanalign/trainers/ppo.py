@@ -16,6 +16,10 @@ lr_scheduler, critic groups at critic_learning_rate with critic_lr_scheduler, ea
 apart. The engine keeps the run folder, checkpoints (actor, critics, optimizer, schedule, RNG, plus the KL
 controller, lambda and its cost window, reward statistics), metrics and progress. Checkpoints and evaluations
 happen on rollout boundaries, so a resumed run regenerates nothing and continues exactly.
+
+Where the pieces live: the trained module and its critics in ``models/actor_critic.py``, the rollout tensors
+and scorers in ``rollout/batch.py`` / ``rollout/scorers.py``, the prompts and ptx data in ``data/prompts.py``,
+the per-role optimizer groups in ``engine/optim.py``, the losses in ``losses/ppo.py`` and ``losses/sft.py``.
 """
 
 from __future__ import annotations
