@@ -7,8 +7,10 @@ the optimizer, lambda's update) moves these numbers, even when every behavioural
 
 Pinned: SFT (full and LoRA) train/loss; reward model (helpful) and cost model with sign terms (harmless)
 train/loss; the DPO family (sigmoid, ipo, hinge, cpo, orpo, simpo) train/loss; Safe-MM-DPO (label costs; and
-score-model margins with the KL term) train/loss_total and train/lambda; PPO train/pg_loss and
-train/reward_value_loss; PPO-Lagrangian the same plus train/cost_value_loss and train/lambda.
+score-model margins with the KL term) train/loss_total and train/lambda; PPO train/pg_loss,
+train/reward_value_loss and train/entropy (steps 1-5: the first pass over a rollout has ratio 1 and whitened
+advantages, so its policy loss is 0; the second is not); PPO-Lagrangian the same plus train/cost_value_loss and
+train/lambda (rollouts 1-5).
 
 The values were recorded on commit 6edd61a, before the trainers' structure refactor. A deliberate numerical change
 must re-record them: run
