@@ -61,7 +61,7 @@ def _as_harmless(pair: PreferencePair) -> HarmlessPair:
     if isinstance(pair, HarmlessPair):
         return pair
     return HarmlessPair(prompt=pair.prompt, chosen=pair.chosen, rejected=pair.rejected, margin=pair.margin,
-                        source=pair.source)
+                        source=pair.source, images=pair.images)
 
 
 def _pair_safety_labels(labels: list[SafetyLabel], skipped: Counter[str]) -> list[HarmlessPair]:
