@@ -103,7 +103,7 @@ def minimind(raw: dict[str, Any], ctx: SourceContext) -> list[Record]:
     parts: list[str] = []
     prompt, chosen_answer, rejected_answer = _shared_with_images(raw, ctx, None, parts)
     return [PreferencePair(prompt=prompt, chosen=chosen_answer, rejected=rejected_answer, source=ctx.source,
-                           images=F.prompt_images(raw, "images", ctx, prompt, parts))]
+                           images=F.prompt_images(raw, "images", ctx, prompt, parts, "chosen"))]
 
 
 def _with_system(msgs: list[Message], system: str | None) -> list[Message]:
@@ -131,7 +131,7 @@ def swift(raw: dict[str, Any], ctx: SourceContext) -> list[Record]:
         response = F.text(raw, "response", ctx)
         prompt = [*F.history(raw, "history", ctx), *user_prompt(query)]
     prompt = _with_system(prompt, system)
-    images = F.prompt_images(raw, "images", ctx, prompt, parts)
+    images = F.prompt_images(raw, "images", ctx, prompt, parts, "messages" if raw.get("messages") else "query")
     rejected = F.optional_text(raw, "rejected_response", ctx)
     if rejected is None:
         return [SFTRecord(messages=[*prompt, {"role": "assistant", "content": response}], source=ctx.source,
@@ -147,7 +147,7 @@ def alpaca(raw: dict[str, Any], ctx: SourceContext) -> list[Record]:
     extra = F.optional_text(raw, "input", ctx)
     user = f"{instruction}\n{extra}" if extra and extra.strip() else instruction
     prompt = _with_system([*F.history(raw, "history", ctx), *user_prompt(user)], F.optional_text(raw, "system", ctx))
-    images = F.prompt_images(raw, "images", ctx, prompt)
+    images = F.prompt_images(raw, "images", ctx, prompt, text_field="instruction")
     if raw.get("output") is None and raw.get("chosen") is not None:
         return [PreferencePair(prompt=prompt, chosen=F.text(raw, "chosen", ctx), rejected=F.text(raw, "rejected", ctx),
                                source=ctx.source, images=images)]

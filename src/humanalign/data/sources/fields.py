@@ -199,9 +199,10 @@ def check_safety_order(ctx: SourceContext, chosen_safe: bool | None, rejected_sa
 
 
 def prompt_images(raw: dict[str, Any], key: str, ctx: SourceContext, msgs: list[Message],
-                  from_parts: list[str] | None = None) -> list[str]:
+                  from_parts: list[str] | None = None, text_field: str = "prompt") -> list[str]:
     """A record's images: those from image content parts, then the ``key`` field's; ``<image>`` placeholders
-    in ``msgs`` are checked against them (one each, when the text uses any)."""
+    in ``msgs`` are checked against them (one each, when the text uses any). An error names the ``key`` field,
+    or ``text_field`` (where the placeholders are) when the record has no ``key``."""
     refs = [*(from_parts or []), *images(raw, key, ctx)]
-    check_placeholders(msgs, refs, ctx, key if raw.get(key) is not None else "prompt")
+    check_placeholders(msgs, refs, ctx, key if raw.get(key) is not None else text_field)
     return refs

@@ -73,7 +73,8 @@ def _sft(raw: dict[str, Any], ctx: SourceContext) -> list[Record]:
         prompt = F.prompt(ctx.require(raw, "prompt", (str, list)), ctx, "prompt", F.optional_text(raw, "system", ctx),
                           parts)
         msgs = [*prompt, {"role": "assistant", "content": F.text(raw, "response", ctx)}]
-    return [SFTRecord(messages=msgs, source=ctx.source, images=F.prompt_images(raw, "images", ctx, msgs, parts))]
+    images = F.prompt_images(raw, "images", ctx, msgs, parts, "messages" if raw.get("messages") else "prompt")
+    return [SFTRecord(messages=msgs, source=ctx.source, images=images)]
 
 
 class _MappedContext(SourceContext):

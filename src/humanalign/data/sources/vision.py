@@ -18,6 +18,6 @@ def rlaif_v(raw: dict[str, Any], ctx: SourceContext) -> list[Record]:
     if raw.get(key) is None:
         raise ctx.error("image", "missing (a vision preference record needs its picture)")
     prompt = user_prompt(F.text(raw, "question", ctx), F.optional_text(raw, "system", ctx))
-    images = F.prompt_images(raw, key, ctx, prompt)
+    images = F.prompt_images(raw, key, ctx, prompt, text_field="question")
     return [PreferencePair(prompt=prompt, chosen=F.text(raw, "chosen", ctx), rejected=F.text(raw, "rejected", ctx),
                            source=ctx.source, images=images)]
