@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from humanalign.data.records import IMAGE_PLACEHOLDER, Message, PreferencePair, prompt_key
 from humanalign.data.sources import SourceContext
+from humanalign.errors import UserError
 from humanalign.paths import cache_dir
 
 IMAGE_DIR_OPTION = "image_dir"  # adapter option: where image objects are written (default: the cache)
@@ -167,5 +168,13 @@ def split_key(pair: PreferencePair) -> str:
     return key
 
 
-__all__ = ["IMAGE_DIR_OPTION", "image_ref", "images", "check_placeholders", "image_digest", "load_image",
+def reject_images(records: list, where: str, consumer: str) -> None:
+    """Stop with one line when ``records`` carry images that ``consumer`` would otherwise silently drop."""
+    with_images = sum(1 for rec in records if getattr(rec, "images", None))
+    if with_images:
+        raise UserError(f"{where}: {with_images} of {len(records)} records carry images, which {consumer} does not "
+                        "take yet (see docs/multimodal.md); use text-only data")
+
+
+__all__ = ["IMAGE_DIR_OPTION", "reject_images", "image_ref", "images", "check_placeholders", "image_digest", "load_image",
            "split_key", "decode_data_uri"]
