@@ -105,6 +105,7 @@ def build_card(cfg, mix, buckets, skipped) -> dict[str, Any]:
     if any(n for counts in images.values() for n in counts):  # only vision data gets the section
         card["images_per_pair"] = {k: {str(n): c for n, c in sorted(counts.items())} for k, counts in images.items()}
         card["images"] = {k: sum(n * c for n, c in counts.items()) for k, counts in images.items()}
+        card["split_rule"] += "; a prompt with images is keyed by its text plus the sha256 of each image's bytes"
     return card
 
 
