@@ -243,3 +243,14 @@ def test_text_only_consumers_refuse_images_instead_of_dropping_them(pics, write_
     prompts = write_jsonl(pics.parent / "prompts.jsonl", [{"prompt": "Colour?", "images": ["pics/red.png"]}])
     with pytest.raises(RecordError, match="prompts.jsonl:1: field 'images': prompts with images are not supported"):
         read_prompts(prompts)
+
+
+def test_a_source_that_reads_no_images_cannot_lose_them(pics, write_jsonl):
+    path = write_jsonl(pics.parent / "pku.jsonl", [{
+        "prompt": "Is this safe?", "image": "pics/red.png", "response_0": "Yes.", "response_1": "No.",
+        "is_response_0_safe": True, "is_response_1_safe": True, "better_response_id": 0, "safer_response_id": 0}])
+    with pytest.raises(RecordError, match="pku.jsonl:1: field 'image': source 'pku-saferlhf' does not read images"):
+        load(path)
+    prompts = write_jsonl(pics.parent / "prompts.jsonl", [{"prompt": "Colour?", "images": ["pics/red.png"]}])
+    with pytest.raises(RecordError, match="field 'images': source 'prompts' does not read images"):
+        load(prompts, source="prompts")

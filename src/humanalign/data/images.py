@@ -168,6 +168,18 @@ def split_key(pair: PreferencePair) -> str:
     return key
 
 
+IMAGE_FIELDS = ("images", "image")  # raw fields that hold pictures in every format we know
+
+
+def check_images_kept(raw: dict[str, Any], records: list, ctx: SourceContext) -> None:
+    """A raw record with pictures whose adapter made records without them: an error, not a silent loss."""
+    field = next((k for k in IMAGE_FIELDS if raw.get(k) not in (None, [])), None)
+    if field is not None and not any(getattr(rec, "images", None) for rec in records):
+        raise ctx.error(field, f"source '{ctx.source}' does not read images, and this record's would be lost "
+                               "(vision sources: swift, rlaif-v, pairs, conversations, minimind, ultrafeedback, "
+                               "alpaca, generic with field_map images)")
+
+
 def reject_images(records: list, where: str, consumer: str) -> None:
     """Stop with one line when ``records`` carry images that ``consumer`` would otherwise silently drop."""
     with_images = sum(1 for rec in records if getattr(rec, "images", None))
@@ -176,5 +188,5 @@ def reject_images(records: list, where: str, consumer: str) -> None:
                         "take yet (see docs/multimodal.md); use text-only data")
 
 
-__all__ = ["IMAGE_DIR_OPTION", "reject_images", "image_ref", "images", "check_placeholders", "image_digest", "load_image",
+__all__ = ["IMAGE_DIR_OPTION", "check_images_kept", "reject_images", "image_ref", "images", "check_placeholders", "image_digest", "load_image",
            "split_key", "decode_data_uri"]

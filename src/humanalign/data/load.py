@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from humanalign.config.data import SourceSpec
-from humanalign.data.images import IMAGE_DIR_OPTION
+from humanalign.data.images import IMAGE_DIR_OPTION, check_images_kept
 from humanalign.data.io import DATA_SUFFIXES, iter_records
 from humanalign.data.records import Record
 from humanalign.data.sources import SourceContext, get_source
@@ -121,7 +121,9 @@ def load_source(
             result.read += 1
             ctx = SourceContext(path=where, line=line, source=name, options=options)
             try:
-                result.records.extend(adapter(raw, ctx))
+                records = adapter(raw, ctx)
+                check_images_kept(raw, records, ctx)
+                result.records.extend(records)
             except RecordError as err:
                 on_error(err)
             if stop_at is not None and len(result.records) >= stop_at:
