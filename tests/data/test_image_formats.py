@@ -152,7 +152,7 @@ def test_rejected_must_show_the_same_images(pics, write_jsonl):
      r"field 'images': more images than '<image>' placeholders \(2 > 1\): image 2 '.*blue.png' has no placeholder"),
     ({"images": None, "query": "<image> and <image>?"}, r"field 'query': 2 '<image>' placeholders but 0 images"),
     ({"images": ["pics/red.png"], "query": "<image> and <image>?"},
-     r"field 'images': 2 '<image>' placeholders but 1 images"),
+     r"field 'images': 2 '<image>' placeholders but 1 image$"),
     ({"images": 7}, r"field 'images': expected an image path, a data: URI or an image, got int"),
 ])
 def test_bad_images_name_file_line_field_and_image(pics, write_jsonl, row, match):

@@ -121,3 +121,43 @@ def test_max_length_cuts_answers_never_prompts(family, pictures):
     assert len(cut.chosen["input_ids"]) == limit and (cut.chosen["labels"] != IGNORE_INDEX).sum() == 2
     examples, skipped = tokenize_vision_pairs([pair], processor, max_length=full.prompt_length)
     assert examples == [] and skipped == {"prompt longer than max_length": 1}
+
+
+def test_prepared_image_demo_feeds_the_saved_tiny_llava(tmp_path, cli):
+    """The whole path: generated pictures -> prepare-data -> prepared pairs -> the saved tiny LLaVA folder
+    (Auto classes) -> collated batch -> finite log-probs, each row showing its own picture."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from humanalign.config.data import SourceSpec
+    from humanalign.data.image_demo import write_image_demo
+    from humanalign.data.load import load_source
+    from humanalign.models.tiny_vision import build_tiny_vision_model
+
+    raw = write_image_demo(tmp_path / "raw", n=16, seed=0)
+    code, _, err = cli("prepare-data", "--input-dir", raw, "--output-dir", tmp_path / "data",
+                       "--train-ratio", "1", "--val-ratio", "0", "--test-ratio", "0")
+    assert code == 0, err
+    pairs = load_source(SourceSpec(path=str(tmp_path / "data" / "train" / "helpful_pairs.jsonl"))).records
+    assert len(pairs) >= 12 and all(len(p.images) == 1 for p in pairs)
+    folder = build_tiny_vision_model(tmp_path / "vlm", texts=CORPUS, vocab_size=400)
+    model, processor = AutoModelForImageTextToText.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
+    examples, skipped = tokenize_vision_pairs(pairs[:4], processor, max_length=128)
+    assert not skipped
+    batch = VisionPairCollator(processor.tokenizer.pad_token_id)(examples)
+    assert batch["pixel_values"].shape == (8, 3, 32, 32)
+    values = logps(model.eval(), batch)
+    assert values.shape == (8,) and torch.isfinite(values).all()
+    # rows 0 and 4 are pair 0's chosen and rejected: the same picture, pixel for pixel
+    assert torch.equal(batch["pixel_values"][0], batch["pixel_values"][4])
+
+
+def test_a_processor_without_chat_template_is_a_clear_error(family, pictures):
+    from humanalign.errors import UserError
+
+    _, _, processor = family
+    template, processor.chat_template = processor.chat_template, None
+    try:
+        with pytest.raises(UserError, match="has no chat template"):
+            tokenize_vision_pairs(make_pairs(pictures)[:1], processor)
+    finally:
+        processor.chat_template = template

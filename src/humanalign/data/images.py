@@ -138,7 +138,8 @@ def check_placeholders(messages: list[Message], refs: list[str], ctx: SourceCont
     if count == 0 or count == len(refs):
         return
     if count > len(refs):
-        raise ctx.error(field, f"{count} '{IMAGE_PLACEHOLDER}' placeholders but {len(refs)} images")
+        raise ctx.error(field, f"{count} '{IMAGE_PLACEHOLDER}' placeholders but {len(refs)} "
+                               f"image{'' if len(refs) == 1 else 's'}")
     raise ctx.error(field, f"more images than '{IMAGE_PLACEHOLDER}' placeholders ({len(refs)} > {count}): image "
                            f"{count + 1} '{_short(refs[count])}' has no placeholder")
 

@@ -25,6 +25,7 @@ import torch
 from humanalign.data.images import load_image
 from humanalign.data.records import IMAGE_PLACEHOLDER, Message, PreferencePair
 from humanalign.data.tokenize import END_OF_TURN_TOKENS, IGNORE_INDEX
+from humanalign.errors import UserError
 
 TEXT_KEYS = ("input_ids", "attention_mask")
 
@@ -78,6 +79,8 @@ def tokenize_vision_pair(pair: PreferencePair, processor, max_length: int | None
 
     A row longer than ``max_length`` loses the end of its answer; the prompt (whose image tokens must stay
     whole) is never cut, so a prompt that alone reaches ``max_length`` is skipped."""
+    if not getattr(processor, "chat_template", None):
+        raise UserError(f"the processor ({type(processor).__name__}) has no chat template to place image tokens with")
     images = [load_image(ref) for ref in pair.images]
     prompt = content_parts(pair.prompt, len(images))
     prompt_text = processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
