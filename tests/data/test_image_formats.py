@@ -233,16 +233,12 @@ def test_same_picture_same_question_same_answers_is_a_duplicate(pics, write_json
 def test_text_only_consumers_refuse_images_instead_of_dropping_them(pics, write_jsonl):
     from humanalign.data.pairs import load_preference_pairs
     from humanalign.errors import UserError
-    from humanalign.eval.generate import read_prompts
 
     path = write_jsonl(pics.parent / "swift.jsonl", [
         {"query": "<image>Colour?", "response": "Red.", "rejected_response": "Blue.", "images": ["pics/red.png"]},
         {"query": "Hi", "response": "Hello.", "rejected_response": "Go."}])
     with pytest.raises(UserError, match=r"swift.jsonl: 1 of 2 records carry images, which training and evaluation"):
         load_preference_pairs(path)
-    prompts = write_jsonl(pics.parent / "prompts.jsonl", [{"prompt": "Colour?", "images": ["pics/red.png"]}])
-    with pytest.raises(RecordError, match="prompts.jsonl:1: field 'images': prompts with images are not supported"):
-        read_prompts(prompts)
 
 
 def test_a_source_that_reads_no_images_cannot_lose_them(pics, write_jsonl):

@@ -69,8 +69,6 @@ def read_prompts(path: str | Path, limit: int | None = None) -> tuple[list[list[
     for line, rec in iter_records(path):
         if "prompt" not in rec:
             raise RecordError(path, line, "prompt", "missing (each record needs a 'prompt')")
-        if rec.get("images"):
-            raise RecordError(path, line, "images", "prompts with images are not supported here yet (docs/multimodal.md)")
         value = rec["prompt"]
         is_text = isinstance(value, str) and bool(value.strip())
         is_messages = isinstance(value, list) and bool(value) and all(
