@@ -21,7 +21,7 @@ from humanalign.errors import UserError
 # command words -> (config schema, function taking the validated config)
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("humanalign.config.data:PrepareDataConfig", "humanalign.data.prepare:run"),
-    "tiny-model": ("humanalign.config.models:TinyModelConfig", "humanalign.models.tiny:run"),
+    "tiny-model": ("humanalign.config.models:TinyModelConfig", "humanalign.models.tiny_vision:run"),
     "demo": ("humanalign.config.demo:DemoConfig", "humanalign.demo:run"),
     "train sft": ("humanalign.config.sft:SFTConfig", "humanalign.trainers.sft:run"),
     "train rm": ("humanalign.config.rm:RewardModelConfig", "humanalign.trainers.reward:run"),

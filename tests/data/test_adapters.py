@@ -25,7 +25,7 @@ def load(path, source="auto", **kw):
 
 def test_registry_has_every_builtin_source():
     assert source_names() == ["alpaca", "beavertails", "conversations", "generic", "hh-rlhf", "minimind", "pairs", "pku-saferlhf",
-                              "prompts", "swift", "ultrafeedback"]
+                              "prompts", "rlaif-v", "swift", "ultrafeedback"]
 
 
 @pytest.mark.parametrize("name, expected", [

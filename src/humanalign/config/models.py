@@ -25,6 +25,8 @@ class TinyModelConfig(ConfigBase):
     intermediate_size: int = Field(192, ge=1, description="Width of the SwiGLU MLP.")
     max_position_embeddings: int = Field(512, ge=16, description="Longest sequence the model is built for.")
     seed: int = Field(0, description="Seed of the weight initialisation (same seed, same bytes).")
+    vision: bool = Field(False, description="Build the tiny vision-language model (LLaVA-style: a tiny CLIP "
+                         "vision tower + projector + this text model, with a processor) instead of the text model.")
 
     @model_validator(mode="after")
     def _check_heads(self):

@@ -101,6 +101,11 @@ def build_card(cfg, mix, buckets, skipped) -> dict[str, Any]:
         }
         card["multi_turn_or_system_prompts"][k] = sum(len(p.prompt) > 1 for p in pairs)
         card["pairs_with_margin"][k] = sum(p.margin is not None for p in pairs)
+    images = {k: Counter(len(p.images) for s in SPLITS for p in buckets[k][s]) for k in kinds}
+    if any(n for counts in images.values() for n in counts):  # only vision data gets the section
+        card["images_per_pair"] = {k: {str(n): c for n, c in sorted(counts.items())} for k, counts in images.items()}
+        card["images"] = {k: sum(n * c for n, c in counts.items()) for k, counts in images.items()}
+        card["split_rule"] += "; a prompt with images is keyed by its text plus the sha256 of each image's bytes"
     return card
 
 
@@ -138,6 +143,11 @@ def card_markdown(card: dict[str, Any]) -> str:
         lines += ["Severity levels (0 = safe): " + ", ".join(f"{k}: {v}" for k, v in card["severity_levels"].items()) + "."]
     if card["harm_categories"]:
         lines += ["Harm categories flagged: " + ", ".join(f"{k} {v}" for k, v in card["harm_categories"].items()) + "."]
+    if card.get("images_per_pair"):
+        lines += ["", "## Images", ""]
+        lines += _md_table(["kind", "images", "pairs by images per pair"],
+                           [[k, card["images"][k], ", ".join(f"{n}: {c}" for n, c in per.items())]
+                            for k, per in card["images_per_pair"].items()])
     lines += ["", "## Lengths (words)", ""]
     rows = [[k, part, *(st.get(x, "-") for x in ("mean", "median", "p95", "max"))]
             for k, parts in card["length_words"].items() for part, st in parts.items()]

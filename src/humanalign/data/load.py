@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from humanalign.config.data import SourceSpec
+from humanalign.data.images import IMAGE_DIR_OPTION, check_images_kept
 from humanalign.data.io import DATA_SUFFIXES, iter_records
 from humanalign.data.records import Record
 from humanalign.data.sources import SourceContext, get_source
@@ -75,10 +76,13 @@ def data_files(path: Path) -> list[Path]:
     return files
 
 
-def load_source(spec: SourceSpec | str | Path, skip_invalid: bool = False, seed: int = 0) -> LoadResult:
+def load_source(
+    spec: SourceSpec | str | Path, skip_invalid: bool = False, seed: int = 0, image_dir: str | None = None,
+) -> LoadResult:
     """Read one source through its adapter (or the detected one for source 'auto').
 
     ``spec.ratio`` < 1 keeps a seeded sample of the records (in file order); ``spec.max_records`` caps them.
+    ``image_dir`` is where image objects (a datasets Image column) are written as files (default: the cache).
     """
     from humanalign.data.sources.adapters import detect_source
     from humanalign.data.sources.generic import check_generic_options
@@ -87,6 +91,8 @@ def load_source(spec: SourceSpec | str | Path, skip_invalid: bool = False, seed:
         spec = SourceSpec(path=str(spec))
     fixed = None if spec.source == "auto" else get_source(spec.source)
     options = spec.adapter_options()
+    if image_dir is not None:
+        options[IMAGE_DIR_OPTION] = image_dir
     if spec.source == "generic":
         check_generic_options(spec.field_map, spec.constants, spec.record_type)
     result = LoadResult(records=[], skipped=Counter(), path=spec.describe())
@@ -115,7 +121,9 @@ def load_source(spec: SourceSpec | str | Path, skip_invalid: bool = False, seed:
             result.read += 1
             ctx = SourceContext(path=where, line=line, source=name, options=options)
             try:
-                result.records.extend(adapter(raw, ctx))
+                records = adapter(raw, ctx)
+                check_images_kept(raw, records, ctx)
+                result.records.extend(records)
             except RecordError as err:
                 on_error(err)
             if stop_at is not None and len(result.records) >= stop_at:
@@ -157,7 +165,7 @@ class MixResult:
 
 def mix_sources(
     specs: list[SourceSpec], seed: int = 0, skip_invalid: bool = False, shuffle: bool = True,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, image_dir: str | None = None,
 ) -> MixResult:
     """Load each source (its ``ratio`` / ``max_records`` applied) and put them together, shuffled with ``seed``."""
     if not specs:
@@ -166,7 +174,7 @@ def mix_sources(
     for spec in specs:
         if progress:
             progress(f"reading {spec.describe()} (source: {spec.source})")
-        res = load_source(spec, skip_invalid=skip_invalid, seed=seed)
+        res = load_source(spec, skip_invalid=skip_invalid, seed=seed, image_dir=image_dir)
         if progress:
             skipped = sum(res.skipped.values())
             progress(f"  {res.read} raw records -> {len(res.records)} records via {'+'.join(res.sources) or '-'}"

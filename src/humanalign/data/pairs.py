@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from humanalign.config.data import SourceSpec
+from humanalign.data.images import reject_images
 from humanalign.data.records import (
     HarmlessPair,
     PreferencePair,
@@ -61,7 +62,7 @@ def _as_harmless(pair: PreferencePair) -> HarmlessPair:
     if isinstance(pair, HarmlessPair):
         return pair
     return HarmlessPair(prompt=pair.prompt, chosen=pair.chosen, rejected=pair.rejected, margin=pair.margin,
-                        source=pair.source)
+                        source=pair.source, images=pair.images)
 
 
 def _pair_safety_labels(labels: list[SafetyLabel], skipped: Counter[str]) -> list[HarmlessPair]:
@@ -155,6 +156,7 @@ def load_preference_pairs(
     skipped: Counter[str] = Counter(result.skipped)
     plain_kind: Kind = kind if spec.pair_kind == "auto" else spec.pair_kind
     pairs = records_to_pairs(result.records, kind, skipped, plain_kind=plain_kind)
+    reject_images(pairs, spec.describe(), "training and evaluation on pairs")
     if not pairs and not allow_empty:
         why = ", ".join(f"{reason}: {n}" for reason, n in skipped.most_common()) or "no records"
         raise UserError(f"{spec.describe()}: no usable {kind} pairs ({why})")

@@ -18,14 +18,16 @@ from typing import Any
 
 from humanalign.config.data import PrepareDataConfig
 from humanalign.data.card import build_card, card_markdown
+from humanalign.data.images import split_key
 from humanalign.data.load import MixResult, mix_sources
 from humanalign.data.pairs import KINDS, Kind, normalized, records_to_pairs
-from humanalign.data.records import PreferencePair, PromptRecord, SFTRecord, prompt_key
+from humanalign.data.records import PreferencePair, PromptRecord, SFTRecord
 from humanalign.errors import RecordError, UserError
 
 SPLITS = ("train", "val", "test")
 PAIR_FILE = "{kind}_pairs.jsonl"
 CARD_FILES = ("data_card.json", "data_card.md")
+IMAGE_FOLDER = "images"  # image objects (datasets Image columns, parquet bytes) are written here as files
 
 
 def output_paths(output_dir: str | Path) -> list[Path]:
@@ -54,7 +56,7 @@ def deduplicate(pairs: list[PreferencePair], skipped: Counter[str]) -> list[Pref
     seen: set[tuple[str, str, str]] = set()
     kept = []
     for pair in pairs:
-        key = (prompt_key(pair.prompt), normalized(pair.chosen), normalized(pair.rejected))
+        key = (split_key(pair), normalized(pair.chosen), normalized(pair.rejected))
         if key in seen:
             skipped["duplicate pair"] += 1
         elif (key[0], key[2], key[1]) in seen:
@@ -106,7 +108,7 @@ def build_splits(
         if cfg.deduplicate:
             pairs = deduplicate(pairs, skipped[kind])
         for pair in pairs:
-            key = prompt_key(pair.prompt)
+            key = split_key(pair)  # the prompt text, plus its images' content hashes when it has images
             if key not in split_cache:
                 split_cache[key] = split_of(key, cfg.seed, ratios)
             buckets[kind][split_cache[key]].append(pair)
@@ -155,7 +157,8 @@ def run(cfg: PrepareDataConfig) -> dict[str, Any]:
     targets = _check_paths(cfg)  # before reading or writing anything
     try:
         mix = mix_sources(cfg.source_specs(), seed=cfg.seed, skip_invalid=cfg.skip_invalid, shuffle=False,
-                          progress=lambda msg: print(f"[prepare-data] {msg}", flush=True))
+                          progress=lambda msg: print(f"[prepare-data] {msg}", flush=True),
+                          image_dir=str(Path(cfg.output_dir) / IMAGE_FOLDER))
     except RecordError as err:
         hint = " (--skip-invalid skips and counts such records)"
         raise RecordError(err.path, err.line, err.field, err.problem + hint) from None

@@ -2,6 +2,10 @@
 
 A conversation is a list of messages ``{"role": "system"|"user"|"assistant", "content": str}``.
 A *prompt* is a conversation that ends with a user turn; a *response* is the assistant's next answer.
+
+Images (vision-language data) travel beside the text: ``images`` lists image references in order (an absolute
+local path, or a ``data:`` base64 URI kept as given), and a message's text may mark where each one goes with
+``IMAGE_PLACEHOLDER``; without placeholders the images belong before the first user turn's text.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from typing import Any
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
+IMAGE_PLACEHOLDER = "<image>"
 
 
 def user_prompt(text: str, system: str | None = None) -> list[Message]:
@@ -41,9 +46,13 @@ class SFTRecord:
 
     messages: list[Message]
     source: str = ""
+    images: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"messages": self.messages}
+        out: dict[str, Any] = {"messages": self.messages}
+        if self.images:  # only when present: text-only outputs stay byte-identical
+            out["images"] = list(self.images)
+        return out
 
 
 @dataclass
@@ -55,11 +64,14 @@ class PreferencePair:
     rejected: str
     margin: float | None = None
     source: str = ""
+    images: list[str] = field(default_factory=list)  # the prompt's images; chosen and rejected share them
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"prompt": prompt_to_jsonable(self.prompt), "chosen": self.chosen, "rejected": self.rejected}
         if self.margin is not None:
             out["margin"] = self.margin
+        if self.images:  # only when present: text-only outputs stay byte-identical
+            out["images"] = list(self.images)
         return out
 
 
@@ -140,6 +152,6 @@ def record_to_json(record: Record) -> dict[str, Any]:
 
 
 __all__ = [
-    "Message", "SFTRecord", "PreferencePair", "HarmlessPair", "SafetyPreference", "SafetyLabel", "PromptRecord",
+    "Message", "IMAGE_PLACEHOLDER", "SFTRecord", "PreferencePair", "HarmlessPair", "SafetyPreference", "SafetyLabel", "PromptRecord",
     "Record", "user_prompt", "prompt_to_jsonable", "prompt_from_jsonable", "prompt_key", "record_to_json", "asdict",
 ]

@@ -34,6 +34,7 @@ import torch
 
 from humanalign.config.data import SourceSpec
 from humanalign.config.sft import SFTConfig
+from humanalign.data.images import reject_images
 from humanalign.data.records import Message, SFTRecord, prompt_key
 from humanalign.data.tokenize import (
     IGNORE_INDEX,
@@ -62,6 +63,7 @@ def load_conversations(cfg: SFTConfig, path: str, limit: int | None) -> tuple[li
 
     spec = source_spec(cfg, path)
     result = load_source(spec, skip_invalid=cfg.skip_invalid, seed=cfg.seed)
+    reject_images(result.records, spec.describe(), "`train sft`")
     skipped: Counter[str] = Counter(result.skipped)
     conversations = [list(r.messages) for r in result.records if isinstance(r, SFTRecord)]
     others = [r for r in result.records if not isinstance(r, SFTRecord)]

@@ -1,7 +1,7 @@
 """The built-in adapters (importing this module registers them) and format detection for source 'auto'.
 
 Adapters live by family: ``safety`` (pku-saferlhf, beavertails), ``dialogue`` (hh-rlhf, ultrafeedback, minimind,
-swift, alpaca), ``generic`` (generic, prompts, pairs, conversations). Each is ``(raw dict, SourceContext) -> list[Record]``.
+swift, alpaca), ``vision`` (rlaif-v), ``generic`` (generic, prompts, pairs, conversations). Each is ``(raw dict, SourceContext) -> list[Record]``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 # Importing the adapter modules registers their adapters.
-from humanalign.data.sources import dialogue, generic, safety, source_names  # noqa: F401
+from humanalign.data.sources import dialogue, generic, safety, source_names, vision  # noqa: F401
 from humanalign.errors import UserError
 
 _SCORES = ("score_chosen", "score_rejected")
@@ -42,6 +42,7 @@ DETECTORS: dict[str, Callable[[dict[str, Any]], bool]] = {
     "ultrafeedback": lambda r: _pair_like(r) and (_has_scores(r) or ("prompt" in r and isinstance(r["chosen"], list))),
     "pairs": lambda r: _pair_like(r) and "prompt" in r and isinstance(r["chosen"], str) and not _has_scores(r),
     "swift": lambda r: ({"query", "response"} <= r.keys()) or ({"messages", "rejected_response"} <= r.keys()),
+    "rlaif-v": lambda r: {"question", "chosen", "rejected"} <= r.keys() and bool({"image", "images"} & r.keys()),
     "alpaca": lambda r: "instruction" in r and ("output" in r or "chosen" in r),
     "prompts": lambda r: "prompt" in r and set(r) - {"prompt"} <= _PROMPT_ONLY_EXTRAS,
     "conversations": lambda r: ("messages" in r and not {"chosen", "rejected", "rejected_response"} & r.keys())

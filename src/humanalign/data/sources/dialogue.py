@@ -64,27 +64,46 @@ def ultrafeedback(raw: dict[str, Any], ctx: SourceContext) -> list[Record]:
     """UltraFeedback binarized: prompt + chosen/rejected as strings (answers) or as message lists
     (HuggingFaceH4 / trl-lib: the user turn included); score_chosen/score_rejected give the margin."""
     prompt_value = raw.get("prompt")
-    prompt = F.prompt(prompt_value, ctx, "prompt") if prompt_value is not None else None
+    parts: list[str] = []
+    prompt = F.prompt(prompt_value, ctx, "prompt", images=parts) if prompt_value is not None else None
     chosen, rejected = raw.get("chosen"), raw.get("rejected")
     if isinstance(chosen, str) and isinstance(rejected, str):
         if prompt is None:
             raise ctx.error("prompt", "missing (chosen and rejected are plain answers)")
         answers = (chosen, rejected)
     else:
-        chosen_msgs = F.messages(ctx.require(raw, "chosen", (list, str)), ctx, "chosen")
-        rejected_msgs = F.messages(ctx.require(raw, "rejected", (list, str)), ctx, "rejected")
-        prompt, *answers = F.shared_prompt(chosen_msgs, rejected_msgs, ctx, prompt)
+        prompt, *answers = _shared_with_images(raw, ctx, prompt, parts)
     return [PreferencePair(prompt=prompt, chosen=answers[0], rejected=answers[1], margin=_score_margin(raw, ctx),
-                           source=ctx.source)]
+                           source=ctx.source, images=F.prompt_images(raw, "images", ctx, prompt, parts))]
+
+
+def _shared_with_images(
+    raw: dict[str, Any], ctx: SourceContext, prompt: list[Message] | None, parts: list[str],
+) -> tuple[list[Message], str, str]:
+    """chosen/rejected message lists sharing their prompt turns, image parts included (appended to ``parts``
+    once: the two conversations must show the same images)."""
+    chosen_images: list[str] = []
+    rejected_images: list[str] = []
+    chosen = F.messages(ctx.require(raw, "chosen", (list, str)), ctx, "chosen", chosen_images)
+    rejected = F.messages(ctx.require(raw, "rejected", (list, str)), ctx, "rejected", rejected_images)
+    if chosen_images != rejected_images:
+        raise ctx.error("rejected", "its images differ from those of 'chosen' (a pair shares the prompt's images)")
+    shared, chosen_answer, rejected_answer = F.shared_prompt(chosen, rejected, ctx, prompt)
+    if shared is not prompt:  # the prompt turns came from the conversations: their images are the prompt's
+        parts[:] = chosen_images
+    elif chosen_images:
+        raise ctx.error("chosen", "an answer holds an image part (only prompts may hold images)")
+    return shared, chosen_answer, rejected_answer
 
 
 @register_source("minimind")
 def minimind(raw: dict[str, Any], ctx: SourceContext) -> list[Record]:
     """MiniMind dpo.jsonl: chosen/rejected are message lists sharing the prompt turns."""
-    chosen = F.messages(ctx.require(raw, "chosen", list), ctx, "chosen")
-    rejected = F.messages(ctx.require(raw, "rejected", list), ctx, "rejected")
-    prompt, chosen_answer, rejected_answer = F.shared_prompt(chosen, rejected, ctx)
-    return [PreferencePair(prompt=prompt, chosen=chosen_answer, rejected=rejected_answer, source=ctx.source)]
+    ctx.require(raw, "chosen", list)
+    parts: list[str] = []
+    prompt, chosen_answer, rejected_answer = _shared_with_images(raw, ctx, None, parts)
+    return [PreferencePair(prompt=prompt, chosen=chosen_answer, rejected=rejected_answer, source=ctx.source,
+                           images=F.prompt_images(raw, "images", ctx, prompt, parts, "chosen"))]
 
 
 def _with_system(msgs: list[Message], system: str | None) -> list[Message]:
@@ -95,11 +114,15 @@ def _with_system(msgs: list[Message], system: str | None) -> list[Message]:
 
 @register_source("swift")
 def swift(raw: dict[str, Any], ctx: SourceContext) -> list[Record]:
-    """ms-swift: system, query, response, rejected_response, history [[q, a], ...]; or (swift 3) messages
-    ending with the assistant answer plus rejected_response. SFTRecord when there is no rejected_response."""
+    """ms-swift: system, query, response, rejected_response, history [[q, a], ...], images (paths relative to
+    the file, data: URIs; ``<image>`` in the text marks where each goes); or (swift 3) messages ending with the
+    assistant answer plus rejected_response. SFTRecord when there is no rejected_response."""
     system = F.optional_text(raw, "system", ctx)
+    if raw.get("rejected_images") is not None:
+        raise ctx.error("rejected_images", "a different image for the rejected answer is not supported yet")
+    parts: list[str] = []
     if raw.get("messages") is not None:
-        convo = F.messages(raw["messages"], ctx, "messages")
+        convo = F.messages(raw["messages"], ctx, "messages", parts)
         prompt, response = F.final_answer(convo, ctx, "messages")
         if not prompt or prompt[-1]["role"] != "user":
             raise ctx.error("messages", "the answer should follow a user turn")
@@ -108,10 +131,12 @@ def swift(raw: dict[str, Any], ctx: SourceContext) -> list[Record]:
         response = F.text(raw, "response", ctx)
         prompt = [*F.history(raw, "history", ctx), *user_prompt(query)]
     prompt = _with_system(prompt, system)
+    images = F.prompt_images(raw, "images", ctx, prompt, parts, "messages" if raw.get("messages") else "query")
     rejected = F.optional_text(raw, "rejected_response", ctx)
     if rejected is None:
-        return [SFTRecord(messages=[*prompt, {"role": "assistant", "content": response}], source=ctx.source)]
-    return [PreferencePair(prompt=prompt, chosen=response, rejected=rejected, source=ctx.source)]
+        return [SFTRecord(messages=[*prompt, {"role": "assistant", "content": response}], source=ctx.source,
+                          images=images)]
+    return [PreferencePair(prompt=prompt, chosen=response, rejected=rejected, source=ctx.source, images=images)]
 
 
 @register_source("alpaca")
@@ -122,8 +147,9 @@ def alpaca(raw: dict[str, Any], ctx: SourceContext) -> list[Record]:
     extra = F.optional_text(raw, "input", ctx)
     user = f"{instruction}\n{extra}" if extra and extra.strip() else instruction
     prompt = _with_system([*F.history(raw, "history", ctx), *user_prompt(user)], F.optional_text(raw, "system", ctx))
+    images = F.prompt_images(raw, "images", ctx, prompt, text_field="instruction")
     if raw.get("output") is None and raw.get("chosen") is not None:
         return [PreferencePair(prompt=prompt, chosen=F.text(raw, "chosen", ctx), rejected=F.text(raw, "rejected", ctx),
-                               source=ctx.source)]
+                               source=ctx.source, images=images)]
     output = F.text(raw, "output", ctx)
-    return [SFTRecord(messages=[*prompt, {"role": "assistant", "content": output}], source=ctx.source)]
+    return [SFTRecord(messages=[*prompt, {"role": "assistant", "content": output}], source=ctx.source, images=images)]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from humanalign.data.records import ROLES, Message, user_prompt
+from humanalign.data.images import check_placeholders, image_ref, images
+from humanalign.data.records import IMAGE_PLACEHOLDER, ROLES, Message, user_prompt
 from humanalign.data.sources import SourceContext
 
 # ShareGPT-style role names, read as ours.
@@ -81,8 +82,13 @@ def categories(raw: dict[str, Any], key: str, ctx: SourceContext) -> dict[str, b
     return {str(k): bool(v) for k, v in value.items()}
 
 
-def messages(value: Any, ctx: SourceContext, field: str) -> list[Message]:
-    """A message list [{role, content}] (ShareGPT {from, value} accepted) -> our messages."""
+def messages(value: Any, ctx: SourceContext, field: str, images: list[str] | None = None) -> list[Message]:
+    """A message list [{role, content}] (ShareGPT {from, value} accepted) -> our messages.
+
+    Content may be a string or an OpenAI-style list of parts (``{"type": "text", "text"}``, ``{"type": "image",
+    "image"}``, ``{"type": "image_url", "image_url": {"url"}}``): the text parts are joined by newlines, each image
+    part leaves an ``<image>`` placeholder where it stood and its reference is appended to ``images`` (a caller
+    that passes no list accepts no images)."""
     if not isinstance(value, list):
         raise ctx.error(field, f"expected a list of messages, got {type(value).__name__}")
     if not value:
@@ -98,17 +104,37 @@ def messages(value: Any, ctx: SourceContext, field: str) -> list[Message]:
         role = _ROLE_ALIASES.get(role, role)
         if role not in ROLES:
             raise ctx.error(field, f"message {i} has role '{role}' (expected one of {', '.join(ROLES)})")
+        if isinstance(content, list):
+            content = _content_parts(content, ctx, f"{field}[{i}].content", images)
         if not isinstance(content, str):
             raise ctx.error(field, f"message {i} content should be a string, got {type(content).__name__}")
         out.append({"role": role, "content": content})
     return out
 
 
-def prompt(value: Any, ctx: SourceContext, field: str, system: str | None = None) -> list[Message]:
-    """A prompt given as a string or as a message list ending with a user turn."""
+def _content_parts(parts: list[Any], ctx: SourceContext, field: str, images: list[str] | None) -> str:
+    texts: list[str] = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in ("image", "image_url"):
+            if images is None:
+                raise ctx.error(field, f"part {j} is an image, which source '{ctx.source}' does not take here")
+            raw = part.get(kind, part.get("url", part.get("path")))
+            images.append(image_ref(raw, ctx, f"{field}[{j}]"))
+            texts.append(IMAGE_PLACEHOLDER)
+        else:
+            raise ctx.error(field, f"part {j} should be {{'type': 'text'|'image'|'image_url', ...}}, got {part!r:.60}")
+    return "\n".join(texts)
+
+
+def prompt(value: Any, ctx: SourceContext, field: str, system: str | None = None,
+           images: list[str] | None = None) -> list[Message]:
+    """A prompt given as a string or as a message list ending with a user turn (image parts go to ``images``)."""
     if isinstance(value, str):
         return user_prompt(value, system)
-    msgs = messages(value, ctx, field)
+    msgs = messages(value, ctx, field, images)
     if msgs[-1]["role"] != "user":
         raise ctx.error(field, f"a prompt must end with a user turn, ends with '{msgs[-1]['role']}'")
     if system and msgs[0]["role"] != "system":
@@ -170,3 +196,13 @@ def check_safety_order(ctx: SourceContext, chosen_safe: bool | None, rejected_sa
     """The safer (chosen) response may not be labelled unsafe while the other one is labelled safe."""
     if chosen_safe is False and rejected_safe is True:
         raise ctx.error(field, "the safer response is labelled unsafe while the other one is labelled safe")
+
+
+def prompt_images(raw: dict[str, Any], key: str, ctx: SourceContext, msgs: list[Message],
+                  from_parts: list[str] | None = None, text_field: str = "prompt") -> list[str]:
+    """A record's images: those from image content parts, then the ``key`` field's; ``<image>`` placeholders
+    in ``msgs`` are checked against them (one each, when the text uses any). An error names the ``key`` field,
+    or ``text_field`` (where the placeholders are) when the record has no ``key``."""
+    refs = [*(from_parts or []), *images(raw, key, ctx)]
+    check_placeholders(msgs, refs, ctx, key if raw.get(key) is not None else text_field)
+    return refs

@@ -13,15 +13,15 @@ SAFETY_FIELDS = ("is_chosen_safe", "is_rejected_safe")
 
 # Our field names per record type (the generic adapter resolves exactly these through the field map).
 RECORD_FIELDS: dict[str, tuple[str, ...]] = {
-    "preference": ("prompt", "system", "chosen", "rejected", "margin"),
-    "harmless": ("prompt", "system", "chosen", "rejected", "margin", *SAFETY_FIELDS),
+    "preference": ("prompt", "system", "chosen", "rejected", "margin", "images"),
+    "harmless": ("prompt", "system", "chosen", "rejected", "margin", "images", *SAFETY_FIELDS),
     "safety_preference": (
         "prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe", "better_response_id",
         "safer_response_id", "response_0_severity_level", "response_1_severity_level",
         "response_0_harm_category", "response_1_harm_category",
     ),
     "safety_label": ("prompt", "response", "is_safe", "category"),
-    "sft": ("messages", "prompt", "system", "response"),
+    "sft": ("messages", "prompt", "system", "response", "images"),
     "prompt": ("prompt", "system"),
 }
 
@@ -29,8 +29,11 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
 @register_source("pairs")
 def pairs(raw: dict[str, Any], ctx: SourceContext) -> list[Record]:
     """Prepared pairs (prepare-data's helpful/harmless_pairs.jsonl): prompt (string or messages), chosen,
-    rejected, optional margin, and for harmless pairs is_chosen_safe / is_rejected_safe."""
-    prompt = F.prompt(ctx.require(raw, "prompt", (str, list)), ctx, "prompt", F.optional_text(raw, "system", ctx))
+    rejected, optional margin and images, and for harmless pairs is_chosen_safe / is_rejected_safe."""
+    parts: list[str] = []
+    prompt = F.prompt(ctx.require(raw, "prompt", (str, list)), ctx, "prompt", F.optional_text(raw, "system", ctx),
+                      parts)
+    images = F.prompt_images(raw, "images", ctx, prompt, parts)
     chosen, rejected = F.text(raw, "chosen", ctx), F.text(raw, "rejected", ctx)
     margin = F.number(raw, "margin", ctx)
     if margin is not None and margin < 0:
@@ -38,12 +41,13 @@ def pairs(raw: dict[str, Any], ctx: SourceContext) -> list[Record]:
     harmless = (any(k in raw for k in SAFETY_FIELDS) or ctx.options.get("pair_kind") == "harmless"
                 or ctx.options.get("record_type") == "harmless")
     if not harmless:
-        return [PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, margin=margin, source=ctx.source)]
+        return [PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, margin=margin, source=ctx.source,
+                               images=images)]
     chosen_safe = F.flag(raw, "is_chosen_safe", ctx, optional=True)
     rejected_safe = F.flag(raw, "is_rejected_safe", ctx, optional=True)
     F.check_safety_order(ctx, chosen_safe, rejected_safe, "is_chosen_safe")
     return [HarmlessPair(prompt=prompt, chosen=chosen, rejected=rejected, margin=margin, source=ctx.source,
-                         is_chosen_safe=chosen_safe, is_rejected_safe=rejected_safe)]
+                         is_chosen_safe=chosen_safe, is_rejected_safe=rejected_safe, images=images)]
 
 
 @register_source("prompts")
@@ -60,14 +64,17 @@ def conversations(raw: dict[str, Any], ctx: SourceContext) -> list[Record]:
 
 
 def _sft(raw: dict[str, Any], ctx: SourceContext) -> list[Record]:
+    parts: list[str] = []
     if raw.get("messages") is not None:
-        msgs = F.messages(raw["messages"], ctx, "messages")
+        msgs = F.messages(raw["messages"], ctx, "messages", parts)
         if not any(m["role"] == "assistant" for m in msgs):
             raise ctx.error("messages", "no assistant turn to learn from")
     else:
-        prompt = F.prompt(ctx.require(raw, "prompt", (str, list)), ctx, "prompt", F.optional_text(raw, "system", ctx))
+        prompt = F.prompt(ctx.require(raw, "prompt", (str, list)), ctx, "prompt", F.optional_text(raw, "system", ctx),
+                          parts)
         msgs = [*prompt, {"role": "assistant", "content": F.text(raw, "response", ctx)}]
-    return [SFTRecord(messages=msgs, source=ctx.source)]
+    images = F.prompt_images(raw, "images", ctx, msgs, parts, "messages" if raw.get("messages") else "prompt")
+    return [SFTRecord(messages=msgs, source=ctx.source, images=images)]
 
 
 class _MappedContext(SourceContext):

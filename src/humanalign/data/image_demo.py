@@ -1,0 +1,143 @@
+"""A generated vision preference set: simple pictures drawn with Pillow and questions about them.
+
+Each record asks about one picture (the colour of a shape, how many circles, which side a square is on, what
+shape it is); the correct answer is chosen and a wrong one rejected. Records are in ms-swift's format
+(``query``, ``response``, ``rejected_response``, ``images`` with paths relative to the JSONL, some with
+``system`` or ``history``) and the PNG files lie beside the JSONL, so the set exercises the same path as real
+image data. The same seed gives the same bytes (records and PNGs).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from humanalign.data.io import atomic_write_jsonl
+from humanalign.data.records import IMAGE_PLACEHOLDER
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
+           "purple": (140, 60, 180)}
+SHAPES = ("circle", "square", "triangle")
+JSONL_NAME = "image_pairs.jsonl"
+IMAGE_SUBDIR = "images"
+SYSTEM = "You answer questions about a picture in one short sentence."
+
+Shape = tuple[str, str, int, int]  # (shape, colour name, centre x, centre y)
+
+
+def draw(shapes: list[Shape], size: int, radius: int) -> Image.Image:
+    """A white picture with each shape drawn at its centre."""
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    pen = ImageDraw.Draw(img)
+    for shape, colour, x, y in shapes:
+        box = (x - radius, y - radius, x + radius, y + radius)
+        fill = COLOURS[colour]
+        if shape == "circle":
+            pen.ellipse(box, fill=fill)
+        elif shape == "square":
+            pen.rectangle(box, fill=fill)
+        else:
+            pen.polygon([(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=fill)
+    return img
+
+
+def _spot(rng: random.Random, size: int, radius: int, x_range: tuple[float, float] = (0.0, 1.0)) -> tuple[int, int]:
+    lo, hi = int(x_range[0] * size) + radius, int(x_range[1] * size) - radius - 1
+    return rng.randint(lo, max(lo, hi)), rng.randint(radius, size - radius - 1)
+
+
+def _other(rng: random.Random, options: tuple[str, ...] | list[str], right: str) -> str:
+    return rng.choice([o for o in options if o != right])
+
+
+def _colour_question(rng: random.Random, size: int, radius: int) -> tuple[list[Shape], str, str, str]:
+    shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+    wrong = _other(rng, list(COLOURS), colour)
+    return ([(shape, colour, *_spot(rng, size, radius))], "What colour is the shape?",
+            f"The {shape} is {colour}.", f"The {shape} is {wrong}.")
+
+
+def _count_question(rng: random.Random, size: int, radius: int) -> tuple[list[Shape], str, str, str]:
+    n = rng.randint(1, 4)
+    colour = rng.choice(list(COLOURS))
+    cells = rng.sample([(cx, cy) for cx in range(3) for cy in range(3)], n + 1)  # no overlaps: one per cell
+    step = size // 3
+    shapes = [("circle", colour, cx * step + step // 2, cy * step + step // 2) for cx, cy in cells[:n]]
+    cx, cy = cells[n]
+    shapes.append(("square", _other(rng, list(COLOURS), colour), cx * step + step // 2, cy * step + step // 2))
+    wrong = int(_other(rng, ("1", "2", "3", "4", "5"), str(n)))
+    return shapes, "How many circles are there?", _circles(n), _circles(wrong)
+
+
+def _circles(k: int) -> str:
+    return "There is 1 circle." if k == 1 else f"There are {k} circles."
+
+
+def _side_question(rng: random.Random, size: int, radius: int) -> tuple[list[Shape], str, str, str]:
+    side = rng.choice(("left", "right"))
+    span = (0.0, 0.5) if side == "left" else (0.5, 1.0)
+    other = (0.5, 1.0) if side == "left" else (0.0, 0.5)
+    shapes = [("square", rng.choice(list(COLOURS)), *_spot(rng, size, radius, span)),
+              ("circle", rng.choice(list(COLOURS)), *_spot(rng, size, radius, other))]
+    wrong = "right" if side == "left" else "left"
+    return shapes, "Is the square on the left or on the right?", f"The square is on the {side}.", \
+        f"The square is on the {wrong}."
+
+
+def _shape_question(rng: random.Random, size: int, radius: int) -> tuple[list[Shape], str, str, str]:
+    shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+    return ([(shape, colour, *_spot(rng, size, radius))], "What shape is in the picture?",
+            f"It is a {colour} {shape}.", f"It is a {colour} {_other(rng, SHAPES, shape)}.")
+
+
+QUESTIONS: dict[str, Callable[[random.Random, int, int], tuple[list[Shape], str, str, str]]] = {
+    "colour": _colour_question, "count": _count_question, "side": _side_question, "shape": _shape_question,
+}
+
+
+def image_demo_records(n: int, seed: int = 0, size: int = 64) -> list[tuple[dict[str, Any], Image.Image]]:
+    """``n`` (ms-swift record, picture) pairs; the record's ``images`` is filled in when written."""
+    rng = random.Random(seed)
+    radius = max(3, size // 8)
+    out = []
+    for i in range(n):
+        kind = list(QUESTIONS)[i % len(QUESTIONS)]
+        shapes, question, right, wrong = QUESTIONS[kind](rng, size, radius)
+        record: dict[str, Any] = {"query": f"{IMAGE_PLACEHOLDER}\n{question}", "response": right,
+                                  "rejected_response": wrong}
+        if i % 5 == 1:
+            record["system"] = SYSTEM
+        if i % 7 == 3:  # a text-only earlier turn: the picture belongs to the last question
+            record["history"] = [["I will show you a picture.", "Please do, I will look at it carefully."]]
+        out.append((record, draw(shapes, size, radius)))
+    return out
+
+
+def write_image_demo(output_dir: str | Path, n: int = 200, seed: int = 0, size: int = 64) -> Path:
+    """Write ``n`` records to ``output_dir/image_pairs.jsonl`` and their PNGs to ``output_dir/images/``;
+    returns the JSONL path."""
+    out = Path(output_dir)
+    (out / IMAGE_SUBDIR).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (record, picture) in enumerate(image_demo_records(n, seed, size)):
+        name = f"{IMAGE_SUBDIR}/{i:05d}.png"
+        picture.save(out / name, format="PNG")
+        rows.append({**record, "images": [name]})
+    return atomic_write_jsonl(out / JSONL_NAME, rows)
+
+
+def describe(path: str | Path) -> dict[str, int]:
+    """Records per question kind in a written set (for summaries and tests)."""
+    counts: dict[str, int] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        question = json.loads(line)["query"].split("\n", 1)[1]
+        counts[question] = counts.get(question, 0) + 1
+    return counts
+
+
+__all__ = ["write_image_demo", "image_demo_records", "draw", "COLOURS", "SHAPES", "QUESTIONS", "JSONL_NAME"]

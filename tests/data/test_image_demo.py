@@ -1,0 +1,84 @@
+"""The generated vision preference set: deterministic, correct answers chosen, readable by the swift adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+from humanalign.data.image_demo import COLOURS, QUESTIONS, image_demo_records, write_image_demo
+from humanalign.data.load import load_source
+
+
+def digest(folder) -> str:
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            h.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_bytes_other_seed_other_set(tmp_path):
+    write_image_demo(tmp_path / "a", n=24, seed=5)
+    write_image_demo(tmp_path / "b", n=24, seed=5)
+    write_image_demo(tmp_path / "c", n=24, seed=6)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert digest(tmp_path / "a") != digest(tmp_path / "c")
+    assert len(list((tmp_path / "a" / "images").glob("*.png"))) == 24
+
+
+def test_colour_answers_match_the_pixels():
+    """The chosen colour is drawn in the picture and the rejected colour is not."""
+    checked = 0
+    for record, picture in image_demo_records(40, seed=1):
+        if not record["query"].endswith("What colour is the shape?"):
+            continue
+        pixels = set(picture.getdata())
+        chosen = re.search(r"is (\w+)\.$", record["response"]).group(1)
+        rejected = re.search(r"is (\w+)\.$", record["rejected_response"]).group(1)
+        assert COLOURS[chosen] in pixels and COLOURS[rejected] not in pixels
+        checked += 1
+    assert checked == 10
+
+
+def test_side_and_count_answers_match_the_pixels():
+    checked = 0
+    for record, picture in image_demo_records(40, seed=2):
+        question = record["query"].split("\n", 1)[1]
+        if question.startswith("Is the square"):
+            # the square is the colour that fills its whole bounding box (a circle does not)
+            boxes = {}
+            for i, colour in enumerate(picture.getdata()):
+                if colour != (255, 255, 255):
+                    x, y = i % picture.width, i // picture.width
+                    x0, y0, x1, y1, n = boxes.get(colour, (x, y, x, y, 0))
+                    boxes[colour] = (min(x0, x), min(y0, y), max(x1, x), max(y1, y), n + 1)
+            squares = [b for b in boxes.values() if b[4] == (b[2] - b[0] + 1) * (b[3] - b[1] + 1)]
+            if len(boxes) == 2 and len(squares) == 1:  # two colours: the square is told apart
+                x0, _, x1, _, _ = squares[0]
+                side = "left" if (x0 + x1) / 2 < picture.width / 2 else "right"
+                assert record["response"] == f"The square is on the {side}."
+                checked += 1
+        if question.startswith("How many circles"):
+            n = int(re.search(r"(\d+) circle", record["response"]).group(1))
+            wrong = int(re.search(r"(\d+) circle", record["rejected_response"]).group(1))
+            assert 1 <= n <= 4 and wrong != n
+            # circles sit one per cell of a 3x3 grid: count the cells whose centre has the circles' colour
+            step = picture.width // 3
+            centres = [picture.getpixel((cx * step + step // 2, cy * step + step // 2))
+                       for cx in range(3) for cy in range(3)]
+            counts = {c: centres.count(c) for c in set(centres) if c != (255, 255, 255)}
+            assert n in counts.values()
+    assert checked >= 5
+
+
+def test_the_swift_adapter_reads_it_with_resolved_images(tmp_path):
+    path = write_image_demo(tmp_path / "demo", n=len(QUESTIONS) * 3, seed=0)
+    res = load_source(str(path))
+    assert res.sources == ["swift"] and len(res.records) == 12
+    for rec, line in zip(res.records, path.read_text().splitlines()):
+        raw = json.loads(line)
+        assert rec.images == [str((path.parent / raw["images"][0]).resolve())]
+        assert rec.prompt[-1]["content"].startswith("<image>\n") and rec.chosen == raw["response"]
+    assert any(len(rec.prompt) == 3 for rec in res.records)  # history records
+    assert any(rec.prompt[0]["role"] == "system" for rec in res.records)
