@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -86,10 +87,17 @@ def launcher_argv() -> list[str]:
         except OSError:
             pass
     argv = list(sys.argv)
-    if argv and Path(argv[0]).name in ("humanalign", "cli.py"):
-        argv[0] = "humanalign" if Path(argv[0]).name == "humanalign" else "python -m humanalign.cli"
-        return [*argv[0].split(), *argv[1:]]
-    return [sys.executable, *argv]
+    if not argv:
+        return ["humanalign"]
+    script = Path(argv[0])
+    if script.name == "humanalign":  # the console script: by name when that is the one on PATH
+        found = shutil.which("humanalign")
+        head = ["humanalign"] if found and Path(found).resolve() == script.resolve() else [argv[0]]
+    elif script.name == "cli.py" and script.parent.name == "humanalign":  # python -m humanalign.cli
+        head = [sys.executable, "-m", "humanalign.cli"]
+    else:
+        head = [sys.executable, argv[0]]
+    return [*head, *argv[1:]]
 
 
 def resume_command(argv: list[str] | None = None) -> str:
