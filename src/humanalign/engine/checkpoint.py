@@ -42,6 +42,8 @@ CONFIG_FILE = "config.resolved.yaml"
 FINAL_DIR = "final"
 RUN_FILES = (FINAL_DIR, FINAL_DIR + "-merged", "metrics.jsonl", CONFIG_FILE, "run_summary.json", "wandb_run_id.txt")
 _STEP = re.compile(rf"^{re.escape(PREFIX)}(\d+)$")
+_UMASK = os.umask(0)  # read once (setting it is the only way to read it), restored at once
+os.umask(_UMASK)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -134,6 +136,19 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     return removed
 
 
+def share_permissions(folder: Path) -> None:
+    """Give a written folder the permissions of files made the ordinary way (0644 / 0755 under umask 022):
+    safetensors writes 0600 files and ``mkdtemp`` makes 0700 folders, which other users could not read."""
+    os.chmod(folder, 0o777 & ~_UMASK)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~_UMASK)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~_UMASK)
+
+
 def fsync_tree(folder: Path) -> None:
     """Flush every file of a folder (and the folder entries) to disk before it is renamed into place."""
     for root, _, files in os.walk(folder):
@@ -157,6 +172,7 @@ def write_state(folder: Path, state: dict[str, Any]) -> None:
 def publish(tmp: Path, final: Path) -> None:
     """fsync, then rename the finished temporary folder to its final name (an older folder of that name is
     renamed aside first and deleted after: ``final`` is always either the old or the new complete folder)."""
+    share_permissions(tmp)
     fsync_tree(tmp)
     if final.exists():
         _delete(final)

@@ -209,6 +209,7 @@ class CheckpointingMixin:
                     state_dict = merged_gathered_weights(unwrapped, state_dict)
                     unwrapped = unwrapped.get_base_model()  # saved with the merged weights: a plain model
                 self.write_model_folder(unwrapped, tokenizer, output_dir, state_dict, save_fn, extra_files)
+            ckpt.share_permissions(output_dir)
         self.wait()
         return output_dir
 
