@@ -74,7 +74,8 @@ def test_latest_with_no_checkpoint_refuses_to_start_over_a_finished_run(tmp_path
     shutil.rmtree(run_dir / "checkpoint-2")
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
     with pytest.raises(UserError, match=r"latest: .* holds no complete checkpoint to resume, but a run "
-                                        r"\(config.resolved.yaml, final/, metrics.jsonl\); pass --overwrite-output-dir"):
+                                        r"\(config.resolved.yaml, events.*, final/, metrics.jsonl, run_summary.json\); "
+                                        r"pass --overwrite-output-dir"):
         run_toy({"output_dir": str(run_dir), "max_steps": 2, "resume_from_checkpoint": "latest"})
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # nothing touched, no lock left
     steps = []

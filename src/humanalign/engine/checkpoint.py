@@ -89,13 +89,18 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
         raise UserError(f"{checkpoint}: cannot read {STATE_FILE} ({exc})") from None
 
 
+def _ours(name: str) -> bool:
+    """A name that a run of ours writes into its folder (what ``clear_run`` deletes), temporaries aside."""
+    return name in RUN_FILES or name.startswith(PREFIX) or name.startswith("events.out.tfevents.")
+
+
 def run_contents(run_dir: Path) -> list[str]:
-    """What of a training run of ours a folder holds (names, folders with a slash), empty if none."""
+    """What of a training run of ours a folder holds (names, folders with a slash), empty if none: exactly
+    what ``clear_run`` would delete besides interrupted saves, so nothing is cleared without overwrite."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    return sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir()
-                  if p.name in {CONFIG_FILE, "metrics.jsonl", FINAL_DIR} or p.name.startswith(PREFIX))
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir() if _ours(p.name))
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -110,12 +115,7 @@ def clear_run(run_dir: Path, keep_checkpoints: bool = False) -> None:
         return
     for child in run_dir.iterdir():
         name = child.name
-        ours = (
-            name.startswith(TMP_PREFIX)
-            or (name.startswith(PREFIX) and not keep_checkpoints)
-            or name in RUN_FILES
-            or name.startswith("events.out.tfevents.")
-        )
+        ours = name.startswith(TMP_PREFIX) or (_ours(name) and not (keep_checkpoints and name.startswith(PREFIX)))
         if not ours:
             continue
         if child.is_dir():

@@ -191,6 +191,10 @@ def _claim_run_dir(run_dir: Path, config: TrainingConfig, name: str) -> RunFolde
             raise UserError(
                 f"{run_dir} already holds a run ({', '.join(found)}); set overwrite_output_dir: true to replace it, "
                 "resume_from_checkpoint: latest to continue it, or choose another output_dir")
+        metrics = Path(config.logging_dir or run_dir) / "metrics.jsonl"
+        if resume is None and metrics.is_file() and not config.overwrite_output_dir:  # a logging_dir of its own
+            raise UserError(f"logging_dir: {metrics} holds another run's metrics; set overwrite_output_dir: true "
+                            "to replace them, or choose another logging_dir")
         if resume is None:
             ckpt.clear_run(run_dir)
         else:
