@@ -430,7 +430,7 @@ class Engine(CheckpointingMixin, AbstractContextManager):
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self._weights_bad = nonfinite_count(self.model)  # on the device; synced with the next step
+            self._weights_bad = nonfinite_count(self.model, only_on=self.device)  # synced with the next step
             self.nonfinite_in_a_row = 0
             self._acc.add({"train/grad_norm": norm_value})
             self._acc.commit()
