@@ -203,10 +203,10 @@ def _claim_run_dir(run_dir: Path, config: TrainingConfig, name: str) -> RunFolde
             warn_config_changes(config, resume, name)
         config.save(run_dir / ckpt.CONFIG_FILE)
     except BaseException:
+        if created:
+            _remove_folder(run_dir)  # made a moment ago, only for this run; while still locked
         if lock is not None:
             lock.release()
-        if created:
-            _remove_folder(run_dir)  # made a moment ago, only for this run
         raise
     return RunFolder(resume, lock, created)
 

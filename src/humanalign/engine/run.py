@@ -19,9 +19,9 @@ A trainer owns its loop; the engine owns everything around it::
                 engine.save_checkpoint()
         engine.finish(model, tokenizer)                   # best checkpoint, final HF model, summary
 
-Reliability (docs/engine.md, "Stopping and failing safely"): one run per folder (a lock), SIGINT/SIGTERM stop
-after the current step with a checkpoint, weights are checked finite before every save, a fresh run that
-fails before its first step leaves nothing behind.
+Reliability (docs/engine.md, "Checkpoints" and "Stopping on a signal"): one run per folder (a lock),
+SIGINT/SIGTERM stop after the current step with a checkpoint, weights are checked finite before every save, a
+fresh run that fails before its first step leaves nothing behind.
 
 Works unchanged on one CPU, one GPU, DDP, FSDP and DeepSpeed (``accelerate launch`` or ``torchrun``). See
 docs/engine.md for the data order, checkpoint layout, NaN guard and the DeepSpeed caveats.
@@ -456,6 +456,8 @@ class Engine(CheckpointingMixin, AbstractContextManager):
         """Where the run can resume (the end of a step, after the trainer's eval and save; PPO: the end of a
         rollout): when a SIGINT/SIGTERM reached any rank, save a checkpoint unless this step has one, and raise
         ``Interrupted`` with the command that resumes. Called by ``train_steps``; a loop of its own calls it."""
+        if self.num_processes == 1 and self._signals.received is not None:
+            self._stop_agreed = True  # nothing to agree on: also a signal that came after this step's sync
         if not self._stop_agreed:
             return
         path = ckpt.checkpoint_dir(self.run_dir, self.step)
