@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from humanalign.errors import UserError
+from humanalign.errors import Interrupted, UserError
 
 # command words -> (config schema, function taking the validated config)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -179,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"humanalign: error: {err}", file=sys.stderr)
         return err.exit_code
+    except Interrupted as stop:  # a signal stopped training after a checkpoint: the message says how to resume
+        if os.environ.get("RANK", "0") == "0":
+            print(f"humanalign: {stop}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("humanalign: interrupted", file=sys.stderr)
         return 130

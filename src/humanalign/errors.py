@@ -25,3 +25,13 @@ class RecordError(UserError):
 
 class ConfigError(UserError):
     """A bad configuration value or key."""
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGINT / SIGTERM after saving a checkpoint. The message says how to resume; the CLI
+    prints it as one line and exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

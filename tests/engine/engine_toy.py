@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from humanalign.config.training import TrainingConfig
 from humanalign.engine import Engine
+from humanalign.errors import Interrupted
 
 VOCAB = 64
 torch.set_num_threads(1)  # the test machine has 2 shared cores: more threads only contend
@@ -154,8 +156,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--poison-rank", type=int, default=None)
     args = parser.parse_args(argv)
     poison = tuple(int(s) for s in args.poison.split(",") if s)
-    run_toy(json.loads(args.values), poison_steps=poison, sleep=args.sleep, dropout=args.dropout,
-            poison_rank=args.poison_rank)
+    try:
+        run_toy(json.loads(args.values), poison_steps=poison, sleep=args.sleep, dropout=args.dropout,
+                poison_rank=args.poison_rank)
+    except Interrupted as stop:  # as the CLI reports a run stopped by a signal
+        print(f"rank {os.environ.get('RANK', '0')}: {stop}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from accelerate import Accelerator
 from engine_toy import read_metrics, run_toy
 from safetensors.torch import load_file
 
-from humanalign.engine.checkpoint import latest_checkpoint, list_checkpoints, resolve_checkpoint
+from humanalign.engine.checkpoint import latest_checkpoint, list_checkpoints, resolve_checkpoint, rotate
 from humanalign.errors import UserError
 
 VALUES = {"max_steps": 6, "save_steps": 2, "eval_steps": 2}
@@ -65,13 +67,60 @@ def test_resolving_checkpoints(tmp_path):
         resolve_checkpoint(str(tmp_path / "nope"), tmp_path)
 
 
-def test_latest_on_a_run_without_checkpoints_starts_over(tmp_path):
-    run_toy({"output_dir": str(tmp_path), "max_steps": 2})  # saves only at the end
-    for ckpt in tmp_path.glob("checkpoint-*"):
-        import shutil
-
-        shutil.rmtree(ckpt)
+def test_latest_with_no_checkpoint_refuses_to_start_over_a_finished_run(tmp_path):
+    """Resuming 'latest' where no checkpoint is left must not start afresh over the final model and metrics."""
+    run_dir = tmp_path / "run"
+    run_toy({"output_dir": str(run_dir), "max_steps": 2})  # saves only at the end
+    shutil.rmtree(run_dir / "checkpoint-2")
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    with pytest.raises(UserError, match=r"latest: .* holds no complete checkpoint to resume, but a run "
+                                        r"\(config.resolved.yaml, events.*, final/, metrics.jsonl, run_summary.json\); "
+                                        r"pass --overwrite-output-dir"):
+        run_toy({"output_dir": str(run_dir), "max_steps": 2, "resume_from_checkpoint": "latest"})
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # nothing touched, no lock left
     steps = []
-    run_toy({"output_dir": str(tmp_path), "max_steps": 2, "resume_from_checkpoint": "latest"},
+    run_toy({"output_dir": str(run_dir), "max_steps": 2, "resume_from_checkpoint": "latest",
+             "overwrite_output_dir": True}, on_step=lambda engine, model: steps.append(engine.step))
+    assert steps == [1, 2]  # explicitly asked: starts over
+    fresh = tmp_path / "fresh"  # 'latest' on a folder that holds nothing yet simply starts
+    run_toy({"output_dir": str(fresh), "max_steps": 1, "resume_from_checkpoint": "latest"})
+    assert (fresh / "final").is_dir()
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("optimizer.bin", "truncate", "optimizer.bin is truncated or damaged"),
+    ("scheduler.pt", "delete", "scheduler.pt is missing"),
+    ("model.safetensors", "truncate", "model.safetensors is truncated"),
+])
+def test_a_damaged_checkpoint_file_is_named_with_the_previous_checkpoint(tmp_path, name, damage, message):
+    run_toy({"output_dir": str(tmp_path), "max_steps": 4, "save_steps": 2})
+    target = tmp_path / "checkpoint-4" / name
+    if damage == "delete":
+        target.unlink()
+    else:
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    with pytest.raises(UserError, match=rf"cannot resume: .*checkpoint-4/{message}; resume from the previous "
+                                        r"checkpoint instead: --resume-from-checkpoint .*checkpoint-2$"):
+        run_toy({"output_dir": str(tmp_path), "max_steps": 4, "resume_from_checkpoint": "latest"})
+    assert (tmp_path / "final").is_dir()  # a refused resume deletes nothing
+
+
+def test_missing_random_states_warn_and_resume(tmp_path, capsys):
+    run_toy({"output_dir": str(tmp_path), "max_steps": 3, "save_steps": 2})
+    (tmp_path / "checkpoint-2" / "random_states_0.pkl").unlink()
+    shutil.rmtree(tmp_path / "checkpoint-3")
+    steps = []
+    run_toy({"output_dir": str(tmp_path), "max_steps": 3, "resume_from_checkpoint": "latest"},
             on_step=lambda engine, model: steps.append(engine.step))
-    assert steps == [1, 2]
+    assert steps == [3]
+    assert "random_states_0.pkl is missing: the resume is not exact" in capsys.readouterr().err
+
+
+def test_rotation_never_deletes_the_newest_checkpoint(tmp_path):
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    deleted = rotate(tmp_path, 1, keep=[tmp_path / "checkpoint-2"])  # the best is the oldest
+    assert deleted == [tmp_path / "checkpoint-4"]
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 6]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # deleted via a .tmp- name

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,38 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     assert max(abs(a[s] - b[s]) for s in a) < 1e-5
     w = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     assert all(t.isfinite().all() for t in w.values())
+
+
+def _worker_pids(launcher: int) -> dict[str, int]:
+    """RANK -> pid of torchrun's worker processes (children of the launcher), from /proc."""
+    workers = {}
+    for task in Path(f"/proc/{launcher}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            rank = next((e[5:].decode() for e in env if e.startswith(b"RANK=")), None)
+            if rank is not None:
+                workers[rank] = int(pid)
+    return workers
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    run_dir = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    values = {"output_dir": str(run_dir), "max_steps": 200, "learning_rate": 1e-2, "batch_size": 2}
+    proc = subprocess.Popen([TORCHRUN, "--nproc_per_node", "2", "--master_port", "29519", str(TOY),
+                             json.dumps(values), "--sleep", "0.2"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while not ((run_dir / "metrics.jsonl").is_file() and read_metrics(run_dir)):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    os.kill(_worker_pids(proc.pid)["1"], signal.SIGTERM)  # rank 1 only, as a node-local notice would
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    line = next(x for x in out.splitlines() if x.startswith("rank 0: stopped by SIGTERM after step "))
+    step = int(line.split(" after step ")[1].split("/")[0])
+    # both ranks saved the same step (rank 1's RNG file in rank 0's checkpoint folder), and nothing after it
+    assert (run_dir / f"checkpoint-{step}" / "random_states_1.pkl").is_file()
+    assert json.loads((run_dir / f"checkpoint-{step}" / "trainer_state.json").read_text())["step"] == step
+    assert max(read_metrics(run_dir)) == step and not (run_dir / ".humanalign.lock").exists()

@@ -4,6 +4,7 @@ registered trainer state, and LoRA checkpoints that hold only the adapter."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -38,6 +39,11 @@ def test_run_folder_holds_metrics_checkpoints_config_and_an_hf_model(tmp_path):
             assert torch.equal(tensor, ckpt[name])
     summary = json.loads((tmp_path / "run_summary.json").read_text())
     assert summary["step"] == 6 and summary["eval"]["eval/loss"] == pytest.approx(losses[6])
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert modes == {0o666 & ~umask}  # readable like any file (safetensors alone writes 0600)
+    assert {p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_dir()} == {0o777 & ~umask}
 
 
 def test_refuses_a_folder_that_holds_a_run(tmp_path):

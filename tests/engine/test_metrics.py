@@ -76,3 +76,17 @@ def test_progress_prints_lines_when_not_on_a_terminal(capsys):
     assert capsys.readouterr().err == ""  # eval metrics join the next line, without a line of their own
     bar.update(6, {"train/loss": 2.0})
     assert "eval/loss 1.25" in capsys.readouterr().err
+
+
+def test_a_resumed_run_logs_the_same_window_as_an_uninterrupted_one(tmp_path):
+    """logging_steps 10, checkpoint at step 8: the step-10 log averages steps 1-10 in both runs (the partial
+    window of steps 1-8 travels in the checkpoint)."""
+    values = {"max_steps": 10, "logging_steps": 10, "save_steps": 8, "learning_rate": 1e-2}
+    run_toy({"output_dir": str(tmp_path / "a"), **values})
+    run_toy({"output_dir": str(tmp_path / "b"), **values,
+             "resume_from_checkpoint": str(tmp_path / "a" / "checkpoint-8")})
+    for key in ("train/loss", "train/perplexity", "train/grad_norm"):
+        a, b = read_metrics(tmp_path / "a", key), read_metrics(tmp_path / "b", key)
+        assert list(a) == list(b) == [10] and a[10] == b[10], key  # exact: the same float sums
+    state = json.loads((tmp_path / "a" / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["log_window"]["train/loss"][1] > 0  # token weights of steps 1-8

@@ -67,3 +67,26 @@ def test_a_finite_step_resets_the_streak(tmp_path):
     run_toy({"output_dir": str(tmp_path), "max_steps": 7, "max_nonfinite_steps": 3}, poison_steps=(2, 3, 5, 6))
     rows = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "train/lr" in r]
     assert rows[-1]["step"] == 7 and rows[-1]["train/skipped_nonfinite"] == 4
+
+
+def poison_weights_after(step: int):
+    """An optimizer step-post hook that writes an inf into a weight after the update of ``step``."""
+    def on_step(engine, model):
+        if engine.step == 1:
+            def hook(optimizer, args, kwargs):
+                if engine.step + 1 == step:  # engine.step counts the finished steps
+                    engine.unwrap(model).model.norm.weight.data[0] = float("inf")
+            engine.optimizer.optimizer.register_step_post_hook(hook)
+    return on_step
+
+
+@pytest.mark.parametrize("bad_step", [3, 4])
+def test_non_finite_weights_are_never_saved(tmp_path, bad_step):
+    """Step 3's update goes bad: found at step 4's sync. Step 4's: found before its checkpoint is written."""
+    with pytest.raises(UserError, match=rf"^step {bad_step}: the model's weights became non-finite \(NaN/inf\) "
+                                        r".*; stopping without saving them .*last good checkpoint: .*checkpoint-2$"):
+        run_toy({"output_dir": str(tmp_path), "max_steps": 6, "save_steps": 2}, on_step=poison_weights_after(bad_step))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (tmp_path / "final").exists() and not list(tmp_path.glob(".tmp-*"))
+    saved = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in saved.values())

@@ -86,7 +86,10 @@ class TrainingConfig(ConfigBase):
     logging_steps: int = Field(10, ge=1, description="Write metrics every N optimizer steps.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps (null: at the end only).")
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps (null: at the end only).")
-    save_total_limit: int | None = Field(None, ge=1, description="Keep at most N checkpoints (oldest deleted first).")
+    save_total_limit: int | None = Field(
+        3, ge=1, description="Keep at most N checkpoints, oldest deleted first; the newest and the best are always "
+        "kept (null: keep all; each holds the weights and the optimizer state, ~3x the model's size)."
+    )
     load_best_model_at_end: bool = Field(False, description="Finish with the checkpoint that had the best eval metric.")
     metric_for_best_model: str = Field("eval/loss", description="Eval metric that picks the best checkpoint.")
     greater_is_better: bool = Field(False, description="Whether a larger metric_for_best_model is better.")

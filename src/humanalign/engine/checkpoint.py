@@ -13,7 +13,9 @@ A checkpoint ``<output_dir>/checkpoint-<step>/`` holds:
 Atomicity: everything is written into ``.tmp-checkpoint-<step>`` and fsynced; only then is the folder renamed
 to ``checkpoint-<step>``. A process killed during a save leaves a ``.tmp-*`` folder that is ignored and deleted
 by the next run, and the previous checkpoint untouched. ``latest`` is the complete checkpoint with the highest
-step; a folder counts as complete when its ``trainer_state.json`` (written last) exists.
+step; a folder counts as complete when its ``trainer_state.json`` (written last) exists. Replacing or deleting
+a checkpoint renames it to a ``.tmp-*`` name first, so a folder named ``checkpoint-<step>`` is never half
+deleted. Before a resume, ``verify`` checks that the files are there and whole (see ``verify``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import json
 import os
 import re
 import shutil
+import struct
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,10 @@ SCHEDULER_FILE = "scheduler.pt"
 EXTRA_FILE = "extra_state.pt"
 CONFIG_FILE = "config.resolved.yaml"
 FINAL_DIR = "final"
+RUN_FILES = (FINAL_DIR, FINAL_DIR + "-merged", "metrics.jsonl", CONFIG_FILE, "run_summary.json", "wandb_run_id.txt")
 _STEP = re.compile(rf"^{re.escape(PREFIX)}(\d+)$")
+_UMASK = os.umask(0)  # read once (setting it is the only way to read it), restored at once
+os.umask(_UMASK)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -82,13 +89,23 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
         raise UserError(f"{checkpoint}: cannot read {STATE_FILE} ({exc})") from None
 
 
-def holds_run(run_dir: Path) -> bool:
-    """Whether a folder already holds a training run of ours."""
+def _ours(name: str) -> bool:
+    """A name that a run of ours writes into its folder (what ``clear_run`` deletes), temporaries aside."""
+    return name in RUN_FILES or name.startswith(PREFIX) or name.startswith("events.out.tfevents.")
+
+
+def run_contents(run_dir: Path) -> list[str]:
+    """What of a training run of ours a folder holds (names, folders with a slash), empty if none: exactly
+    what ``clear_run`` would delete besides interrupted saves, so nothing is cleared without overwrite."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        return False
-    names = {p.name for p in run_dir.iterdir()}
-    return bool({CONFIG_FILE, "metrics.jsonl", FINAL_DIR} & names) or any(n.startswith(PREFIX) for n in names)
+        return []
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir() if _ours(p.name))
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether a folder already holds a training run of ours."""
+    return bool(run_contents(run_dir))
 
 
 def clear_run(run_dir: Path, keep_checkpoints: bool = False) -> None:
@@ -98,13 +115,7 @@ def clear_run(run_dir: Path, keep_checkpoints: bool = False) -> None:
         return
     for child in run_dir.iterdir():
         name = child.name
-        ours = (
-            name.startswith(TMP_PREFIX)
-            or (name.startswith(PREFIX) and not keep_checkpoints)
-            or name in {FINAL_DIR, FINAL_DIR + "-merged", "metrics.jsonl", CONFIG_FILE, "run_summary.json",
-                        "wandb_run_id.txt"}
-            or name.startswith("events.out.tfevents.")
-        )
+        ours = name.startswith(TMP_PREFIX) or (_ours(name) and not (keep_checkpoints and name.startswith(PREFIX)))
         if not ours:
             continue
         if child.is_dir():
@@ -123,6 +134,19 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
                 shutil.rmtree(child, ignore_errors=True)
                 removed.append(child)
     return removed
+
+
+def share_permissions(folder: Path) -> None:
+    """Give a written folder the permissions of files made the ordinary way (0644 / 0755 under umask 022):
+    safetensors writes 0600 files and ``mkdtemp`` makes 0700 folders, which other users could not read."""
+    os.chmod(folder, 0o777 & ~_UMASK)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~_UMASK)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~_UMASK)
 
 
 def fsync_tree(folder: Path) -> None:
@@ -146,10 +170,12 @@ def write_state(folder: Path, state: dict[str, Any]) -> None:
 
 
 def publish(tmp: Path, final: Path) -> None:
-    """fsync, then rename the finished temporary folder to its final name (replacing an older one)."""
+    """fsync, then rename the finished temporary folder to its final name (an older folder of that name is
+    renamed aside first and deleted after: ``final`` is always either the old or the new complete folder)."""
+    share_permissions(tmp)
     fsync_tree(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        _delete(final)
     os.replace(tmp, final)
     fd = os.open(final.parent, os.O_RDONLY)
     try:
@@ -158,17 +184,101 @@ def publish(tmp: Path, final: Path) -> None:
         os.close(fd)
 
 
+def _delete(folder: Path) -> None:
+    """Rename a checkpoint to a ``.tmp-*`` name (atomic), then delete it: an interrupted deletion leaves a
+    folder that is ignored and tidied up, never a ``checkpoint-<step>`` with files missing."""
+    aside = folder.with_name(f"{TMP_PREFIX}{folder.name[len(PREFIX):]}.old")
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.replace(folder, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def rotate(run_dir: Path, limit: int | None, keep: Iterable[Path] = ()) -> list[Path]:
-    """Delete the oldest checkpoints beyond ``limit``; folders in ``keep`` (the best one) are never deleted."""
+    """Delete the oldest checkpoints beyond ``limit``; the newest one and the folders in ``keep`` (the best
+    one) are never deleted, so a limit of 1 with a best checkpoint that is not the newest keeps 2."""
     if limit is None:
         return []
-    keep_resolved = {Path(p).resolve() for p in keep if p is not None}
     found = list_checkpoints(run_dir)
+    if not found:
+        return []
+    keep_resolved = {Path(p).resolve() for p in keep if p is not None} | {found[-1][1].resolve()}
     removable = [p for _, p in found if p.resolve() not in keep_resolved]
     excess = len(found) - limit
     deleted = []
     for path in removable[:max(0, excess)]:
-        shutil.rmtree(path, ignore_errors=True)
+        _delete(path)
         deleted.append(path)
     return deleted
+
+
+# ----------------------------------------------------------------------------------------------- verify
+
+def _check_safetensors(path: Path) -> str | None:
+    """None if the file is whole: its header parses and the file is as long as the header says."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return "truncated"
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            return "truncated"
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "damaged (unreadable header)"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    return None if size >= 8 + n + end else "truncated"
+
+
+def _check_torch_file(path: Path) -> str | None:
+    """None if a ``torch.save`` file (a zip archive) is whole: the zip directory, at its end, reads."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return "truncated or damaged"
+    return None
+
+
+def verify(checkpoint: Path, *, models: int, optimizers: int, sharded: bool, processes: int,
+           scaler: bool, extra: bool = False) -> list[str]:
+    """Check a checkpoint's files before resuming from it: a missing or truncated model, optimizer, scheduler,
+    scaler or trainer-state file is a UserError naming it and the previous checkpoint; returns warnings (a
+    missing or unreadable ``random_states_<rank>.pkl``: the resume is not exact). Sharded (FSDP/DeepSpeed)
+    model and optimizer folders are checked by their loaders."""
+    checkpoint = Path(checkpoint)
+    names = [SCHEDULER_FILE]
+    if not sharded:
+        names += ["model.safetensors" if i == 0 else f"model_{i}.safetensors" for i in range(models)]
+        names += ["optimizer.bin" if i == 0 else f"optimizer_{i}.bin" for i in range(optimizers)]
+    names += ["scaler.pt"] * scaler + [EXTRA_FILE] * extra
+    for name in names:
+        path = checkpoint / name
+        if not path.is_file():
+            problem = "is missing"
+        else:
+            check = _check_safetensors if name.endswith(".safetensors") else _check_torch_file
+            problem = check(path)
+            problem = f"is {problem}" if problem else None
+        if problem:
+            raise UserError(f"cannot resume: {path} {problem}; {suggest_previous(checkpoint)}")
+    warnings = []
+    for rank in range(processes):
+        path = checkpoint / f"random_states_{rank}.pkl"
+        if not path.is_file() or _check_torch_file(path):
+            warnings.append(f"{path} is {'missing' if not path.is_file() else 'damaged'}: the resume is not exact "
+                            "(dropout and sampling will draw other random numbers than an uninterrupted run)")
+    return warnings
+
+
+def suggest_previous(checkpoint: Path) -> str:
+    """What to do instead of resuming from a damaged checkpoint: the previous complete one, if any."""
+    checkpoint = Path(checkpoint)
+    match = _STEP.match(checkpoint.name)
+    earlier = [p for s, p in list_checkpoints(checkpoint.parent) if match and s < int(match.group(1))]
+    if earlier:
+        return f"resume from the previous checkpoint instead: --resume-from-checkpoint {earlier[-1]}"
+    return "there is no earlier checkpoint: start over with --overwrite-output-dir"
 

@@ -7,9 +7,11 @@ Everything here runs once, before the first step; ``run.Engine`` calls it.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitPr
 
 from humanalign.config.training import TrainingConfig
 from humanalign.engine import checkpoint as ckpt
+from humanalign.engine.runlock import RunLock, describe
 from humanalign.errors import ConfigError, UserError
 
 
@@ -122,32 +125,109 @@ def describe_processes(accelerator: Accelerator) -> str | None:
     return f"{accelerator.num_processes} processes: {what}, {backend} on {accelerator.device.type}"
 
 
-def prepare_run_dir(accelerator: Accelerator, config: TrainingConfig, name: str) -> Path | None:
-    """Refuse an output_dir that holds a run (unless overwriting or resuming), clear or tidy it, write
-    config.resolved.yaml. Returns the checkpoint to resume from, or None."""
+@dataclass
+class RunFolder:
+    """The run folder as ``prepare_run_dir`` left it: the checkpoint to resume from (None: a fresh run), the
+    lock (main process only) and whether this run created the folder."""
+
+    resume: Path | None
+    lock: RunLock | None = None
+    created: bool = False
+
+
+def prepare_run_dir(accelerator: Accelerator, config: TrainingConfig, name: str) -> RunFolder:
+    """Lock the output_dir (one run per folder), refuse it when it holds a run (unless overwriting or
+    resuming), clear or tidy it, write config.resolved.yaml. The main process decides; every rank gets the
+    same outcome (the same error, or the same checkpoint to resume from)."""
     run_dir = Path(config.output_dir)
-    resume = ckpt.resolve_checkpoint(config.resume_from_checkpoint, run_dir)
-    has_run = ckpt.holds_run(run_dir)
-    # Every rank decides from the same untouched folder, before the main process writes anything.
-    if resume is None and has_run and not config.overwrite_output_dir and config.resume_from_checkpoint != "latest":
-        raise UserError(
-            f"{run_dir} already holds a run; set overwrite_output_dir: true to replace it, "
-            "resume_from_checkpoint: latest to continue it, or choose another output_dir"
-        )
-    accelerator.wait_for_everyone()
+    folder, error = RunFolder(None), None
     if accelerator.is_main_process:
+        try:
+            folder = _claim_run_dir(run_dir, config, name)
+        except BaseException as exc:
+            if accelerator.num_processes == 1:
+                raise
+            error = str(exc) if isinstance(exc, UserError) else f"the main process failed: {exc!r}"
+            failure = exc
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        shared = broadcast_object_list([error, str(folder.resume) if folder.resume else None])
+        if shared[0] is not None:
+            if accelerator.is_main_process:
+                raise failure
+            raise UserError(shared[0])
+        folder.resume = Path(shared[1]) if shared[1] else None
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def _claim_run_dir(run_dir: Path, config: TrainingConfig, name: str) -> RunFolder:
+    """Main process: create and lock the folder, then decide (see ``prepare_run_dir``). On a refusal the lock
+    is released and a folder this call created is removed again."""
+    try:
+        run_dir.mkdir(parents=True)  # atomic: of two runs starting together, only one has created it
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError as exc:
+        raise UserError(f"output_dir: cannot create {run_dir} ({exc.strerror})") from None
+    if not run_dir.is_dir():
+        raise UserError(f"output_dir: {run_dir} is a file, not a folder")
+    lock = None
+    try:
+        lock = RunLock.acquire(run_dir)
+        if lock.stale:
+            print(f"[{name}] took over the lock of a run that ended without releasing it ({describe(lock.stale)})",
+                  file=sys.stderr)
+        resume = ckpt.resolve_checkpoint(config.resume_from_checkpoint, run_dir)
+        found = ckpt.run_contents(run_dir)
+        if resume is None and found and not config.overwrite_output_dir:
+            if config.resume_from_checkpoint == "latest":
+                raise UserError(
+                    f"resume_from_checkpoint: latest: {run_dir} holds no complete checkpoint to resume, but a run "
+                    f"({', '.join(found)}); pass --overwrite-output-dir to delete it and start over, or choose "
+                    "another output_dir")
+            raise UserError(
+                f"{run_dir} already holds a run ({', '.join(found)}); set overwrite_output_dir: true to replace it, "
+                "resume_from_checkpoint: latest to continue it, or choose another output_dir")
+        metrics = Path(config.logging_dir or run_dir) / "metrics.jsonl"
+        if resume is None and metrics.is_file() and not config.overwrite_output_dir:  # a logging_dir of its own
+            raise UserError(f"logging_dir: {metrics} holds another run's metrics; set overwrite_output_dir: true "
+                            "to replace them, or choose another logging_dir")
         if resume is None:
-            if config.resume_from_checkpoint == "latest" and has_run:
-                print(f"[{name}] no checkpoint in {run_dir} yet: starting from scratch", file=sys.stderr)
             ckpt.clear_run(run_dir)
         else:
             for path in ckpt.remove_stale_temporaries(run_dir):
                 print(f"[{name}] removed {path.name} (a save that was interrupted)", file=sys.stderr)
             warn_config_changes(config, resume, name)
-        run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / ckpt.CONFIG_FILE)
-    accelerator.wait_for_everyone()
-    return resume
+    except BaseException:
+        if created:
+            _remove_folder(run_dir)  # made a moment ago, only for this run; while still locked
+        if lock is not None:
+            lock.release()
+        raise
+    return RunFolder(resume, lock, created)
+
+
+def _remove_folder(run_dir: Path) -> None:
+    """Rename aside, then delete: a run starting meanwhile creates a fresh folder, never loses files to us."""
+    aside = run_dir.with_name(f".{run_dir.name}.abandoned-{os.getpid()}")
+    try:
+        os.replace(run_dir, aside)
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def abandon_run_dir(folder: RunFolder, run_dir: Path) -> None:
+    """Main process, after a fresh run failed before its first step: remove what it wrote, so that nothing
+    blocks a rerun and no half-made folder looks like a run (a folder it created goes entirely)."""
+    if folder.created:
+        _remove_folder(run_dir)
+    else:
+        ckpt.clear_run(run_dir)
 
 
 def warn_config_changes(config: TrainingConfig, resume: Path, name: str) -> None:

@@ -57,6 +57,26 @@ class MetricAccumulator:
     def discard(self) -> None:
         self.window = {}
 
+    def state(self, reduce_fn=None) -> dict[str, list[float]]:
+        """The committed sums since the last log, summed over the ranks (``reduce_fn``, a collective: call it on
+        every rank), for a checkpoint: ``{key: [sum of value x weight, sum of weight]}``. Left unchanged."""
+        keys = sorted(self.totals)
+        if not keys:
+            return {}
+        packed = torch.stack([t for key in keys for t in (self.totals[key][0],
+                                                           self.totals[key][1].to(self.totals[key][0].device))])
+        if reduce_fn is not None:
+            packed = reduce_fn(packed)
+        flat = packed.float().cpu().tolist()
+        return {key: [flat[2 * i], flat[2 * i + 1]] for i, key in enumerate(keys)}
+
+    def load_state(self, state: dict[str, list[float]], *, owner: bool, device: torch.device | str = "cpu") -> None:
+        """Restore ``state`` (see ``state``): the sums go to one rank (``owner``), zeros under the same keys to
+        the others, so that the next log's sum over the ranks is the uninterrupted run's."""
+        self.totals = {key: [torch.tensor(vw if owner else 0.0, device=device),
+                             torch.tensor(w if owner else 0.0, device=device)] for key, (vw, w) in state.items()}
+        self.window = {}
+
     def reduce(self, reduce_fn=None) -> dict[str, float]:
         """Averages since the last call; ``reduce_fn`` sums a tensor across ranks (one collective for all keys).
 

@@ -19,6 +19,10 @@ A trainer owns its loop; the engine owns everything around it::
                 engine.save_checkpoint()
         engine.finish(model, tokenizer)                   # best checkpoint, final HF model, summary
 
+Reliability (docs/engine.md, "Checkpoints" and "Stopping on a signal"): one run per folder (a lock),
+SIGINT/SIGTERM stop after the current step with a checkpoint, weights are checked finite before every save, a
+fresh run that fails before its first step leaves nothing behind.
+
 Works unchanged on one CPU, one GPU, DDP, FSDP and DeepSpeed (``accelerate launch`` or ``torchrun``). See
 docs/engine.md for the data order, checkpoint layout, NaN guard and the DeepSpeed caveats.
 """
@@ -26,6 +30,7 @@ docs/engine.md for the data order, checkpoint layout, NaN guard and the DeepSpee
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 import warnings
@@ -42,11 +47,13 @@ from humanalign.config.training import TrainingConfig
 from humanalign.engine import checkpoint as ckpt
 from humanalign.engine import launch
 from humanalign.engine.data import StepBatchSampler
-from humanalign.engine.metrics import MetricAccumulator, MetricsWriter
+from humanalign.engine.metrics import METRICS_FILE, MetricAccumulator, MetricsWriter
 from humanalign.engine.optim import build_optimizer, build_scheduler, param_groups
 from humanalign.engine.progress import Progress
 from humanalign.engine.saving import CheckpointingMixin
-from humanalign.errors import UserError
+from humanalign.engine.state import nonfinite_count
+from humanalign.engine.stopping import StopSignals, resume_command
+from humanalign.errors import Interrupted, UserError
 
 resolve_mixed_precision = launch.resolve_mixed_precision
 
@@ -79,13 +86,19 @@ class Engine(CheckpointingMixin, AbstractContextManager):
         self._acc = MetricAccumulator()
         self._log_transforms: dict[str, Callable[[float], float]] = {}  # see record(then=...)
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._weights_bad = torch.zeros((), device=self.device)  # after the last update; synced with the next step
+        self._signals = StopSignals(self.print)
+        self._stop_agreed = False  # every rank's flag summed: all ranks stop after the same step
+        self._saved_step: int | None = None
         self._micro_in_window = 0
         self._start_time = time.time()
         self._closed = False
+        self.folder = launch.RunFolder(None)
         try:
             # before any model is prepared: a frozen model under ZeRO-3 is initialised with these values too
             launch.configure_deepspeed(self.accelerator, config)
-            self.resume_dir = launch.prepare_run_dir(self.accelerator, config, name)
+            self.folder = launch.prepare_run_dir(self.accelerator, config, name)
+            self.resume_dir = self.folder.resume
             resume_state = ckpt.read_state(self.resume_dir) if self.resume_dir else None
             self.metrics = MetricsWriter(
                 self.logging_dir, [r for r in config.report_to if r != "none"], enabled=self.is_main_process,
@@ -96,6 +109,7 @@ class Engine(CheckpointingMixin, AbstractContextManager):
             if processes:
                 self.print(f"[{name}] {processes}")
         except BaseException:
+            self._leave_run_dir(failed=True)
             self._end_accelerate()
             raise
 
@@ -311,6 +325,7 @@ class Engine(CheckpointingMixin, AbstractContextManager):
                 yield [self.to_device(b) for b in window]
                 if self.step != expected:
                     raise RuntimeError("call engine.optimizer_step() once after each step's micro-batches")
+                self.stop_if_requested()  # after the trainer's eval and save of this step
 
     def _announce(self, sampler: StepBatchSampler) -> None:
         parts = [f"[{self.name}] {sampler.num_examples:,} {self._item_name}",
@@ -359,10 +374,26 @@ class Engine(CheckpointingMixin, AbstractContextManager):
             self._log_transforms.update(dict.fromkeys(named, then))
         self._acc.add(named, weight)
 
+    def _step_flags(self, *values: torch.Tensor) -> list[float]:
+        """``values`` plus this rank's stop request and the last update's non-finite weights, summed over the
+        ranks in one collective (the only host sync of a step)."""
+        stop = 1.0 if self._signals.received is not None else 0.0
+        device = self._nonfinite.device
+        packed = torch.stack([*(v.detach().float().to(device) for v in values), self._weights_bad.float().to(device),
+                              torch.tensor(stop, device=device)])
+        if self.num_processes > 1:
+            packed = self.accelerator.reduce(packed, "sum")
+        *out, weights_bad, stop_sum = packed.tolist()
+        if weights_bad > 0:
+            self._raise_nonfinite_weights(self.step, "after its update")
+        self._stop_agreed = self._stop_agreed or stop_sum > 0
+        return out
+
     def _deepspeed_guard(self) -> None:
         # DeepSpeed steps the optimizer inside the last backward of a step, so a bad step cannot be undone
         # afterwards: check before it and stop (no NaN reaches the weights; the last checkpoint is intact).
-        if self.reduce_sum(self._nonfinite.float()).item() > 0:
+        (bad,) = self._step_flags(self._nonfinite)
+        if bad > 0:
             raise UserError(f"non-finite loss at step {self.step + 1}; DeepSpeed cannot skip a step after its "
                             "backward, so training stops here (resume from the last checkpoint with a lower lr)")
 
@@ -374,7 +405,7 @@ class Engine(CheckpointingMixin, AbstractContextManager):
                                f"gradient_accumulation_steps = {self.accumulation}")
         lr = self.scheduler.get_last_lr()[0]
         fp16 = self.accelerator.mixed_precision == "fp16"
-        if self.distributed_type == DistributedType.DEEPSPEED:
+        if self.distributed_type == DistributedType.DEEPSPEED:  # synced in _deepspeed_guard
             norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm or 0.0)
             bad_loss, norm_value = 0.0, float(norm) if norm is not None else float("nan")
         else:
@@ -382,10 +413,7 @@ class Engine(CheckpointingMixin, AbstractContextManager):
             norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
             if hasattr(norm, "full_tensor"):  # FSDP2 returns a replicated DTensor
                 norm = norm.full_tensor()
-            packed = torch.stack([self._nonfinite.float(), norm.detach().float().to(self._nonfinite.device)])
-            if self.num_processes > 1:
-                packed = self.accelerator.reduce(packed, "sum")
-            bad_loss, norm_sum = packed.tolist()  # the only host sync of the step
+            bad_loss, norm_sum = self._step_flags(self._nonfinite, norm)
             norm_value = norm_sum / self.num_processes  # every rank holds the same synced gradients
         skipped = bad_loss > 0 or (not fp16 and not math.isfinite(norm_value)
                                    and self.distributed_type != DistributedType.DEEPSPEED)
@@ -402,6 +430,7 @@ class Engine(CheckpointingMixin, AbstractContextManager):
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self._weights_bad = nonfinite_count(self.model, only_on=self.device)  # synced with the next step
             self.nonfinite_in_a_row = 0
             self._acc.add({"train/grad_norm": norm_value})
             self._acc.commit()
@@ -412,6 +441,7 @@ class Engine(CheckpointingMixin, AbstractContextManager):
         self._micro_in_window = 0
         self._nonfinite = torch.zeros_like(self._nonfinite)
         self._log_train(lr)
+        self._signals.install()  # from the first finished step on, a signal stops the run after a step
         if self.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
             last = ckpt.latest_checkpoint(self.run_dir)
             raise UserError(
@@ -421,6 +451,23 @@ class Engine(CheckpointingMixin, AbstractContextManager):
                 + (f"; last good checkpoint: {last}" if last else "")
             )
         return not skipped
+
+    def stop_if_requested(self) -> None:
+        """Where the run can resume (the end of a step, after the trainer's eval and save; PPO: the end of a
+        rollout): when a SIGINT/SIGTERM reached any rank, save a checkpoint unless this step has one, and raise
+        ``Interrupted`` with the command that resumes. Called by ``train_steps``; a loop of its own calls it."""
+        if self.num_processes == 1 and self._signals.received is not None:
+            self._stop_agreed = True  # nothing to agree on: also a signal that came after this step's sync
+        if not self._stop_agreed:
+            return
+        path = ckpt.checkpoint_dir(self.run_dir, self.step)
+        if self._saved_step != self.step:
+            path = self.save_checkpoint()
+        self._signals.restore()
+        signum = self._signals.received or signal.SIGTERM  # a rank that got none stops because another did
+        raise Interrupted(
+            f"stopped by {signal.Signals(signum).name} after step {self.step}/{self.total_steps}; checkpoint saved "
+            f"to {path}; resume with: {resume_command()}", int(signum))
 
     def _log_train(self, lr: float) -> None:
         cfg = self.config
@@ -461,15 +508,31 @@ class Engine(CheckpointingMixin, AbstractContextManager):
                    + " | ".join(f"{k.split('/', 1)[-1]} {v:.4g}" for k, v in values.items()))
         return values
 
-    def close(self) -> None:
-        """Close loggers, end the process group and reset accelerate's global state (for a next Engine)."""
+    def close(self, failed: bool = False) -> None:
+        """Close loggers, release the run folder, end the process group and reset accelerate's global state
+        (for a next Engine). ``failed``: leaving on an exception (see ``_leave_run_dir``)."""
         if self._closed:
             return
         self._closed = True
+        self._signals.restore()
         if self.progress is not None:
             self.progress.close()
         self.metrics.close()
+        self._leave_run_dir(failed)
         self._end_accelerate()
+
+    def _leave_run_dir(self, failed: bool) -> None:
+        """Release the folder's lock (main process). A fresh run that failed before its first step first
+        removes what it wrote: nothing blocks a rerun, no half-made folder looks like a run."""
+        lock = self.folder.lock
+        if lock is None:
+            return
+        if failed and self.folder.resume is None and self.step == 0:
+            launch.abandon_run_dir(self.folder, self.run_dir)
+            if self.logging_dir.resolve() != self.run_dir.resolve():
+                (self.logging_dir / METRICS_FILE).unlink(missing_ok=True)
+        lock.release()
+        self.folder.lock = None
 
     def _end_accelerate(self) -> None:
         from accelerate.state import AcceleratorState, GradientState
@@ -478,5 +541,5 @@ class Engine(CheckpointingMixin, AbstractContextManager):
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(failed=exc_type is not None)

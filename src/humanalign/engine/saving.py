@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from humanalign.engine import checkpoint as ckpt
-from humanalign.engine.state import load_model_weights, trainable_state_dict
+from humanalign.engine.state import load_model_weights, nonfinite_count, trainable_state_dict
 from humanalign.errors import UserError
 
 
@@ -56,6 +56,21 @@ class CheckpointingMixin:
             load_model_weights(self.unwrap(model), Path(input_dir) / name)
         models.clear()  # loaded here; accelerate must not load them again
 
+    # ----------------------------------------------------------------- non-finite weights
+    def _raise_nonfinite_weights(self, step: int, when: str) -> None:
+        last = ckpt.latest_checkpoint(self.run_dir)
+        raise UserError(
+            f"step {step}: the model's weights became non-finite (NaN/inf) {when}; stopping without saving them "
+            "(lower learning_rate, or check the data and mixed_precision)"
+            + (f"; last good checkpoint: {last}" if last else ""))
+
+    def _check_finite_weights(self, model: torch.nn.Module) -> None:
+        """Before any save: a model with a NaN or inf weight is never written (a collective: every rank)."""
+        bad = nonfinite_count(model)
+        bad = self.reduce_sum(bad) if self.num_processes > 1 else bad
+        if bad.item() > 0:
+            self._raise_nonfinite_weights(self.step, "by this step")
+
     # ----------------------------------------------------------------- checkpoints
     def _update_best(self) -> None:
         if self.last_eval is None or self.last_eval[0] != self.step:
@@ -90,6 +105,8 @@ class CheckpointingMixin:
         """Save the full training state as ``checkpoint-<step>`` (atomically), then rotate old ones.
 
         Called on every rank: FSDP and DeepSpeed write shards from each; the rest is written once."""
+        self._check_finite_weights(self.model)
+        window = self._acc.state(self.reduce_sum if self.num_processes > 1 else None)  # every rank: a collective
         self._update_best()
         final = ckpt.checkpoint_dir(self.run_dir, self.step)
         tmp = self.run_dir / f"{ckpt.TMP_PREFIX}{self.step}"
@@ -103,7 +120,7 @@ class CheckpointingMixin:
                 torch.save({k: v if isinstance(v, dict) else v.state_dict() for k, v in self._states.items()},
                            tmp / ckpt.EXTRA_FILE)
             self.config.save(tmp / ckpt.CONFIG_FILE)
-            ckpt.write_state(tmp, self.trainer_state())  # written last: marks the folder complete
+            ckpt.write_state(tmp, {**self.trainer_state(), "log_window": window})  # last: marks it complete
         self.wait()
         if self.is_main_process:
             ckpt.publish(tmp, final)
@@ -111,6 +128,7 @@ class CheckpointingMixin:
             for path in ckpt.rotate(self.run_dir, self.config.save_total_limit, keep=keep):
                 self.print(f"[{self.name}] deleted {path.name} (save_total_limit = {self.config.save_total_limit})")
         self.wait()
+        self._saved_step = self.step
         self.print(f"[{self.name}] saved {final}")
         return final
 
@@ -125,8 +143,7 @@ class CheckpointingMixin:
         if state.get("total_steps") not in (None, self.total_steps):
             self.print(f"[{self.name}] note: the checkpoint's run had {state['total_steps']} steps, this one has "
                        f"{self.total_steps}; the learning-rate schedule follows the new total")
-        self.accelerator.load_state(str(path))
-        self.scheduler.load_state_dict(torch.load(path / ckpt.SCHEDULER_FILE, weights_only=True))
+        self._load_files(path)
         if (path / ckpt.EXTRA_FILE).is_file():
             self._pending_states = torch.load(path / ckpt.EXTRA_FILE, weights_only=True)
             for name in list(self._pending_states):
@@ -138,7 +155,24 @@ class CheckpointingMixin:
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
         if state.get("last_eval"):
             self.last_eval = (self.step, state["last_eval"])
+        # the metrics since the last log, summed over the ranks: the next log averages the same window
+        self._acc.load_state(state.get("log_window") or {}, owner=self.is_main_process, device=self.device)
         self.print(f"[{self.name}] resumed from {path} at step {self.step}")
+
+    def _load_files(self, path: Path) -> None:
+        """Model, optimizer, RNG and scheduler states, after checking the files (``checkpoint.verify``)."""
+        sharded = self.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        scaler = self.accelerator.scaler is not None
+        for warning in ckpt.verify(path, models=len(self.accelerator._models), sharded=sharded, scaler=scaler,
+                                   optimizers=len(self.accelerator._optimizers), processes=self.num_processes,
+                                   extra=(path / ckpt.EXTRA_FILE).exists()):
+            self.print(f"[{self.name}] warning: {warning}")
+        try:
+            self.accelerator.load_state(str(path))
+            self.scheduler.load_state_dict(torch.load(path / ckpt.SCHEDULER_FILE, weights_only=True))
+        except (OSError, RuntimeError, ValueError, EOFError) as exc:  # damaged beyond what verify can see
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot resume from {path}: {detail}; {ckpt.suggest_previous(path)}") from None
 
     # ----------------------------------------------------------------- the end
     def save_model(
@@ -157,6 +191,7 @@ class CheckpointingMixin:
         ``save_fn(unwrapped_model, folder, state_dict)`` replaces the default writer (e.g. a value head);
         ``state_dict`` is the gathered full state under FSDP/DeepSpeed, else None."""
         output_dir = Path(output_dir)
+        self._check_finite_weights(model)
         sharded = self.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         state_dict = self.accelerator.get_state_dict(model) if sharded else None  # gathered on every rank
         if self.is_main_process:
@@ -174,6 +209,7 @@ class CheckpointingMixin:
                     state_dict = merged_gathered_weights(unwrapped, state_dict)
                     unwrapped = unwrapped.get_base_model()  # saved with the merged weights: a plain model
                 self.write_model_folder(unwrapped, tokenizer, output_dir, state_dict, save_fn, extra_files)
+            ckpt.share_permissions(output_dir)
         self.wait()
         return output_dir
 
@@ -220,6 +256,7 @@ class CheckpointingMixin:
         """Load the best checkpoint (load_best_model_at_end), save the final model to ``<output_dir>/final``
         (and ``final-merged`` for a LoRA run with lora.merge_on_save), write run_summary.json."""
         cfg = self.config
+        self._signals.restore()  # training is over: a signal now interrupts at once (the final folder is atomic)
         if self.progress is not None:
             self.progress.close()
         best = self.run_dir / self.best_checkpoint if self.best_checkpoint else None

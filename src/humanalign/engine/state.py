@@ -45,3 +45,31 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     if result.unexpected_keys:
         raise UserError(f"{path}: checkpoint has {len(result.unexpected_keys)} tensors the model lacks, e.g. "
                         f"'{result.unexpected_keys[0]}' (was it saved from a different model?)")
+
+
+def nonfinite_count(model: torch.nn.Module, only_on: torch.device | None = None) -> torch.Tensor:
+    """How many trainable tensors of this rank hold a NaN or inf, as a tensor on their device (no host sync).
+
+    Only trainable parameters can change during training. Each rank sees its own shard under FSDP2 (a
+    DTensor's local part) and ZeRO-3 (``ds_tensor``); sum the count over the ranks. One fused max-abs pass per
+    dtype: the infinity norm of a tensor is NaN or inf exactly when the tensor holds one. ``only_on``: count
+    only the tensors on that device (the per-step check skips weights offloaded to the CPU, which would cost a
+    CPU pass over them every step; the check before each save covers them)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        local = getattr(param, "ds_tensor", None)
+        if local is None:
+            local = param.to_local() if hasattr(param, "to_local") else param
+        if local.numel() and (only_on is None or local.device == only_on):
+            groups.setdefault((local.device, local.dtype), []).append(local.detach())
+    count = None
+    for tensors in groups.values():
+        norms = torch.stack(torch._foreach_norm(tensors, float("inf")))
+        bad = (~torch.isfinite(norms)).sum().float()
+        count = bad if count is None else count + bad.to(count.device)
+    if count is None:
+        device = next(model.parameters(), torch.empty(0)).device
+        return torch.zeros((), device=device)
+    return count

@@ -421,6 +421,7 @@ class PPOTrainer:
                 self.evaluate()
             if self._due(cfg.save_steps, before, engine.step):
                 engine.save_checkpoint()
+            engine.stop_if_requested()  # SIGINT/SIGTERM: checkpoint here, at a rollout boundary, and exit
         summary = {"rollouts": self.total_rollouts, "last_rollout": self.last_rollout}
         if self.lam is not None:
             summary["lambda"] = self.lam.value
