@@ -19,7 +19,7 @@ The final model is a plain ``*ForSequenceClassification`` folder in ``<output_di
 saves it, so ``AutoModelForSequenceClassification.from_pretrained(<output_dir>/final)`` loads it; a run folder
 stands for its ``final/`` model wherever a model is expected (``load_scorer(output_dir)``, the other commands'
 ``helpful_rm_path`` / ``cost_model``). Run folders of earlier versions, with the model at their top level, still
-load; resuming one removes that old copy once ``final/`` is written (the new final model replaces it).
+load; training into one again (resumed or overwritten) removes that copy once ``final/`` holds the new model.
 ``final_metrics.json`` holds the final validation accuracy (and, for cost models, sign accuracy).
 """
 
