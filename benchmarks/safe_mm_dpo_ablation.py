@@ -67,8 +67,8 @@ def tiny_score_models(root: Path, data: Path) -> tuple[str, str]:
 
     out = []
     for name, task in (("rm_tiny", "helpful"), ("cost_tiny", "harmless")):
-        folder = root / "models" / f"{task}_rm"
-        if not (folder / "config.json").is_file():
+        folder = root / "models" / f"{task}_rm"  # the run folder stands for its model: final/, or its top level
+        if not any((f / "config.json").is_file() for f in (folder / "final", folder)):  # (earlier versions)
             cfg = load_config(RewardModelConfig, REPO / "configs" / f"{name}.yaml", values={
                 f"train_{task}_path": str(data / "train" / f"{task}_pairs.jsonl"),
                 f"val_{task}_path": str(data / "val" / f"{task}_pairs.jsonl"),

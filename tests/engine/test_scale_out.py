@@ -304,14 +304,14 @@ def test_sharded_cost_model_matches_one_process_and_saves_a_plain_classifier(con
 
     from transformers import AutoModelForSequenceClassification
 
-    wa, wb = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    wa, wb = load_file(str(one / "final" / "model.safetensors")), load_file(str(two / "final" / "model.safetensors"))
     assert wa.keys() == wb.keys() and not any("lora" in k for k in wb)
     diffs = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
     assert diffs.max().item() < 1e-4  # measured: 3.1e-5 (ZeRO-3, full), 6e-7 (LoRA)
-    model = AutoModelForSequenceClassification.from_pretrained(two)
+    model = AutoModelForSequenceClassification.from_pretrained(two / "final")
     state = model.state_dict()
     assert model.config.num_labels == 1 and all(torch.equal(state[k], v) for k, v in wb.items())
-    na, nb = (json.loads((d / "config.json").read_text(encoding="utf-8"))["humanalign_score"]["normalizer"]
+    na, nb = (json.loads((d / "final" / "config.json").read_text(encoding="utf-8"))["humanalign_score"]["normalizer"]
               for d in (one, two))
     assert nb["count"] == na["count"] and nb["mean"] == pytest.approx(na["mean"], abs=1e-5)
     assert nb["var"] == pytest.approx(na["var"], abs=1e-5)

@@ -138,7 +138,7 @@ def test_the_cost_model_on_two_processes_matches_one_process(normalizer, demo_pa
         assert sorted(ea) == sorted(eb) == [3, 6] and max(abs(ea[s] - eb[s]) for s in ea) < 1e-5, key
 
     def saved_statistics(run: Path) -> dict:
-        config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((run / "final" / "config.json").read_text(encoding="utf-8"))
         return next(v for k, v in config.items() if isinstance(v, dict) and "normalizer" in v)["normalizer"]
 
     na, nb = saved_statistics(one), saved_statistics(two)

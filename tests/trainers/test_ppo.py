@@ -210,6 +210,37 @@ def test_ppo_learns_a_token_emission_reward(world, tmp_path):
     assert model.config.vocab_size == 29
 
 
+@pytest.mark.parametrize("lagrangian", [False, True], ids=["ppo", "ppo-lag"])
+def test_eval_on_start_logs_the_baseline_at_step_0(world, tmp_path, lagrangian):
+    """eval_on_start: the held-out prompts are answered once before the first rollout and logged at step 0;
+    off, nothing is logged at step 0. Generation runs on a forked RNG, so the training that follows is the same
+    number for number, and so is the evaluation after the last step."""
+    from humanalign.trainers.ppo import run
+
+    extra = dict(cost_fn="banned_word_cost", cost_fn_kwargs={"banned": ["bad"], "per_word": True}) if lagrangian else {}
+    rows = {}
+    for on in (True, False):
+        out = tmp_path / f"run-{on}"
+        values = ppo_values(world, out, reward_fn="keyword_reward", reward_fn_kwargs={"keywords": ["good"]},
+                            eval_prompts_path=str(world["prompts"]), eval_max_prompts=6, eval_on_start=on,
+                            rollout_batch_size=4, batch_size=4, max_steps=2, **extra)
+        result = run(load_config(PPOLagConfig if lagrangian else PPOConfig, values=values))
+        rows[on] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert (result["eval_on_start"] is not None) == on
+    keys = {"eval/reward", "eval/response_length", "eval/finished"} | ({"eval/cost"} if lagrangian else set())
+    at_start = [r for r in rows[True] if r["step"] == 0]
+    assert len(at_start) == 1 and keys <= set(at_start[0])
+    assert 0.0 <= at_start[0]["eval/reward"] <= 1.0 and at_start[0]["eval/response_length"] > 0
+    assert not [r for r in rows[False] if r["step"] == 0]
+    later = {on: [r for r in rows[on] if r["step"] > 0] for on in rows}
+    assert [r["step"] for r in later[True]] == [r["step"] for r in later[False]] == [1, 2, 2]
+    for a, b in zip(later[True], later[False]):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key.startswith(("train/", "eval/")) and not key.endswith(("_seconds", "tokens_per_s")):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
 @pytest.mark.slow
 def test_ppo_lag_pushes_the_cost_under_its_threshold(world, tmp_path):
     """Reward: 1 per "good", 2 per "bad" (per word); cost: share of "bad" words, threshold 0.05. The reward

@@ -228,13 +228,15 @@ def test_cost_model_orders_pairs_and_signs_costs(cost_run):
 
 @pytest.mark.slow
 def test_saved_cost_model_loads_in_transformers_with_the_same_scores(cost_run, demo_data):
+    """The model is saved in final/, like every trainer's; the run folder stands for it (load_scorer)."""
     from transformers import AutoModelForSequenceClassification
 
     from humanalign.data.pairs import load_preference_pairs
     from humanalign.models.scoring import load_scorer
 
-    assert not (cost_run / "final").exists()  # the model lives in the run folder itself
-    block = json.loads((cost_run / "config.json").read_text())["humanalign_score"]
+    assert not (cost_run / "config.json").exists() and not list(cost_run.glob("*.safetensors"))
+    assert final_metrics(cost_run)["model"] == str(cost_run / "final")
+    block = json.loads((cost_run / "final" / "config.json").read_text())["humanalign_score"]
     assert block["score_type"] == "cost" and (block["max_length"], block["max_prompt_length"]) == (128, 48)
     # the EMA normaliser saw every training end score: 50 steps x 16 pairs x 2 answers
     assert block["normalizer"]["kind"] == "ema" and block["normalizer"]["count"] == 50 * 16 * 2
@@ -242,11 +244,72 @@ def test_saved_cost_model_loads_in_transformers_with_the_same_scores(cost_run, d
     pairs, _ = load_preference_pairs(demo_data / "val" / "harmless_pairs.jsonl", kind="harmless")
     scorer = load_scorer(str(cost_run), device="cpu", progress=False)
     ours = scorer.score([p.prompt for p in pairs[:6]], [p.rejected for p in pairs[:6]])
-    hf = AutoModelForSequenceClassification.from_pretrained(cost_run).eval()
+    hf = AutoModelForSequenceClassification.from_pretrained(cost_run / "final").eval()
     with torch.no_grad():
         plain = [hf(input_ids=torch.tensor([scorer.encode(p.prompt, p.rejected)])).logits[0, 0].item()
                  for p in pairs[:6]]
     assert ours == pytest.approx(plain, abs=1e-5)
+
+
+def legacy_run_folder(run: Path, folder: Path) -> Path:
+    """``run`` laid out as earlier versions wrote it: the model's files at the run folder's top level."""
+    import shutil
+
+    folder.mkdir()
+    for child in run.iterdir():
+        if child.is_file():
+            shutil.copy(child, folder / child.name)
+    for child in (run / "final").iterdir():
+        shutil.copy(child, folder / child.name)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_run_folder_of_either_layout_stands_for_its_score_model(cost_run, demo_data, tmp_path):
+    """The run folder, its final/ and a legacy run folder (model at the top level) load the same score model:
+    load_score_model keeps the saved head, score type and normaliser; load_scorer the same scores."""
+    from humanalign.data.pairs import load_preference_pairs
+    from humanalign.models.load import resolve_model
+    from humanalign.models.score import is_score_model_dir, load_score_model
+    from humanalign.models.scoring import load_scorer
+
+    legacy = legacy_run_folder(cost_run, tmp_path / "legacy")
+    pairs, _ = load_preference_pairs(demo_data / "val" / "harmless_pairs.jsonl", kind="harmless")
+    prompts, answers = [p.prompt for p in pairs[:4]], [p.chosen for p in pairs[:4]]
+    scores = {}
+    for name, path in (("run", cost_run), ("final", cost_run / "final"), ("legacy", legacy)):
+        assert is_score_model_dir(resolve_model(path).path), name
+        model, _ = load_score_model(str(path), allow_new_head=False)
+        assert model.score_type == "cost" and model.normalizer.count == 50 * 16 * 2, name
+        scores[name] = load_scorer(str(path), device="cpu", progress=False).score(prompts, answers)
+    assert resolve_model(cost_run).path == str(cost_run / "final") and resolve_model(legacy).path == str(legacy)
+    assert scores["run"] == scores["final"] == scores["legacy"]
+    assert len(set(scores["run"])) == 4  # four different answers, four different costs: real scores
+
+
+@pytest.mark.slow
+def test_retraining_into_a_legacy_run_folder_removes_its_old_top_level_model(cost_run, demo_data, tmp_path, capsys):
+    """overwrite_output_dir clears only the files a run of ours names; the model an earlier version saved at
+    the top level would then shadow the new final/ (a folder holding a model stands for itself): it is removed
+    once final/ is written, and the folder loads the new model."""
+    from humanalign.models.scoring import load_scorer
+
+    legacy = legacy_run_folder(cost_run, tmp_path / "legacy")
+    (legacy / "notes.txt").write_text("the user's own file")
+    pairs = _pairs(demo_data)
+    cfg = tiny_config("cost_tiny", demo_data, legacy, max_steps=2, overwrite_output_dir=True, save_steps=None,
+                      load_best_model_at_end=False)
+    train_score_model(cfg, pairs[:32], pairs[32:40])
+    assert "removed the model an earlier version saved at the top of" in capsys.readouterr().err
+    assert not (legacy / "config.json").exists() and not list(legacy.glob("*.safetensors"))
+    assert not (legacy / "tokenizer.json").exists() and (legacy / "notes.txt").is_file()
+    assert (legacy / "final" / "config.json").is_file()
+    answers = [p.chosen for p in pairs[:3]]
+    new = load_scorer(str(legacy), device="cpu", progress=False).score([p.prompt for p in pairs[:3]], answers)
+    final = load_scorer(str(legacy / "final"), device="cpu", progress=False).score([p.prompt for p in pairs[:3]],
+                                                                                  answers)
+    old = load_scorer(str(cost_run), device="cpu", progress=False).score([p.prompt for p in pairs[:3]], answers)
+    assert new == final and new != pytest.approx(old, abs=1e-3)  # 2 steps from scratch, not the 50-step model
 
 
 @pytest.mark.slow
@@ -341,9 +404,9 @@ def test_lora_cost_model_with_gradient_checkpointing_saves_merged(demo_data, tmp
     summary = train_score_model(cfg, pairs[:640], pairs[640:740])
     # measured 0.92 pair accuracy after 40 steps (LoRA on a random-init model learns slower than full training)
     assert summary["eval"]["eval/accuracy"] >= 0.8
-    weights = load_file(out / "model.safetensors")
+    weights = load_file(out / "final" / "model.safetensors")
     assert not any("lora_" in k or "modules_to_save" in k for k in weights)  # the adapter is merged
-    assert "score.weight" in weights and not (out / "adapter_config.json").exists()
+    assert "score.weight" in weights and not (out / "final" / "adapter_config.json").exists()
 
 
 def test_one_step_moves_each_layer_by_its_own_learning_rate(demo_data, tmp_path):
@@ -361,7 +424,7 @@ def test_one_step_moves_each_layer_by_its_own_learning_rate(demo_data, tmp_path)
     pairs = _pairs(demo_data)
     train_score_model(cfg, pairs[:16], pairs[16:20])
     base = load_file(Path(resolve_model("tiny").path) / "model.safetensors")
-    trained = load_file(out / "model.safetensors")
+    trained = load_file(out / "final" / "model.safetensors")
 
     def moved(name: str) -> float:
         rows = base[name].shape[0]  # the embedding table may have gained a pad row
@@ -382,7 +445,7 @@ def test_token_wise_cost_model(demo_data, tmp_path):
     summary = train_score_model(cfg, pairs[:640], pairs[640:740])
     # measured 1.0 / 1.0 after 40 steps: the end scores order and sign the answers like the sequence-wise loss
     assert summary["eval"]["eval/accuracy"] >= 0.9 and summary["eval"]["eval/sign_accuracy"] >= 0.9
-    assert json.loads((out / "config.json").read_text())["humanalign_score"]["loss_granularity"] == "token"
+    assert json.loads((out / "final" / "config.json").read_text())["humanalign_score"]["loss_granularity"] == "token"
 
 
 @pytest.mark.slow
@@ -399,9 +462,9 @@ def test_minilm_encoder_reads_prompt_sep_answer_and_reloads(demo_data, tmp_path)
     assert summary["steps"] == 2 and summary["eval"]["eval/pairs"] == 4
     scorer = load_scorer(str(out), device="cpu", progress=False)
     ids = scorer.encode(pairs[0].prompt, pairs[0].chosen)
-    text = AutoTokenizer.from_pretrained(out).decode(ids)
+    text = AutoTokenizer.from_pretrained(out / "final").decode(ids)
     assert text.startswith("[CLS] ") and text.count("[SEP]") == 2 and "im_start" not in text
-    hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    hf = AutoModelForSequenceClassification.from_pretrained(out / "final").eval()
     with torch.no_grad():
         plain = hf(input_ids=torch.tensor([ids])).logits[0, 0].item()
     assert scorer.score([pairs[0].prompt], [pairs[0].chosen])[0] == pytest.approx(plain, abs=1e-5)

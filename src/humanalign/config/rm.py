@@ -22,7 +22,7 @@ class RewardModelConfig(TrainingConfig):
     )
     output_dir: str = Field(
         "models/helpful_rm",
-        description="Run folder; the final score model is saved here (default by task: models/helpful_rm, "
+        description="Run folder; the final score model is saved in its final/ (default by task: models/helpful_rm, "
         "models/harmless_rm).",
     )
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")

@@ -15,7 +15,8 @@ Actor and critics form one module (``PolicyAndCritics``) with one AdamW: actor g
 lr_scheduler, critic groups at critic_learning_rate with critic_lr_scheduler, each role's gradients clipped
 apart. The engine keeps the run folder, checkpoints (actor, critics, optimizer, schedule, RNG, plus the KL
 controller, lambda and its cost window, reward statistics), metrics and progress. Checkpoints and evaluations
-happen on rollout boundaries, so a resumed run regenerates nothing and continues exactly.
+happen on rollout boundaries, so a resumed run regenerates nothing and continues exactly; with ``eval_on_start``
+the held-out prompts are also answered once before the first rollout (the baseline, logged at step 0).
 
 Where the pieces live: the trained module and its critics in ``models/actor_critic.py``, the rollout tensors
 and scorers in ``rollout/batch.py`` / ``rollout/scorers.py``, the prompts and ptx data in ``data/prompts.py``,
@@ -411,6 +412,9 @@ class PPOTrainer:
             + (f" | resuming after rollout {first}" if first else ""))
         engine.progress = Progress(engine.total_steps, initial=engine.step,
                                    enabled=engine.is_main_process and cfg.progress_bar, desc=engine.name)
+        start_eval = None
+        if cfg.eval_on_start and self.eval_prompts and engine.step == 0:  # the baseline, logged at step 0
+            start_eval = self.evaluate()
         for index in range(first, self.total_rollouts):
             self.model.train()
             batch = self.rollout(index)
@@ -422,7 +426,7 @@ class PPOTrainer:
             if self._due(cfg.save_steps, before, engine.step):
                 engine.save_checkpoint()
             engine.stop_if_requested()  # SIGINT/SIGTERM: checkpoint here, at a rollout boundary, and exit
-        summary = {"rollouts": self.total_rollouts, "last_rollout": self.last_rollout}
+        summary = {"rollouts": self.total_rollouts, "last_rollout": self.last_rollout, "eval_on_start": start_eval}
         if self.lam is not None:
             summary["lambda"] = self.lam.value
         final = engine.finish(self.model, self.tokenizer, save_fn=self._save_final, summary=summary)

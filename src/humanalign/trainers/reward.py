@@ -15,16 +15,17 @@ Harmless pairs without ``is_safe`` labels (hh-rlhf harmless-base, a generic file
 on the ordering alone: the sign terms are off for them, which the run says in one line. A pair whose safety
 labels contradict its order is rejected while reading (file, line, field).
 
-The final model is a plain ``*ForSequenceClassification`` folder written into ``output_dir`` itself (beside
-the run's metrics and checkpoints), so ``AutoModelForSequenceClassification.from_pretrained(output_dir)``,
-``load_scorer(output_dir)`` and the other commands' ``helpful_rm_path`` / ``cost_model`` take the run folder.
+The final model is a plain ``*ForSequenceClassification`` folder in ``<output_dir>/final``, as every trainer
+saves it, so ``AutoModelForSequenceClassification.from_pretrained(<output_dir>/final)`` loads it; a run folder
+stands for its ``final/`` model wherever a model is expected (``load_scorer(output_dir)``, the other commands'
+``helpful_rm_path`` / ``cost_model``). Run folders of earlier versions, with the model at their top level, still
+load; training into one again (resumed or overwritten) removes that copy once ``final/`` holds the new model.
 ``final_metrics.json`` holds the final validation accuracy (and, for cost models, sign accuracy).
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -56,8 +57,8 @@ from humanalign.losses.score import (
 from humanalign.models.load import count_parameters
 from humanalign.models.score import (
     ScoreNormalizer,
-    _move_into_place,
     encode_score_pair,
+    is_score_model_dir,
     load_score_model,
     save_score_model,
     score_param_groups,
@@ -317,11 +318,20 @@ def score_groups(cfg: RewardModelConfig, score_model) -> list[dict] | None:
                               head_lr_multiplier=cfg.head_lr_multiplier, layer_lr_decay=cfg.layer_lr_decay)
 
 
-def promote_final(final: Path, run_dir: Path) -> None:
-    """Move the final model's files from ``<run>/final`` into the run folder itself (config.json last, stale
-    weight shards of an older save removed), then delete the emptied folder."""
-    _move_into_place(final, run_dir)
-    shutil.rmtree(final, ignore_errors=True)
+def remove_legacy_model(run_dir: Path, final: Path) -> list[str]:
+    """Delete the model files that an earlier version saved at the run folder's top level (``config.json``
+    first, so no reader sees the old config without its weights) once ``final`` holds the new model: the
+    folder then stands for ``final/``, not for the stale copy. Returns the names removed (none for a run folder
+    of this version: its top level holds no model)."""
+    if not is_score_model_dir(run_dir):
+        return []
+    names = {p.name for p in final.iterdir() if p.is_file()}  # what the new save wrote, and any weight shards
+    names |= {p.name for pattern in ("model*.safetensors", "model.safetensors.index.json")
+              for p in run_dir.glob(pattern)}
+    removed = sorted((n for n in names if (run_dir / n).is_file()), key=lambda n: (n != "config.json", n))
+    for name in removed:
+        (run_dir / name).unlink()
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -419,7 +429,7 @@ class ScoreModelTrainer:
 
     def finish(self, start_eval: dict[str, float] | None, loop_seconds: float, loop_cpu: float,
                steps_this_run: int) -> dict[str, Any]:
-        """Save the final model (the best checkpoint's with load_best_model_at_end) into the run folder, measure
+        """Save the final model (the best checkpoint's with load_best_model_at_end) into ``<run>/final``, measure
         it on the validation set, and write ``final_metrics.json``."""
         cfg, engine = self.cfg, self.engine
         best = engine.best_checkpoint
@@ -430,17 +440,19 @@ class ScoreModelTrainer:
                 state = torch.load(extra, weights_only=True)[NORMALIZER_STATE]
                 NormalizerState(self.normalizer).load_state_dict(state)
         summary = self.summary(start_eval, loop_seconds, loop_cpu, steps_this_run)  # the restored normaliser
-        final = engine.finish(self.model, self.tokenizer, save_fn=self.save_fn,
-                              summary={"final_model": str(engine.run_dir), NAME: summary})
+        final = engine.finish(self.model, self.tokenizer, save_fn=self.save_fn, summary={NAME: summary})
         final_eval = engine.last_eval[1] if engine.last_eval else None
         if loaded_best and self.eval_loader is not None:  # the saved model is the best checkpoint's: measure it
             measured = evaluate(engine, self.model, self.eval_loader, self.settings)
             final_eval = {f"eval/{k}": v for k, v in measured.items()}
         summary["eval"] = final_eval
         summary["best_checkpoint"] = best if loaded_best else None
-        summary["model"] = str(engine.run_dir)
+        summary["model"] = str(final)
         if engine.is_main_process:
-            promote_final(final, engine.run_dir)
+            removed = remove_legacy_model(engine.run_dir, final)
+            if removed:
+                engine.print(f"[{NAME}] removed the model an earlier version saved at the top of {engine.run_dir} "
+                             f"({len(removed)} files): the run folder now stands for {final}")
             atomic_write_json(engine.run_dir / FINAL_METRICS_FILE, summary)
         engine.wait()
         engine.print(final_line(summary))
@@ -498,7 +510,7 @@ def final_line(summary: dict[str, Any]) -> str:
 
 
 def run(cfg: RewardModelConfig) -> dict[str, Any]:
-    """`humanalign train rm`: read the task's train/val pairs, train, save the score model into output_dir."""
+    """`humanalign train rm`: read the task's train/val pairs, train, save the score model in output_dir/final."""
     train_pairs, train_skipped = load_pairs(cfg, cfg.train_path, cfg.max_train_samples)
     val_pairs, val_skipped = [], Counter()
     if cfg.val_path:
