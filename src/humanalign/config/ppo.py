@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 
-from humanalign.config.base import ConfigBase
+from humanalign.config.base import ConfigBase, lower_default
 from humanalign.config.training import TrainingConfig
 
 
@@ -136,6 +136,7 @@ class PPOConfig(TrainingConfig):
     def _check_ppo(self):
         if not (self.reward_model_path or self.reward_fn):
             raise ValueError("set reward_model_path, reward_fn, or both")
+        lower_default(self, "max_prompt_length", self.max_length - self.max_new_tokens)  # a prompt must leave room
         if self.max_prompt_length + self.max_new_tokens > self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) + max_new_tokens ({self.max_new_tokens}) "
                              f"must fit in max_length ({self.max_length})")

@@ -125,6 +125,30 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [obj for _, obj in iter_jsonl(path)]
 
 
+def check_output_path(path: str | Path, key: str, kind: str = "folder") -> Path:
+    """Before any work: ``path`` (a ``kind``, 'folder' or 'file') can be created or written; else a one-line
+    UserError naming the config ``key``. Catches an output under a regular file, a file where a folder goes
+    (or the reverse) and a place we may not write in (read-only, no permission), by creating and removing a
+    probe folder in the nearest existing folder: a real test, right for root and read-only mounts alike."""
+    path = Path(path)
+    where = f"{path} ({key})"
+    if path.exists():
+        if kind == "folder" and not path.is_dir():
+            raise UserError(f"{where}: is a file, not a folder")
+        if kind == "file" and path.is_dir():
+            raise UserError(f"{where}: is a folder, not a file")
+        probe_in = path if kind == "folder" else path.absolute().parent
+    else:
+        probe_in = next(p for p in path.absolute().parents if p.exists())
+        if not probe_in.is_dir():
+            raise UserError(f"{where}: cannot be created: {probe_in} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".humanalign-probe-", dir=probe_in))
+    except OSError as exc:
+        raise UserError(f"{where}: cannot write in {probe_in} ({exc.strerror or exc})") from None
+    return path
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write to a temporary file in the same folder, fsync, then rename into place."""
     path = Path(path)
