@@ -177,10 +177,13 @@ def validate(tokens: list[str]) -> int:
     return 0
 
 
-def check_outputs(cfg: Any) -> None:
-    """Every output path of the command can be created and written: checked before any work is done."""
+def check_paths(cfg: Any) -> None:
+    """Before any work: every output path can be created and written, and the inputs every run reads exist."""
     for key, path, kind in cfg.output_targets():
         check_output_path(path, key, kind)
+    for key, path in cfg.input_targets():
+        if not Path(path).exists():
+            raise UserError(f"{path} ({key}): not found")
     if getattr(cfg, "logging_dir", None):  # absolute, so that `humanalign report` finds it from anywhere
         cfg.logging_dir = str(Path(cfg.logging_dir).absolute())
 
@@ -228,7 +231,7 @@ def run_command(argv: list[str]) -> int:
     if positionals:
         raise UserError(f"unexpected argument '{positionals[0]}' (flags are --name value)")
     cfg = load_config(_import(COMMANDS[command][0]), config_path, sets, values)
-    check_outputs(cfg)
+    check_paths(cfg)
     quiet_transformers(verbose)
     start = time.time()
     _import(COMMANDS[command][1])(cfg)

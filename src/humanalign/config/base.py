@@ -33,6 +33,19 @@ class ConfigBase(BaseModel):
     # field -> 'folder' or 'file': the paths a command writes, checked by the CLI before any work
     output_fields: ClassVar[dict[str, str]] = {}
 
+    # fields naming data files or folders every run reads: the CLI checks they exist before any work
+    input_fields: ClassVar[tuple[str, ...]] = ()
+
+    def input_targets(self) -> list[tuple[str, str]]:
+        """(field, path) of each input that must exist (a list-valued field gives one pair per path)."""
+        out: list[tuple[str, str]] = []
+        for name in self.input_fields:
+            value = getattr(self, name, None)
+            for path in value if isinstance(value, list) else [value]:
+                if path not in (None, ""):
+                    out.append((name, str(path)))
+        return out
+
     def output_targets(self) -> list[tuple[str, str, str]]:
         """(field, path, kind) of each output path that is set."""
         return [(name, str(getattr(self, name)), kind) for name, kind in self.output_fields.items()

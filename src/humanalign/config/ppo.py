@@ -11,7 +11,7 @@ Safe RLHF's names are accepted as aliases (``policy_model_path``, ``gae_lambda``
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 
@@ -30,6 +30,8 @@ class AdaptiveKLSettings(ConfigBase):
 
 class PPOConfig(TrainingConfig):
     """PPO on prompt-only data with a reward model, a reward function, or both (their scores add up)."""
+
+    input_fields: ClassVar[tuple[str, ...]] = ("prompts_path",)  # checked by the CLI before any work
 
     actor_model_path: str = Field(
         "tiny", validation_alias=AliasChoices("actor_model_path", "policy_model_path", "model_name_or_path"),
