@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from humanalign.cli import main, parse_flags
+from transformers.utils import logging as hf_logging
+
+from humanalign.cli import main, parse_flags, quiet_transformers
 
 
 def test_flags_map_onto_fields():
@@ -27,3 +29,17 @@ def test_help_lists_commands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "train safe-mm-dpo" in out and "prepare-data" in out
+
+
+def test_transformers_noise_is_kept_out_unless_verbose():
+    quiet_transformers(verbose=False)
+    assert hf_logging.get_verbosity() == hf_logging.ERROR  # "Token indices sequence length ..." warnings
+    assert not hf_logging.is_progress_bar_enabled()  # "Loading weights" bars
+    quiet_transformers(verbose=True)
+    assert hf_logging.get_verbosity() == hf_logging.WARNING and hf_logging.is_progress_bar_enabled()
+
+
+def test_verbose_is_accepted_anywhere(capsys):
+    assert main(["--verbose", "train", "sft", "--help"]) == 0
+    assert main(["train", "dpo", "--help", "--verbose"]) == 0
+    assert "usage: humanalign train dpo" in capsys.readouterr().out
