@@ -82,7 +82,7 @@ CASES: list[Case] = [
     case("alias-and-name-twice", "train ppo-lag --config {tmp}/c.yaml", "field 'lambda_init' is given twice",
          files={"c.yaml": f"reward_fn: {PPO_ARGS.split()[1]}\ncost_fn: a:b\nlambda_init: 1\nλ_init: 2\n"}),
     # ---------------------------------------------------------------- bad values
-    case("inf-learning-rate-flag", "train sft --learning-rate inf", "field 'learning_rate'", "finite number"),
+    case("inf-learning-rate-flag", "train sft --learning-rate inf", "command line: field 'learning_rate'", "finite number"),
     case("nan-learning-rate-yaml", "train dpo --config {tmp}/dpo.yaml", "dpo.yaml: field 'learning_rate'",
          "finite number", files={"dpo.yaml": "learning_rate: .nan\n"}),
     case("inf-beta-dpo", "train dpo --beta inf", "field 'beta'", "finite number"),

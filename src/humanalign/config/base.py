@@ -226,4 +226,4 @@ def load_config(
     try:
         return schema.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, str(path) if path else "config")) from None
+        raise ConfigError(format_validation_error(err, str(path) if path else "command line")) from None
