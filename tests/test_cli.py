@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+
+import pytest
 from transformers.utils import logging as hf_logging
 
+from humanalign import report
 from humanalign.cli import main, parse_flags, quiet_transformers
 
 
@@ -43,3 +47,19 @@ def test_verbose_is_accepted_anywhere(capsys):
     assert main(["--verbose", "train", "sft", "--help"]) == 0
     assert main(["train", "dpo", "--help", "--verbose"]) == 0
     assert "usage: humanalign train dpo" in capsys.readouterr().out
+
+
+def test_a_file_system_refusal_on_a_user_path_is_one_line(monkeypatch, capsys):
+    def refuse(positionals, **flags):
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/locked.jsonl")
+
+    monkeypatch.setattr(report, "run_cli", refuse)
+    assert main(["report", "run"]) == 2
+    assert capsys.readouterr().err == "humanalign: error: /data/locked.jsonl: Permission denied\n"
+
+    def broken(positionals, **flags):
+        raise OSError(errno.EIO, "Input/output error", "/dev/sda")  # not a user mistake: keeps its traceback
+
+    monkeypatch.setattr(report, "run_cli", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        main(["report", "run"])
