@@ -275,6 +275,8 @@ def test_bad_input(c: Case, tmp_path: Path, monkeypatch, capsys):
         else:
             path.write_text(_fill(content, tmp_path), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
+    for var in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):  # the CLI may set them: undone after
+        monkeypatch.delenv(var, raising=False)
     before = _hashes(tmp_path)
     capsys.readouterr()
     code = main([_fill(a, tmp_path) for a in c.argv])

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
+import sys
 
 import pytest
 from transformers.utils import logging as hf_logging
@@ -63,3 +66,12 @@ def test_a_file_system_refusal_on_a_user_path_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(report, "run_cli", broken)
     with pytest.raises(OSError, match="Input/output error"):
         main(["report", "run"])
+
+
+def test_a_fresh_process_is_quiet_before_transformers_is_imported():
+    script = ("import sys; from humanalign.cli import quiet_transformers; assert 'transformers' not in sys.modules; "
+              "quiet_transformers(False); from transformers.utils import logging as l; "
+              "print(l.get_verbosity() == l.ERROR, l.is_progress_bar_enabled())")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "False"]

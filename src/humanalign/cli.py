@@ -190,10 +190,16 @@ def check_paths(cfg: Any) -> None:
 
 def quiet_transformers(verbose: bool) -> None:
     """transformers' warnings (e.g. "Token indices sequence length is longer than ...") and progress bars
-    ("Loading weights") are not ours to show; --verbose lets them through."""
-    from transformers.utils import logging as hf_logging
-
-    if verbose:
+    ("Loading weights", Hub downloads) are not ours to show; --verbose lets them through. Before transformers is
+    imported (a fresh process: every command imports it later, if at all) the environment says so, for free."""
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is None:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "warning" if verbose else "error"
+        if verbose:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    elif verbose:
         hf_logging.set_verbosity_warning()
         hf_logging.enable_progress_bar()
     else:
