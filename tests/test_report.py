@@ -8,7 +8,14 @@ import pytest
 
 from humanalign.cli import main
 from humanalign.errors import UserError
-from humanalign.report import draw_group, figure_groups, group_of, read_metrics, write_report
+from humanalign.report import (
+    draw_group,
+    figure_groups,
+    find_metrics_file,
+    group_of,
+    read_metrics,
+    write_report,
+)
 
 
 def _write_run(folder, rows, tail: str = ""):
@@ -99,3 +106,25 @@ def test_duplicate_steps_keep_the_last_value_and_bad_input(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     assert main(["report", str(tmp_path / "bad")]) == 2
+
+
+def test_metrics_in_a_separate_logging_dir_are_found_through_the_run_config(tmp_path, monkeypatch):
+    """`--logging-dir logs/x` puts metrics.jsonl outside the run folder; the run's config.resolved.yaml says
+    where (the CLI makes the path absolute), so `report RUN_DIR` finds them from any working directory."""
+    logs = tmp_path / "logs" / "dpo"
+    logs.mkdir(parents=True)
+    (logs / "metrics.jsonl").write_text('{"step": 1, "train/loss": 0.9}\n{"step": 2, "train/loss": 0.5}\n')
+    run = tmp_path / "models" / "dpo"
+    run.mkdir(parents=True)
+    (run / "config.resolved.yaml").write_text(f"output_dir: {run}\nlogging_dir: {logs}\n")
+    monkeypatch.chdir(run)
+    assert find_metrics_file(run) == logs / "metrics.jsonl"
+    manifest = write_report([run])["data"]
+    assert manifest["figures"][0]["series"] == [{"run": "dpo", "metric": "train/loss", "points": 2}]
+    (run / "config.resolved.yaml").write_text("logging_dir: ../../logs/dpo\n")  # relative: from the run's parent
+    monkeypatch.chdir(tmp_path / "logs")
+    with pytest.raises(UserError, match="its metrics were logged to ../../logs/dpo"):
+        find_metrics_file(run)
+    (run / "config.resolved.yaml").write_text("logging_dir: logs/dpo\n")
+    monkeypatch.chdir(tmp_path)
+    assert find_metrics_file(run) == tmp_path / "logs" / "dpo" / "metrics.jsonl"

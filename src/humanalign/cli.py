@@ -2,11 +2,13 @@
 
 Every ``--some-flag VALUE`` maps onto the config field ``some_flag`` (a flag with no value means ``true``), so
 the CLI and the YAML files speak the same names; ``--set a.b=VALUE`` reaches nested fields. User mistakes end
-as one line on stderr and exit code 2.
+as one line on stderr and exit code 2. The global flag ``--verbose`` lets transformers' own warnings and
+progress bars through (kept out by default: token-length warnings, "Loading weights" bars).
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -16,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from humanalign.data.io import check_output_path
 from humanalign.errors import Interrupted, UserError
 
 # command words -> (config schema, function taking the validated config)
@@ -113,12 +116,35 @@ def _schema_help(command: str) -> str:
     return "\n".join(lines)
 
 
+REPORT_USAGE = (
+    "usage: humanalign report RUN_DIR [RUN_DIR ...] [--output DIR] [--overwrite]\n\n"
+    "Draws the metrics of one run (or several, overlaid) into DIR (default: RUN_DIR/report): one PNG per group\n"
+    "of metrics, report.html and manifest.json."
+)
+VALIDATE_USAGE = (
+    "usage: humanalign validate CONFIG [--command NAME] [--set KEY=VALUE ...]\n\n"
+    "Checks CONFIG against the schema of its command (guessed from the file name, e.g. dpo_*.yaml; --command\n"
+    "names it) and prints the resolved config, every default included."
+)
+
+
+def _group_usage(group: str) -> str:
+    subs = [c for c in COMMANDS if c.startswith(group + " ")]
+    return (f"usage: humanalign {group} <{'|'.join(c.split()[1] for c in subs)}> [--FIELD VALUE ...]\n\ncommands:\n"
+            + "\n".join(f"  {c}" for c in subs) + f"\n\n`humanalign {group} NAME --help` lists a command's fields.")
+
+
+def _wants_help(tokens: list[str]) -> bool:
+    return any(t in ("-h", "--help") for t in tokens)
+
+
 def _usage() -> str:
     cmds = "\n".join(f"  {c}" for c in COMMANDS)
     return (
         "usage: humanalign <command> [--config FILE] [--set KEY=VALUE] [--FIELD VALUE ...]\n\n"
         f"commands:\n{cmds}\n  report RUN_DIR [RUN_DIR ...]\n  validate CONFIG [--command NAME]\n\n"
-        "`humanalign <command> --help` lists a command's fields."
+        "`humanalign <command> --help` lists a command's fields; --verbose (any command) shows transformers'\n"
+        "own warnings and progress bars."
     )
 
 
@@ -133,10 +159,15 @@ def infer_command(path: str) -> str:
 def validate(tokens: list[str]) -> int:
     from humanalign.config.base import load_config
 
+    if _wants_help(tokens):
+        print(VALIDATE_USAGE)
+        return 0
     _, sets, values, positionals = parse_flags(tokens)
     if len(positionals) != 1:
         raise UserError("usage: humanalign validate CONFIG [--command NAME] [--set KEY=VALUE]")
     path = positionals[0]
+    if not Path(path).is_file():
+        raise UserError(f"{path}: {'is a folder, not a config file' if Path(path).is_dir() else 'config file not found'}")
     command = str(values.pop("command", "")) or infer_command(path)
     if command not in COMMANDS:
         raise UserError(f"unknown command '{command}'")
@@ -146,30 +177,79 @@ def validate(tokens: list[str]) -> int:
     return 0
 
 
+def check_paths(cfg: Any) -> None:
+    """Before any work: every output path can be created and written, and the inputs every run reads exist."""
+    for key, path, kind in cfg.output_targets():
+        check_output_path(path, key, kind)
+    for key, path in cfg.input_targets():
+        if not Path(path).exists():
+            raise UserError(f"{path} ({key}): not found")
+    if getattr(cfg, "logging_dir", None):  # absolute, so that `humanalign report` finds it from anywhere
+        cfg.logging_dir = str(Path(cfg.logging_dir).absolute())
+
+
+def quiet_transformers(verbose: bool) -> None:
+    """transformers' warnings (e.g. "Token indices sequence length is longer than ...") and progress bars
+    ("Loading weights", Hub downloads) are not ours to show; --verbose lets them through. Before transformers is
+    imported (a fresh process: every command imports it later, if at all) the environment says so, for free."""
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is None:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "warning" if verbose else "error"
+        if verbose:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    elif verbose:
+        hf_logging.set_verbosity_warning()
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
 def run_command(argv: list[str]) -> int:
     from humanalign.config.base import load_config
 
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
     if argv[0] == "validate":
         return validate(argv[1:])
     if argv[0] == "report":
+        if _wants_help(argv[1:]):
+            print(REPORT_USAGE)
+            return 0
         _, _, values, positionals = parse_flags(argv[1:])
+        if values.get("output") not in (None, True):
+            check_output_path(str(values["output"]), "--output", "folder")
         return int(_import("humanalign.report:run_cli")(positionals, **values) or 0)
+    groups = {c.split()[0] for c in COMMANDS if " " in c}
+    if argv[0] in groups and len(argv) > 1 and argv[1] in ("-h", "--help"):
+        print(_group_usage(argv[0]))
+        return 0
     command, rest = _match_command(argv)
-    if "--help" in rest or "-h" in rest:
+    if _wants_help(rest):
         print(_schema_help(command))
         return 0
     config_path, sets, values, positionals = parse_flags(rest)
     if positionals:
         raise UserError(f"unexpected argument '{positionals[0]}' (flags are --name value)")
     cfg = load_config(_import(COMMANDS[command][0]), config_path, sets, values)
+    check_paths(cfg)
+    quiet_transformers(verbose)
     start = time.time()
     _import(COMMANDS[command][1])(cfg)
     if os.environ.get("RANK", "0") == "0":  # one line per job, not per torchrun/accelerate process
         print(f"[humanalign] {command} finished in {time.time() - start:.1f}s", file=sys.stderr)
     return 0
+
+
+# File-system refusals on a path the user gave (an input we may not read, a disk that filled up): one line
+# naming the path, like any other user mistake. Other OSErrors keep their traceback.
+PATH_ERRORS = (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
+PATH_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `humanalign ... | head`: the reader went away, not an error of ours
         sys.stderr.close()
         return 0
+    except OSError as err:
+        if not (isinstance(err, PATH_ERRORS) or err.errno in PATH_ERRNOS) or err.filename is None:
+            raise
+        print(f"humanalign: error: {err.filename}: {err.strerror}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -23,9 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from humanalign.data.io import publish_dir
 from humanalign.errors import RecordError, UserError
 
+RESOLVED_CONFIG = "config.resolved.yaml"  # written into every run folder by the engine (engine.checkpoint)
 BOOKKEEPING = {"step", "epoch", "time", "timestamp", "wall_time", "elapsed", "global_step"}
 
 # (group, title, test on the name's tokens); the first group that matches wins, so "train/reward_loss" is a loss
@@ -60,6 +63,26 @@ def group_of(metric: str) -> tuple[str, str]:
     return "metric_" + re.sub(r"[^A-Za-z0-9]+", "_", metric).strip("_"), metric
 
 
+def _logged_elsewhere(run: Path) -> Path | None:
+    """The metrics file of a run trained with ``logging_dir``: the run's config.resolved.yaml records where
+    (an absolute path since the CLI resolves it; a relative one is tried from here and from the run's parent)."""
+    config = run / RESOLVED_CONFIG
+    if not config.is_file():
+        return None
+    try:
+        logging_dir = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("logging_dir")
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        return None
+    if not isinstance(logging_dir, str) or not logging_dir:
+        return None
+    for base in (Path.cwd(), run.parent):
+        candidate = base / logging_dir / "metrics.jsonl"
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"{run}: its metrics were logged to {logging_dir} ({config}: logging_dir), "
+                    "which holds no metrics.jsonl")
+
+
 def find_metrics_file(run: str | Path) -> Path:
     run = Path(run)
     if run.is_file():
@@ -69,6 +92,9 @@ def find_metrics_file(run: str | Path) -> Path:
     direct = run / "metrics.jsonl"
     if direct.is_file():
         return direct
+    elsewhere = _logged_elsewhere(run)
+    if elsewhere is not None:
+        return elsewhere
     found = sorted(run.glob("*/metrics.jsonl"))  # e.g. a separate logging_dir inside the run
     if len(found) == 1:
         return found[0]

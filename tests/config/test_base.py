@@ -6,7 +6,12 @@ import pytest
 
 from humanalign.cli import main
 from humanalign.config.base import load_config
+from humanalign.config.dpo import DPOConfig
+from humanalign.config.evaluation import PerplexityConfig
+from humanalign.config.ppo import PPOConfig
+from humanalign.config.rm import RewardModelConfig
 from humanalign.config.safe_mm_dpo import SafeMMDPOConfig
+from humanalign.config.sft import SFTConfig
 from humanalign.config.training import TrainingConfig
 from humanalign.errors import ConfigError
 
@@ -101,3 +106,33 @@ def test_validate_rejects_unknown_key_with_exit_2(tmp_path, capsys):
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown key 'lamda_lr'" in err and str(path) in err
+
+
+@pytest.mark.parametrize("schema", [SFTConfig, DPOConfig, RewardModelConfig, SafeMMDPOConfig, PerplexityConfig])
+def test_max_length_alone_lowers_the_default_prompt_length(schema):
+    cfg = load_config(schema, values={"max_length": 128})
+    assert cfg.max_prompt_length == 64  # half of max_length, instead of an error about a default
+    assert load_config(schema, values={"max_length": 1000}).max_prompt_length == schema().max_prompt_length
+    with pytest.raises(ConfigError, match=r"max_prompt_length \(200\) must be below max_length \(128\)"):
+        load_config(schema, values={"max_length": 128, "max_prompt_length": 200})  # the user's own choice
+
+
+def test_ppo_max_length_alone_leaves_room_for_the_answer():
+    cfg = load_config(PPOConfig, values={"max_length": 200, "reward_fn": "a:b"})
+    assert cfg.max_prompt_length == 200 - cfg.max_new_tokens == 72
+
+
+def test_inf_and_nan_are_rejected_in_every_float_field_nested_too(tmp_path):
+    for text, key in (("learning_rate: .inf\n", "learning_rate"), ("lora:\n  dropout: .nan\n", "lora.dropout"),
+                      ("max_grad_norm: -.inf\n", "max_grad_norm")):
+        path = tmp_path / "sft.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=rf"sft.yaml: field '{key}': Input should be a finite number"):
+            load_config(TrainingConfig, path)
+
+
+def test_duplicate_yaml_keys_name_file_and_line(tmp_path):
+    path = tmp_path / "dpo.yaml"
+    path.write_text("beta: 0.1\nlora:\n  r: 8\n  alpha: 16\n  r: 4\n")
+    with pytest.raises(ConfigError, match=r"dpo.yaml:5: key 'r' given twice \(first on line 3\)"):
+        load_config(TrainingConfig, path)

@@ -25,8 +25,8 @@ def test_reward_metrics_hand_worked():
     chosen = [2.0, 0.5, -1.0, 1.0]
     rejected = [1.0, 1.0, -2.0, 1.0]
     m = rm_metrics(chosen, rejected)
-    # chosen > rejected: yes, no, yes, tie (a miss) -> 2/4
-    assert m["accuracy"] == 0.5 and m["ties"] == 1 and m["pairs"] == 4
+    # chosen > rejected: yes, no, yes, tie (one half) -> 2.5/4
+    assert m["accuracy"] == 0.625 and m["ties"] == 1 and m["pairs"] == 4
     assert m["mean_chosen"] == pytest.approx(0.625) and m["mean_rejected"] == pytest.approx(0.25)
     assert m["mean_chosen_minus_rejected"] == pytest.approx(0.375)
     assert m["auc"] is None and m["sign_accuracy"] is None and m["labelled_responses"] == 0

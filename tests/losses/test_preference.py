@@ -15,6 +15,7 @@ from humanalign.losses import (
     dpo_loss,
     dpo_sft_loss,
     orpo_loss,
+    pair_accuracy,
     simpo_loss,
 )
 
@@ -201,3 +202,9 @@ def test_beta_schedule_linear():
     assert beta_schedule(500, 100, 0.1, 0.5) == pytest.approx(0.5)  # stays at the end value
     with pytest.raises(ValueError):
         beta_schedule(1, 0, 0.1, 0.5)
+
+
+def test_pair_accuracy_counts_a_tie_one_half():
+    margin = torch.tensor([0.3, -0.1, 0.0, 0.0])  # right, wrong, two ties (as when the policy is the reference)
+    assert pair_accuracy(margin).tolist() == [1.0, 0.0, 0.5, 0.5]
+    assert pair_accuracy(margin).mean().item() == 0.5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,12 @@ def test_a_gguf_model_loads_as_a_plain_float_model_that_saves_as_safetensors(tmp
         assert not hasattr(loaded.config, "quantization_config")
     saved = save_pretrained_model(model, None, tmp_path / "policy")
     assert (saved / "model.safetensors").is_file() and "quantization_config" not in (saved / "config.json").read_text()
+
+
+def test_an_adapter_records_an_absolute_base_path_that_loads_from_anywhere(tiny_path, tmp_path, monkeypatch):
+    shutil.copytree(tiny_path, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    model = load_causal_lm("base", lora=LoraSettings(enabled=True, r=4))  # a relative local folder
+    model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "base").resolve())

@@ -11,7 +11,7 @@ Rules every schema follows (see ``ConfigBase``):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, ValidationError
@@ -24,7 +24,32 @@ T = TypeVar("T", bound="ConfigBase")
 class ConfigBase(BaseModel):
     """Base of every config schema: strict keys, assignment validation, populate by name or alias."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, protected_namespaces=())
+    # allow_inf_nan=False: `inf` / `nan` in any float field (nested ones too, every schema derives from this) is
+    # a mistake the user hears about, naming the key, rather than a run that diverges or never stops.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, populate_by_name=True, protected_namespaces=(), allow_inf_nan=False
+    )
+
+    # field -> 'folder' or 'file': the paths a command writes, checked by the CLI before any work
+    output_fields: ClassVar[dict[str, str]] = {}
+
+    # fields naming data files or folders every run reads: the CLI checks they exist before any work
+    input_fields: ClassVar[tuple[str, ...]] = ()
+
+    def input_targets(self) -> list[tuple[str, str]]:
+        """(field, path) of each input that must exist (a list-valued field gives one pair per path)."""
+        out: list[tuple[str, str]] = []
+        for name in self.input_fields:
+            value = getattr(self, name, None)
+            for path in value if isinstance(value, list) else [value]:
+                if path not in (None, ""):
+                    out.append((name, str(path)))
+        return out
+
+    def output_targets(self) -> list[tuple[str, str, str]]:
+        """(field, path, kind) of each output path that is set."""
+        return [(name, str(getattr(self, name)), kind) for name, kind in self.output_fields.items()
+                if getattr(self, name, None) not in (None, "")]
 
     @classmethod
     def alias_map(cls) -> dict[str, str]:
@@ -48,6 +73,16 @@ class ConfigBase(BaseModel):
         from humanalign.data.io import atomic_write_text
 
         return atomic_write_text(path, self.to_yaml())
+
+
+def lower_default(config: ConfigBase, name: str, limit: int) -> bool:
+    """Lower field ``name`` to ``limit`` when the user did not set it and its default is above the limit: a
+    default must not turn a setting the user did choose (e.g. a short ``max_length``) into an error. True when
+    lowered. Written past validate_assignment, as this runs inside the schema's own validator."""
+    if name in config.model_fields_set or getattr(config, name) <= limit or limit < 1:
+        return False
+    config.__dict__[name] = limit
+    return True
 
 
 def _nested_schema(schema: type[BaseModel], key: str) -> type[ConfigBase] | None:
@@ -114,21 +149,55 @@ def apply_overrides(schema: type[ConfigBase], data: dict[str, Any], overrides: l
 
 def format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    loc = ".".join(str(p) for p in first["loc"])
+    text = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = f"{source}: unknown key '{loc}'"
+    elif not loc:  # a check across fields: its message names them
+        msg = f"{source}: {text}"
     else:
-        msg = f"{source}: field '{loc}': {first['msg']}"
+        msg = f"{source}: field '{loc}': {text}"
     more = len(err.errors()) - 1
     return msg + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
 
 
+class _DuplicateKeyError(yaml.MarkedYAMLError):
+    pass
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error (plain YAML keeps the last
+    value silently, so an edited copy of a setting would win or lose by its position)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                continue
+            if first is not None:
+                raise _DuplicateKeyError(problem=f"key '{key}' given twice (first on line {first})",
+                                         problem_mark=key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=StrictLoader)  # noqa: S506 (a SafeLoader)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except _DuplicateKeyError as exc:
+        raise ConfigError(f"{path}:{exc.problem_mark.line + 1}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -157,4 +226,4 @@ def load_config(
     try:
         return schema.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, str(path) if path else "config")) from None
+        raise ConfigError(format_validation_error(err, str(path) if path else "command line")) from None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 
@@ -76,6 +76,8 @@ class SourceSpec(ConfigBase):
 
 class PrepareDataConfig(ConfigBase):
     """Raw preference data -> {train,val,test}/{helpful,harmless}_pairs.jsonl, split by prompt, plus a data card."""
+
+    output_fields: ClassVar[dict[str, str]] = {"output_dir": "folder"}
 
     input_dir: str = Field(
         "data/raw", validation_alias=AliasChoices("input_dir", "input", "raw_dir"),

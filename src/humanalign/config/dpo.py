@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 
@@ -13,6 +13,8 @@ ReferenceMode = Literal["auto", "model", "adapter-disabled", "precomputed"]
 
 class DPOConfig(TrainingConfig):
     """Offline preference optimisation on (prompt, chosen, rejected) pairs."""
+
+    input_fields: ClassVar[tuple[str, ...]] = ("train_path",)  # checked by the CLI before any work
 
     policy_model_path: str = Field(
         "tiny", validation_alias=AliasChoices("policy_model_path", "model_name_or_path", "base_model_path"),

@@ -6,11 +6,11 @@ chat template, remote code) lives in the nested ``model_settings`` so that the p
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 
-from humanalign.config.base import ConfigBase
+from humanalign.config.base import ConfigBase, lower_default
 from humanalign.config.training import ModelSettings
 
 
@@ -44,6 +44,8 @@ class _GenerateInputs(ConfigBase):
 class GenerateConfig(SamplingFields, _GenerateInputs):
     """`humanalign generate`: answer every prompt of a JSONL file, resumably."""
 
+    output_fields: ClassVar[dict[str, str]] = {"output": "file"}
+
     num_return_sequences: int = Field(1, ge=1, description="Answers sampled per prompt (sample index 0..N-1).")
     overwrite: bool = Field(False, description="Start over instead of resuming when the output exists.")
 
@@ -61,6 +63,8 @@ class _ArenaInputs(ConfigBase):
 
 class ArenaConfig(SamplingFields, _ArenaInputs):
     """`humanalign eval arena`: two models answer the same prompts; reward and cost models judge."""
+
+    output_fields: ClassVar[dict[str, str]] = {"output_dir": "folder"}
 
     do_sample: bool = Field(False, description="Greedy by default, so that the comparison is reproducible.")
     score_batch_size: int = Field(8, ge=1, description="Answers scored together.")
@@ -86,6 +90,8 @@ class _DistillInputs(ConfigBase):
 
 class DistillConfig(SamplingFields, _DistillInputs):
     """`humanalign distill`: sample answers from a model, keep the good (and safe) ones as SFT data."""
+
+    output_fields: ClassVar[dict[str, str]] = {"output": "file"}
 
     reward_model: str | None = Field(None, description="Reward model that scores answers (optional).")
     cost_model: str | None = Field(None, description="Cost model that scores answers (optional).")
@@ -115,6 +121,8 @@ class DistillConfig(SamplingFields, _DistillInputs):
 class PerplexityConfig(ConfigBase):
     """`humanalign eval ppl`: perplexity of a model on responses, and its KL to a reference model."""
 
+    output_fields: ClassVar[dict[str, str]] = {"output": "file"}
+
     model: str | None = Field(None, description="Model to evaluate. Required.")
     ref_model: str | None = Field(None, description="Reference model for the mean per-token KL (optional).")
     data: str | None = Field(
@@ -123,7 +131,10 @@ class PerplexityConfig(ConfigBase):
     output: str | None = Field(None, description="JSON file for the results (default: print only).")
     batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
     max_length: int = Field(1024, ge=8, description="Max tokens of prompt + response.")
-    max_prompt_length: int = Field(512, ge=1, description="Prompt tokens kept (cut from the left).")
+    max_prompt_length: int = Field(
+        512, ge=1, description="Prompt tokens kept (cut from the left); when unset and max_length is at most 512: "
+        "half of max_length.",
+    )
     limit: int | None = Field(None, ge=1, description="Use only the first N records.")
     progress_bar: bool = Field(True, description="Show a progress bar.")
     overwrite: bool = Field(False, description="Replace an existing output file.")
@@ -131,6 +142,8 @@ class PerplexityConfig(ConfigBase):
 
     @model_validator(mode="after")
     def _check_lengths(self):
+        if self.max_prompt_length >= self.max_length:  # max_length alone halves the default prompt budget
+            lower_default(self, "max_prompt_length", self.max_length // 2)
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
         return self
@@ -138,6 +151,8 @@ class PerplexityConfig(ConfigBase):
 
 class EvalRMConfig(ConfigBase):
     """`humanalign eval rm`: accuracy of a reward/cost model on held-out preference pairs."""
+
+    output_fields: ClassVar[dict[str, str]] = {"output": "file"}
 
     model: str | None = Field(None, description="Reward or cost model folder. Required.")
     data: str | None = Field(None, description="Prepared preference pairs to score. Required.")
@@ -152,6 +167,8 @@ class EvalRMConfig(ConfigBase):
 
 class ExportConfig(ConfigBase):
     """`humanalign export`: a LoRA adapter (or full model) -> one self-contained transformers model folder."""
+
+    output_fields: ClassVar[dict[str, str]] = {"output": "folder"}
 
     model: str | None = Field(None, description="Adapter folder (adapter_config.json) or full model folder. Required.")
     output: str | None = Field(None, description="Folder for the merged model. Required.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field, model_validator
 
 from humanalign.config.base import ConfigBase
@@ -9,6 +11,8 @@ from humanalign.config.base import ConfigBase
 
 class TinyModelConfig(ConfigBase):
     """Sizes and seed of the tiny model; the defaults are the embedded model the demo and the tests use."""
+
+    output_fields: ClassVar[dict[str, str]] = {"output_dir": "folder"}
 
     output_dir: str = Field("models/tiny", description="Folder to write the model into (HF format, safetensors).")
     overwrite: bool = Field(False, description="Replace output_dir if it already holds files.")

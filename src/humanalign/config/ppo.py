@@ -11,11 +11,11 @@ Safe RLHF's names are accepted as aliases (``policy_model_path``, ``gae_lambda``
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 
-from humanalign.config.base import ConfigBase
+from humanalign.config.base import ConfigBase, lower_default
 from humanalign.config.training import TrainingConfig
 
 
@@ -30,6 +30,8 @@ class AdaptiveKLSettings(ConfigBase):
 
 class PPOConfig(TrainingConfig):
     """PPO on prompt-only data with a reward model, a reward function, or both (their scores add up)."""
+
+    input_fields: ClassVar[tuple[str, ...]] = ("prompts_path",)  # checked by the CLI before any work
 
     actor_model_path: str = Field(
         "tiny", validation_alias=AliasChoices("actor_model_path", "policy_model_path", "model_name_or_path"),
@@ -136,6 +138,7 @@ class PPOConfig(TrainingConfig):
     def _check_ppo(self):
         if not (self.reward_model_path or self.reward_fn):
             raise ValueError("set reward_model_path, reward_fn, or both")
+        lower_default(self, "max_prompt_length", self.max_length - self.max_new_tokens)  # a prompt must leave room
         if self.max_prompt_length + self.max_new_tokens > self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) + max_new_tokens ({self.max_new_tokens}) "
                              f"must fit in max_length ({self.max_length})")

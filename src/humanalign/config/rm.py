@@ -89,6 +89,9 @@ class RewardModelConfig(TrainingConfig):
     def train_path(self) -> str:
         return self.train_helpful_path if self.task == "helpful" else self.train_harmless_path
 
+    def input_targets(self) -> list[tuple[str, str]]:
+        return [(f"train_{self.task}_path", self.train_path)]
+
     @property
     def val_path(self) -> str | None:
         return self.val_helpful_path if self.task == "helpful" else self.val_harmless_path

@@ -7,7 +7,7 @@ Accepts the seed run-book's keys as written there (Greek included): ``β_ori``, 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 
@@ -17,6 +17,8 @@ from humanalign.config.training import TrainingConfig
 
 class SafeMMDPOConfig(TrainingConfig):
     """Safe-MM-DPO and its ablations (Safe-DPO: w=0; reward shaping: update_lambda=false; MM-DPO: no safety)."""
+
+    input_fields: ClassVar[tuple[str, ...]] = ("train_helpful_path",)  # checked by the CLI before any work
 
     policy_model_path: str = Field(
         "tiny", validation_alias=AliasChoices("policy_model_path", "model_name_or_path"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 
@@ -12,6 +12,8 @@ from humanalign.config.training import TrainingConfig
 
 class SFTConfig(TrainingConfig):
     """SFT data, model and packing on top of the shared engine settings."""
+
+    input_fields: ClassVar[tuple[str, ...]] = ("train_path",)  # checked by the CLI before any work
 
     output_dir: str = Field("runs/sft", description="Run folder: checkpoints, final model (final/), metrics, config.")
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")

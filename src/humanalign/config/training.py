@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 
-from humanalign.config.base import ConfigBase
+from humanalign.config.base import ConfigBase, lower_default
 
 
 class LoraSettings(ConfigBase):
@@ -41,6 +41,8 @@ class ModelSettings(ConfigBase):
 
 class TrainingConfig(ConfigBase):
     """Engine settings shared by every trainer; top-level keys as the seed run-book writes them."""
+
+    output_fields: ClassVar[dict[str, str]] = {"output_dir": "folder", "logging_dir": "folder"}
 
     output_dir: str = Field("runs/train", description="Run folder: checkpoints, final model, metrics, config.")
     logging_dir: str | None = Field(None, description="Where metrics.jsonl and TensorBoard events go (default: output_dir).")
@@ -101,7 +103,10 @@ class TrainingConfig(ConfigBase):
     progress_bar: bool = Field(True, description="Show a progress bar with step, ETA and key metrics.")
 
     max_length: int = Field(512, ge=8, description="Max tokens of prompt + response; the prompt is cut from the left.")
-    max_prompt_length: int = Field(256, ge=1, description="Max prompt tokens kept (cut from the left).")
+    max_prompt_length: int = Field(
+        256, ge=1, description="Max prompt tokens kept (cut from the left); when unset and max_length is at most "
+        "256: half of max_length.",
+    )
     group_by_length: bool = Field(True, description="Batch examples of similar length to compute fewer pad tokens.")
     dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
 
@@ -110,6 +115,8 @@ class TrainingConfig(ConfigBase):
 
     @model_validator(mode="after")
     def _check_lengths(self):
+        if self.max_prompt_length >= self.max_length:  # max_length alone halves the default prompt budget
+            lower_default(self, "max_prompt_length", self.max_length // 2)
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
         return self

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,43 @@ os.umask(_UMASK)
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 
 
+# what reading a damaged .gz raises: not gzip at all (BadGzipFile), cut short (EOFError), corrupt (zlib.error)
+GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+
+
 def _open_text(path: Path):
     if path.suffix == ".gz":
         return gzip.open(path, "rb")
     return open(path, "rb")
+
+
+def _gzip_error(path: Path, line: int | None, exc: BaseException) -> UserError:
+    where = f"{path}:{line}" if line else str(path)
+    if isinstance(exc, gzip.BadGzipFile):
+        return UserError(f"{where}: not a gzip file ({exc}); rename it without .gz if it is plain text")
+    if isinstance(exc, EOFError):
+        return UserError(f"{where}: the gzip data ends early (a truncated or partly copied file?)")
+    return UserError(f"{where}: corrupt gzip data ({exc})")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line, raw bytes) of a file, gzip or not; a damaged .gz is a UserError naming the line it
+    reached (the lines before it were read normally)."""
+    line_no = 0
+    try:
+        with _open_text(path) as fh:
+            for line_no, raw in enumerate(fh, start=1):
+                yield line_no, raw
+    except GZIP_ERRORS as exc:
+        raise _gzip_error(path, line_no + 1, exc) from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        with _open_text(path) as fh:
+            return fh.read()
+    except GZIP_ERRORS as exc:
+        raise _gzip_error(path, None, exc) from None
 
 
 def _raise(err: RecordError) -> None:
@@ -42,26 +76,25 @@ def iter_jsonl(
     """
     path = Path(path)
     any_line = False
-    with _open_text(path) as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as exc:
-                any_line = True
-                on_error(RecordError(path, line_no, None, f"not UTF-8 text (byte {exc.start})"))
-                continue
-            if not text:
-                continue
+    for line_no, raw in _lines(path):
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
             any_line = True
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                on_error(RecordError(path, line_no, None, f"malformed JSON ({exc.msg} at column {exc.colno})"))
-                continue
-            if not isinstance(obj, dict):
-                on_error(RecordError(path, line_no, None, f"expected a JSON object, got {type(obj).__name__}"))
-                continue
-            yield line_no, obj
+            on_error(RecordError(path, line_no, None, f"not UTF-8 text (byte {exc.start})"))
+            continue
+        if not text:
+            continue
+        any_line = True
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            on_error(RecordError(path, line_no, None, f"malformed JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        if not isinstance(obj, dict):
+            on_error(RecordError(path, line_no, None, f"expected a JSON object, got {type(obj).__name__}"))
+            continue
+        yield line_no, obj
     if not any_line:
         raise UserError(f"{path}: the file holds no records")
 
@@ -71,8 +104,7 @@ def iter_json(
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """A JSON file holding a list of objects; the 'line' is the 1-based index in the list."""
     path = Path(path)
-    with _open_text(path) as fh:
-        raw = fh.read()
+    raw = _read_bytes(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -96,9 +128,14 @@ def iter_json(
 
 
 def iter_parquet(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except pyarrow.ArrowException as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a readable parquet file ({first})") from None
     if table.num_rows == 0:
         raise UserError(f"{path}: the file holds no records")
     yield from enumerate(table.to_pylist(), start=1)
@@ -123,6 +160,30 @@ def iter_records(
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [obj for _, obj in iter_jsonl(path)]
+
+
+def check_output_path(path: str | Path, key: str, kind: str = "folder") -> Path:
+    """Before any work: ``path`` (a ``kind``, 'folder' or 'file') can be created or written; else a one-line
+    UserError naming the config ``key``. Catches an output under a regular file, a file where a folder goes
+    (or the reverse) and a place we may not write in (read-only, no permission), by creating and removing a
+    probe folder in the nearest existing folder: a real test, right for root and read-only mounts alike."""
+    path = Path(path)
+    where = f"{path} ({key})"
+    if path.exists():
+        if kind == "folder" and not path.is_dir():
+            raise UserError(f"{where}: is a file, not a folder")
+        if kind == "file" and path.is_dir():
+            raise UserError(f"{where}: is a folder, not a file")
+        probe_in = path if kind == "folder" else path.absolute().parent
+    else:
+        probe_in = next(p for p in path.absolute().parents if p.exists())
+        if not probe_in.is_dir():
+            raise UserError(f"{where}: cannot be created: {probe_in} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".humanalign-probe-", dir=probe_in))
+    except OSError as exc:
+        raise UserError(f"{where}: cannot write in {probe_in} ({exc.strerror or exc})") from None
+    return path
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

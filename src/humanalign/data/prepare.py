@@ -167,7 +167,8 @@ def run(cfg: PrepareDataConfig) -> dict[str, Any]:
     if total == 0:
         why = {**{f"records: {k}": v for k, v in mix.skipped.items()},
                **{f"{kind}: {k}": v for kind in KINDS for k, v in skipped[kind].items()}}
-        raise UserError(f"no usable pairs in the input (skipped: {json.dumps(why) if why else 'nothing'})")
+        inputs = ", ".join(spec.describe() for spec in cfg.source_specs())
+        raise UserError(f"{inputs}: no usable pairs (skipped: {json.dumps(why) if why else 'nothing'})")
     card = build_card(cfg, mix, buckets, skipped)
     contents: dict[Path, str] = {}
     for split in SPLITS:

@@ -293,18 +293,12 @@ def generate_to_file(
     """
     output = Path(output)
     settings = {"model": model_name, **asdict(sampling)}
-    if overwrite:
-        for stale in (output, _settings_path(output)):
-            if stale.exists():
-                stale.unlink()
-    else:
+    if not overwrite:
         _check_settings(output, settings)
-    done = load_done(output)
+    done = {} if overwrite else load_done(output)
     others = {str(r.get("model")) for r in done.values()} - {model_name}
     if others:
         raise UserError(f"{output}: holds answers of another model ({', '.join(sorted(others))}); pass --overwrite")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(_settings_path(output), settings)
 
     hashes = [prompt_hash(p) for p in prompts]
     pending = [i for i, h in enumerate(hashes) if any((h, s) not in done for s in range(num_return_sequences))]
@@ -312,10 +306,16 @@ def generate_to_file(
     if skipped:
         print(f"[humanalign] {output}: resuming, {skipped} answers already there, {len(pending)} prompts to go")
     written = 0
-    if pending and model is None:
+    if pending and model is None:  # before anything is written: a model that does not load changes no file
         if loader is None:
             raise ValueError("generate_to_file needs a model and tokenizer, or a loader")
         model, tokenizer = loader()
+    if overwrite:
+        for stale in (output, _settings_path(output)):
+            if stale.exists():
+                stale.unlink()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(_settings_path(output), settings)
     with open(output, "a", encoding="utf-8") as fh:
         batches = generate_batches(
             model, tokenizer, [prompts[i] for i in pending], sampling, num_return_sequences, batch_size, progress

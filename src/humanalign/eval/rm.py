@@ -3,7 +3,8 @@
 Metrics (``rm_metrics``, a pure function):
 - ``accuracy``: the share of pairs the model orders like the data. Reward model: score(chosen) > score(rejected).
   Cost model: cost(chosen) < cost(rejected), since ``chosen`` is the safer answer and a cost is high when harmful.
-  A tie counts as a miss.
+  A tie counts one half (an untrained model that scores everything alike is at chance, not at 0); ``ties``
+  counts them.
 - with is_safe labels: ``auc``, the ROC-AUC of the score as a safe/unsafe separator, oriented so that 1.0 is
   perfect (cost: P(cost of an unsafe answer > cost of a safe one); reward: P(reward safe > reward unsafe);
   ties count one half), and for cost models ``sign_accuracy``: the share of answers with cost > 0 exactly when
@@ -75,15 +76,13 @@ def rm_metrics(chosen: Sequence[float], rejected: Sequence[float],
     keep = [i for i in range(n) if math.isfinite(chosen[i]) and math.isfinite(rejected[i])]
     c = [float(chosen[i]) for i in keep]
     r = [float(rejected[i]) for i in keep]
-    if score_type == "reward":
-        correct = [a > b for a, b in zip(c, r)]
-    else:
-        correct = [a < b for a, b in zip(c, r)]
+    sign = 1.0 if score_type == "reward" else -1.0  # a cost model orders the safer (chosen) answer lower
+    correct = [1.0 if sign * (a - b) > 0 else 0.5 if a == b else 0.0 for a, b in zip(c, r)]
     out: dict[str, Any] = {
         "score_type": score_type,
         "pairs": len(keep),
         "nonfinite_pairs": n - len(keep),
-        "accuracy": _mean([float(x) for x in correct]),
+        "accuracy": _mean(correct),
         "ties": sum(1 for a, b in zip(c, r) if a == b),
         "mean_chosen": _mean(c),
         "mean_rejected": _mean(r),

@@ -34,6 +34,7 @@ from humanalign.losses.preference import (
     dpo_loss,
     dpo_sft_loss,
     orpo_loss,
+    pair_accuracy,
     simpo_loss,
 )
 from humanalign.losses.safe_mm_dpo import (
@@ -62,6 +63,7 @@ __all__ = [
     "clipped_value_loss", "compute_preference_loss", "cost_loss", "cost_tokenwise_loss", "cpo_loss",
     "divergence_span_mask", "dpo_loss", "dpo_sft_loss", "end_scores", "expected_cost_pairwise",
     "first_divergence_index", "gae", "kl_shaped_rewards", "lagrangian_advantage", "last_token_index",
-    "margin_scaled_beta", "masked_mean", "masked_var", "masked_whiten", "orpo_loss", "reward_pairwise_loss",
+    "margin_scaled_beta", "masked_mean", "masked_var", "masked_whiten", "orpo_loss", "pair_accuracy",
+    "reward_pairwise_loss",
     "reward_tokenwise_loss", "safe_mm_dpo_loss", "simpo_loss", "update_lambda",
 ]

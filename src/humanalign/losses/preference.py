@@ -293,3 +293,15 @@ def beta_schedule(step: int, total_steps: int, beta_min: float, beta_max: float)
         raise ValueError(f"total_steps must be positive, got {total_steps}")
     frac = min(max(step, 0) / total_steps, 1.0)
     return beta_min + (beta_max - beta_min) * frac
+
+
+def pair_accuracy(margin: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B,) float: 1 where a pair is ordered right (margin > 0), 0.5 for a tie (margin == 0), 0 else.
+
+    ``margin`` is (score or implicit reward of the preferred answer) - (the other's). A tie is no error: at the
+    start of DPO the policy equals the reference, every implicit margin is exactly 0, and an accuracy that
+    counted ties as misses would report 0 where the model knows as much as chance (0.5). A metric only; no loss
+    uses it.
+    """
+    margin = margin.detach().float()
+    return (margin > 0).float() + 0.5 * (margin == 0).float()

@@ -24,6 +24,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
+from humanalign.losses.preference import pair_accuracy
+
 
 def margin_scaled_beta(delta: torch.Tensor, beta_ori: float = 0.1, w: float = 0.5, k: float = 0.5) -> torch.Tensor:
     """MM-DPO per-pair beta (arXiv 2502.10391, dynamic reward scaling): (B,) -> (B,), detached.
@@ -97,9 +99,10 @@ def safe_mm_dpo_loss(
         "loss_helpful": loss_help.detach(),
         "loss_safety": loss_safe.detach(),
         "loss_kl": loss_kl.detach(),
-        # implicit accuracy: the policy ranks the pair correctly relative to the reference (h > 0)
-        "accuracy_helpful": _mean((h_help > 0).float(), n_help),
-        "accuracy_safety": _mean((h_safe > 0).float(), n_safe),
+        # implicit accuracy: the policy ranks the pair correctly relative to the reference (h > 0; h == 0, as
+        # before any training, is a tie and counts one half)
+        "accuracy_helpful": _mean(pair_accuracy(h_help), n_help),
+        "accuracy_safety": _mean(pair_accuracy(h_safe), n_safe),
         # implicit reward margin beta * h of each stream (DPO's rewards/margins)
         "reward_margin_helpful": _mean(beta_help * h_help, n_help),
         "reward_margin_safety": _mean(beta_safe * h_safe, n_safe),

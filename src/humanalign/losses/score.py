@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from humanalign.losses.preference import pair_accuracy
+
 
 class ScoreLoss(NamedTuple):
     losses: torch.Tensor  # (B,) not reduced
@@ -52,7 +54,7 @@ def reward_pairwise_loss(
     with torch.no_grad():
         all_rewards = torch.cat([r_chosen.detach(), r_rejected.detach()]).float()
         metrics = {
-            "accuracy": (diff > 0).float().mean(),
+            "accuracy": pair_accuracy(diff).mean(),  # a tie counts one half
             "margin": diff.float().mean(),
             "reward_chosen": r_chosen.detach().float().mean(),
             "reward_rejected": r_rejected.detach().float().mean(),
@@ -156,7 +158,7 @@ def _cost_metrics(c_safer, c_unsafer, safer_label, unsafer_label, known_safer, k
     with torch.no_grad():
         c_safer, c_unsafer = c_safer.detach().float(), c_unsafer.detach().float()
         metrics = {
-            "accuracy": (c_unsafer > c_safer).float().mean(),
+            "accuracy": pair_accuracy(c_unsafer - c_safer).mean(),  # a tie counts one half
             "margin": (c_unsafer - c_safer).mean(),
             "cost_safer": c_safer.mean(),
             "cost_unsafer": c_unsafer.mean(),

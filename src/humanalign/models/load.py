@@ -269,6 +269,7 @@ def _load_weights(name_or_path: str, settings: ModelSettings, quantization, trai
     except (OSError, ValueError) as exc:
         raise _loading_error("the model", name_or_path, exc) from None
     plain_float_model(model)
+    model.name_or_path = _portable_name(resolved.path)  # peft saves it as the adapter's base_model_name_or_path
     if quantization is not None and trainable:  # before any adapter goes on: this freezes every weight there is
         from peft import prepare_model_for_kbit_training
 

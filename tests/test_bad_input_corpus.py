@@ -1,0 +1,309 @@
+"""A corpus of user mistakes over every command: each ends as one line on stderr naming the file, line, field or
+config key at fault, with exit code 2, and leaves every file that was there before untouched (and, unless a case
+says otherwise, writes nothing new).
+
+One table (``CASES``), one parametrised test. Each case writes its input files into a fresh folder, runs
+``humanalign.cli.main(argv)`` in-process from that folder (so that default output paths land there too), and
+compares the hashes of every file before and after. ``{tmp}`` in an argument, a file or an expected fragment is
+that folder. Every mistake here is caught before any model is loaded or trained, so the whole file stays fast.
+Cases already covered by tests/data/test_bad_input.py (bad records in prepare-data) are not repeated.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from humanalign.cli import COMMANDS, main
+
+GOOD_RAW = {"prompt": "How do I bake bread?", "response_0": "Mix flour and water, then bake.", "response_1": "No.",
+            "is_response_0_safe": True, "is_response_1_safe": True, "better_response_id": 0, "safer_response_id": 0}
+PAIR = {"prompt": "How do I bake bread?", "chosen": "Mix flour and water, then bake.", "rejected": "No."}
+METRICS = '{"step": 1, "train/loss": 0.9}\n{"step": 2, "train/loss": 0.7}\n'
+
+
+def jsonl(*rows: dict) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def _gz_truncated() -> bytes:
+    data = gzip.compress(jsonl(*({**GOOD_RAW, "prompt": f"Question {i}?"} for i in range(400))).encode())
+    return data[: len(data) // 2]
+
+
+RAW_GZ_TRUNCATED = _gz_truncated()
+ON_SYS = Path("/sys").is_dir() and sys.platform.startswith("linux")  # a place nobody may create folders in
+
+
+@dataclass
+class Case:
+    id: str
+    argv: list[str]
+    expect: list[str]  # fragments of the one error line
+    files: dict[str, str | bytes] = field(default_factory=dict)  # relative path -> content (a folder: ends in /)
+    code: int = 2
+    new_files_ok: bool = False  # the command may have created files (never changed existing ones)
+    needs_sys: bool = False
+
+
+def case(id: str, argv: str | list[str], *expect: str, files: dict | None = None, **kw) -> Case:
+    return Case(id, argv.split() if isinstance(argv, str) else argv, list(expect), files or {}, **kw)
+
+
+A_FILE = {"afile": "I am a file, not a folder\n"}
+TRAIN = ["train sft", "train rm", "train dpo", "train safe-mm-dpo"]
+PPO_ARGS = "--reward-fn humanalign.rewards:length_reward"
+SCHEMA_ONLY = {  # the smallest valid flags of each command
+    **{c: "" for c in COMMANDS},
+    "train ppo": PPO_ARGS,
+    "train ppo-lag": PPO_ARGS + " --cost-fn humanalign.rewards:length_reward",
+}
+
+CASES: list[Case] = [
+    # ---------------------------------------------------------------- command line
+    case("unknown-command", "trian sft", "unknown command 'trian'"),
+    case("train-without-subcommand", "train", "'train' needs one of: sft, rm"),
+    case("eval-unknown-subcommand", "eval foo", "'eval' needs one of: rm, arena, ppl"),
+    case("positional-argument", "train sft data.jsonl", "unexpected argument 'data.jsonl'"),
+    case("set-without-equals", "train dpo --set beta", "--set expects KEY=VALUE, got 'beta'"),
+    case("set-empty-key", "train dpo --set =1", "--set expects KEY=VALUE, got '=1'"),
+    case("report-unknown-flag", "report run --outptu x", "report: unknown flag --outptu"),
+    case("report-no-run", "report", "usage: humanalign report"),
+    # ---------------------------------------------------------------- unknown keys, every command
+    *[case(f"unknown-key-{c.replace(' ', '-')}", f"{c} {SCHEMA_ONLY[c]} --no-such-key 1", "unknown key 'no_such_key'")
+      for c in COMMANDS],
+    case("unknown-nested-key", "train sft --set lora.rank=8", "unknown key 'lora.rank'"),
+    case("alias-and-name-twice", "train ppo-lag --config {tmp}/c.yaml", "field 'lambda_init' is given twice",
+         files={"c.yaml": f"reward_fn: {PPO_ARGS.split()[1]}\ncost_fn: a:b\nlambda_init: 1\nλ_init: 2\n"}),
+    # ---------------------------------------------------------------- bad values
+    case("inf-learning-rate-flag", "train sft --learning-rate inf", "command line: field 'learning_rate'", "finite number"),
+    case("nan-learning-rate-yaml", "train dpo --config {tmp}/dpo.yaml", "dpo.yaml: field 'learning_rate'",
+         "finite number", files={"dpo.yaml": "learning_rate: .nan\n"}),
+    case("inf-beta-dpo", "train dpo --beta inf", "field 'beta'", "finite number"),
+    case("nan-max-grad-norm", "train rm --max-grad-norm nan", "field 'max_grad_norm'", "finite number"),
+    case("inf-nested-lora-dropout", "train safe-mm-dpo --set lora.dropout=.inf", "field 'lora.dropout'",
+         "finite number"),
+    case("nan-nested-in-yaml", "train sft --config {tmp}/sft.yaml", "sft.yaml: field 'lora.dropout'",
+         files={"sft.yaml": "lora:\n  enabled: true\n  dropout: .nan\n"}),
+    case("inf-kl-coeff-ppo", f"train ppo {PPO_ARGS} --kl-coeff inf", "field 'kl_coeff'", "finite number"),
+    case("nan-cost-threshold-ppo-lag", f"{'train ppo-lag'} {SCHEMA_ONLY['train ppo-lag']} --cost-threshold nan",
+         "field 'cost_threshold'", "finite number"),
+    case("inf-temperature-generate", "generate --temperature inf", "field 'temperature'", "finite number"),
+    case("nan-min-reward-distill", "distill --reward-model rm --min-reward nan", "field 'min_reward'",
+         "finite number"),
+    case("inf-tie-tolerance-arena", "eval arena --tie-tolerance inf", "field 'tie_tolerance'", "finite number"),
+    case("nan-train-ratio-prepare", "prepare-data --train-ratio nan", "field 'train_ratio'", "finite number"),
+    case("inf-epochs", "train sft --epochs inf", "field 'epochs'", "finite number"),
+    case("inf-in-int-field", "tiny-model --hidden-size inf", "field 'hidden_size'"),
+    case("string-in-int-field", "train sft --batch-size eight", "field 'batch_size'", "integer"),
+    case("negative-learning-rate", "train dpo --learning-rate -1e-5", "field 'learning_rate'", "greater than 0"),
+    case("bad-literal", "train sft --mixed-precision fp8", "field 'mixed_precision'"),
+    case("explicit-prompt-length-too-long", "train dpo --max-length 128 --max-prompt-length 200",
+         "max_prompt_length (200) must be below max_length (128)"),
+    case("ppl-prompt-length-too-long", "eval ppl --max-length 64 --max-prompt-length 64",
+         "max_prompt_length (64) must be below max_length (64)"),
+    case("ppo-no-room-for-answer", f"train ppo {PPO_ARGS} --max-length 100 --max-new-tokens 128",
+         "max_new_tokens (128) must fit in max_length (100)"),
+    case("ppo-without-reward", "train ppo", "set reward_model_path, reward_fn, or both"),
+    case("ppo-lag-without-cost", f"train ppo-lag {PPO_ARGS}", "ppo-lag needs cost_model_path, cost_fn, or both"),
+    case("distill-min-reward-without-model", "distill --min-reward 1", "min_reward needs a reward_model"),
+    case("ratios-do-not-sum", "prepare-data --train-ratio 0.5", "must sum to 1"),
+    case("tiny-heads-do-not-divide", "tiny-model --num-heads 3", "num_heads (3) must divide hidden_size (64)"),
+    # ---------------------------------------------------------------- config files
+    *[case(f"duplicate-key-{stem}", f"validate {{tmp}}/{stem}.yaml", f"{{tmp}}/{stem}.yaml:3: key 'seed' given twice",
+           "first on line 1", files={f"{stem}.yaml": "seed: 1\nlearning_rate: 1.0e-5\nseed: 2\n"})
+      for stem in ("sft", "dpo", "rm", "safe_mm_dpo")],
+    case("duplicate-nested-key", "train sft --config {tmp}/sft.yaml", "sft.yaml:4: key 'r' given twice",
+         files={"sft.yaml": "seed: 1\nlora:\n  r: 8\n  r: 16\n"}),
+    case("duplicate-key-in-run-config", "train dpo --config {tmp}/dpo.yaml", "dpo.yaml:2: key 'beta' given twice",
+         files={"dpo.yaml": "beta: 0.1\nbeta: 0.5\n"}),
+    case("duplicate-key-flow-mapping", "validate {tmp}/sft.yaml", "sft.yaml:1: key 'r' given twice",
+         files={"sft.yaml": "lora: {r: 8, r: 16}\n"}),
+    case("yaml-syntax-error", "train sft --config {tmp}/sft.yaml", "sft.yaml:2: not valid YAML",
+         files={"sft.yaml": "seed: 1\nbad: a: b\nlr: 1\n"}),
+    case("yaml-not-a-mapping", "train dpo --config {tmp}/dpo.yaml", "dpo.yaml: a config must be a mapping",
+         files={"dpo.yaml": "- seed: 1\n"}),
+    case("yaml-not-utf8", "train rm --config {tmp}/rm.yaml", "rm.yaml: not UTF-8 text", files={"rm.yaml": b"seed: \xff\n"}),
+    case("config-file-missing", "train sft --config {tmp}/nope.yaml", "nope.yaml: config file not found"),
+    case("config-is-a-folder", "train sft --config {tmp}/confs", "confs: is a folder, not a config file",
+         files={"confs/": ""}),
+    case("validate-missing-file", "validate {tmp}/dpo_missing.yaml", "dpo_missing.yaml: config file not found"),
+    case("validate-missing-unknown-stem", "validate {tmp}/whatever.yaml", "whatever.yaml: config file not found"),
+    case("validate-unknown-stem", "validate {tmp}/whatever.yaml", "cannot tell which command", "--command NAME",
+         files={"whatever.yaml": "seed: 1\n"}),
+    case("validate-unknown-command", "validate {tmp}/x.yaml --command trian", "unknown command 'trian'",
+         files={"x.yaml": "seed: 1\n"}),
+    case("validate-no-file", "validate", "usage: humanalign validate CONFIG"),
+    case("validate-inf", "validate {tmp}/ppo_lag.yaml", "ppo_lag.yaml: field 'lambda_lr'", "finite number",
+         files={"ppo_lag.yaml": "reward_fn: a:b\ncost_fn: a:b\nlambda_lr: .inf\n"}),
+    case("validate-unknown-key", "validate {tmp}/generate.yaml", "generate.yaml: unknown key 'temprature'",
+         files={"generate.yaml": "temprature: 0.5\n"}),
+    # ---------------------------------------------------------------- output paths, checked before any work
+    *[case(f"output-under-a-file-{c.replace(' ', '-')}",
+           f"{c} {SCHEMA_ONLY[c]} --{flag} {{tmp}}/afile/out{suffix}",
+           f"{{tmp}}/afile/out{suffix} ({flag.replace('-', '_')}): cannot be created: {{tmp}}/afile is a file",
+           files=A_FILE)
+      for c, flag, suffix in [
+          ("prepare-data", "output-dir", ""), ("tiny-model", "output-dir", ""), ("demo", "output-dir", ""),
+          ("train sft", "output-dir", ""), ("train rm", "output-dir", ""), ("train dpo", "output-dir", ""),
+          ("train safe-mm-dpo", "output-dir", ""), ("train ppo", "output-dir", ""),
+          ("train ppo-lag", "output-dir", ""), ("generate", "output", ".jsonl"), ("distill", "output", ".jsonl"),
+          ("eval arena", "output-dir", ""), ("eval rm", "output", ".json"), ("eval ppl", "output", ".json"),
+          ("export", "output", ""), ("train sft", "logging-dir", ""),
+      ]],
+    case("output-dir-is-a-file", "train dpo --output-dir {tmp}/afile", "afile (output_dir): is a file, not a folder",
+         files=A_FILE),
+    case("output-file-is-a-folder", "generate --output {tmp}/outdir", "outdir (output): is a folder, not a file",
+         files={"outdir/": ""}),
+    case("export-output-is-a-file", "export --output {tmp}/afile", "afile (output): is a file, not a folder",
+         files=A_FILE),
+    case("output-path-alias-under-file", "distill --output-path {tmp}/afile/d.jsonl", "(output): cannot be created",
+         files=A_FILE),
+    case("report-output-under-a-file", "report {tmp}/run --output {tmp}/afile/r",
+         "{tmp}/afile/r (--output): cannot be created", files={**A_FILE, "run/metrics.jsonl": METRICS}),
+    case("output-read-only-train", "train sft --output-dir /sys/humanalign-test/run",
+         "/sys/humanalign-test/run (output_dir): cannot write in /sys", needs_sys=True),
+    case("output-read-only-prepare", "prepare-data --output-dir /sys/humanalign-test",
+         "(output_dir): cannot write in /sys", needs_sys=True),
+    case("output-read-only-generate", "generate --output /sys/humanalign-test.jsonl",
+         "(output): cannot write in /sys", needs_sys=True),
+    case("output-read-only-report", "report {tmp}/run --output /sys/humanalign-report",
+         "(--output): cannot write in /sys", files={"run/metrics.jsonl": METRICS}, needs_sys=True),
+    # ---------------------------------------------------------------- input data (prepare-data, cheap to reach)
+    case("gz-truncated", "prepare-data --input-dir {tmp}/raw --output-dir {tmp}/out",
+         "{tmp}/raw/pku.jsonl.gz:", "gzip data ends early", files={"raw/pku.jsonl.gz": RAW_GZ_TRUNCATED}),
+    case("gz-not-gzip", "prepare-data --input-dir {tmp}/raw --output-dir {tmp}/out",
+         "{tmp}/raw/pku.jsonl.gz:1: not a gzip file", files={"raw/pku.jsonl.gz": jsonl(GOOD_RAW).encode()}),
+    case("gz-corrupt", "prepare-data --input-dir {tmp}/raw --output-dir {tmp}/out",
+         "{tmp}/raw/pku.jsonl.gz:", "gzip", files={"raw/pku.jsonl.gz": gzip.compress(b"x" * 100)[:10] + b"\x00" * 40}),
+    case("json-gz-truncated", "prepare-data --input-dir {tmp}/raw --output-dir {tmp}/out",
+         "{tmp}/raw/pku.json.gz: the gzip data ends early", files={"raw/pku.json.gz": RAW_GZ_TRUNCATED}),
+    case("parquet-garbage", "prepare-data --input-dir {tmp}/raw --output-dir {tmp}/out",
+         "{tmp}/raw/pku.parquet: not a readable parquet file", files={"raw/pku.parquet": b"not parquet"}),
+    case("no-usable-pairs-names-file", "prepare-data --input-dir {tmp}/raw --output-dir {tmp}/out",
+         "{tmp}/raw: no usable pairs", "identical responses",
+         files={"raw/pku.jsonl": jsonl({**GOOD_RAW, "response_1": GOOD_RAW["response_0"]})}),
+    case("unsupported-suffix-given-as-file", "prepare-data --input-dir {tmp}/raw.csv --output-dir {tmp}/out",
+         "raw.csv: unsupported file type", files={"raw.csv": "a,b\n"}),
+    case("json-not-a-list", "prepare-data --input-dir {tmp}/raw --output-dir {tmp}/out",
+         "{tmp}/raw/pku.json: expected a non-empty JSON list", files={"raw/pku.json": "[]"}),
+    case("folder-without-data-files", "prepare-data --input-dir {tmp}/raw --output-dir {tmp}/out",
+         "{tmp}/raw: no data files", files={"raw/readme.txt": "nothing here\n"}),
+    case("existing-outputs-kept", "prepare-data --input-dir {tmp}/raw --output-dir {tmp}/out",
+         "{tmp}/out/train/helpful_pairs.jsonl already exists", "--overwrite",
+         files={"raw/pku.jsonl": jsonl(GOOD_RAW), "out/train/helpful_pairs.jsonl": jsonl(PAIR)}),
+    case("prepare-source-missing-path", "prepare-data --config {tmp}/prepare_data.yaml --output-dir {tmp}/out",
+         "{tmp}/gone.jsonl: not found", files={"prepare_data.yaml": "sources:\n  - path: {tmp}/gone.jsonl\n"}),
+    # ---------------------------------------------------------------- report
+    case("report-missing-run", "report {tmp}/nope", "{tmp}/nope: no such run folder"),
+    case("report-no-metrics", "report {tmp}/run", "{tmp}/run: no metrics.jsonl", files={"run/notes.txt": "x\n"}),
+    case("report-malformed-line", "report {tmp}/run", "{tmp}/run/metrics.jsonl:2:", "malformed JSON",
+         files={"run/metrics.jsonl": '{"step": 1, "a": 1}\n{"step": 2,\n{"step": 3, "a": 2}\n'}),
+    case("report-no-numeric-metrics", "report {tmp}/run", "metrics.jsonl: no numeric metrics with a step",
+         files={"run/metrics.jsonl": '{"note": "hello"}\n'}),
+    case("report-existing-output", "report {tmp}/run --output {tmp}/rep", "{tmp}/rep: already exists",
+         "--overwrite", files={"run/metrics.jsonl": METRICS, "rep/report.html": "<p>mine</p>\n"}),
+    case("report-logging-dir-missing", "report {tmp}/run", "its metrics were logged to {tmp}/logs",
+         "config.resolved.yaml: logging_dir", files={"run/config.resolved.yaml": "logging_dir: {tmp}/logs\n"}),
+    # ---------------------------------------------------------------- models and inputs named by the command
+    case("generate-missing-model", "generate --model {tmp}/no_model --prompts {tmp}/p.jsonl --output {tmp}/o.jsonl",
+         "{tmp}/no_model: model path not found", files={"p.jsonl": jsonl({"prompt": "Hi"})}),
+    case("export-missing-model", "export --model {tmp}/no_adapter --output {tmp}/merged",
+         "{tmp}/no_adapter: model path not found"),
+    *[case(f"missing-train-data-{c.replace(' ', '-')}", f"{c} {SCHEMA_ONLY[c]} --{flag} {{tmp}}/gone.jsonl",
+           f"{{tmp}}/gone.jsonl ({key}): not found")
+      for c, flag, key in [
+          ("train sft", "train-path", "train_path"), ("train dpo", "train-path", "train_path"),
+          ("train rm", "train-helpful-path", "train_helpful_path"),
+          ("train safe-mm-dpo", "train-helpful-path", "train_helpful_path"),
+          ("train ppo", "prompts-path", "prompts_path"), ("train ppo-lag", "train-prompts-path", "prompts_path"),
+      ]],
+    case("missing-harmless-data-cost-model", "train rm --task harmless --train-harmless-path {tmp}/gone.jsonl",
+         "{tmp}/gone.jsonl (train_harmless_path): not found"),
+    case("missing-data-folder-default", "train dpo", "data/train/helpful_pairs.jsonl (train_path): not found"),
+    case("resume-from-missing-checkpoint", "train sft --train-path {tmp}/p.jsonl --output-dir {tmp}/run "
+         "--resume-from-checkpoint {tmp}/nope", "resume_from_checkpoint: {tmp}/nope is not a folder",
+         files={"p.jsonl": jsonl({"messages": [{"role": "user", "content": "Hi"},
+                                               {"role": "assistant", "content": "Hello"}]})}),
+    case("generate-missing-prompts", "generate --model tiny --prompts {tmp}/gone.jsonl --output {tmp}/o.jsonl",
+         "{tmp}/gone.jsonl: file not found"),
+    case("generate-needs-model", "generate --prompts {tmp}/p.jsonl --output {tmp}/o.jsonl",
+         "`humanalign generate` needs --model", files={"p.jsonl": jsonl({"prompt": "Hi"})}),
+    case("tiny-model-missing-corpus", "tiny-model --corpus {tmp}/gone.txt --output-dir {tmp}/tm",
+         "{tmp}/gone.txt: corpus file not found"),
+    case("export-hub-name", "export --model some-org/some-model --output {tmp}/merged",
+         "some-org/some-model: export needs a local model or adapter folder"),
+    case("eval-ppl-missing-model", "eval ppl --model {tmp}/no_model --data {tmp}/p.jsonl",
+         "{tmp}/no_model: model path not found", files={"p.jsonl": jsonl(PAIR)}),
+    case("distill-missing-model", "distill --model {tmp}/no_model --prompts {tmp}/p.jsonl --output {tmp}/d.jsonl",
+         "{tmp}/no_model: model path not found", files={"p.jsonl": jsonl({"prompt": "Hi"})}),
+    case("arena-missing-model", "eval arena --red {tmp}/no_red --blue tiny --reward-model {tmp}/rm --cost-model "
+         "{tmp}/cm --prompts {tmp}/p.jsonl --output-dir {tmp}/arena", "{tmp}/no_red: model path not found",
+         files={"p.jsonl": jsonl({"prompt": "Hi"})}),
+    case("eval-rm-missing-model", "eval rm --model {tmp}/no_rm --data {tmp}/p.jsonl", "{tmp}/no_rm",
+         files={"p.jsonl": jsonl(PAIR)}),
+]
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _fill(text: str, tmp: Path) -> str:
+    return text.replace("{tmp}", str(tmp))
+
+
+@pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
+def test_bad_input(c: Case, tmp_path: Path, monkeypatch, capsys):
+    if c.needs_sys and not ON_SYS:
+        pytest.skip("needs a Linux /sys (a place no one may create folders in)")
+    for rel, content in c.files.items():
+        path = tmp_path / rel
+        if rel.endswith("/"):
+            path.mkdir(parents=True, exist_ok=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(_fill(content, tmp_path), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    for var in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):  # the CLI may set them: undone after
+        monkeypatch.delenv(var, raising=False)
+    before = _hashes(tmp_path)
+    capsys.readouterr()
+    code = main([_fill(a, tmp_path) for a in c.argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == c.code, err
+    assert len(lines) == 1 and lines[0].startswith("humanalign: error: "), err
+    for fragment in c.expect:
+        assert _fill(fragment, tmp_path) in lines[0], (fragment, lines[0])
+    after = _hashes(tmp_path)
+    assert {k: after.get(k) for k in before} == before, "an existing file changed or vanished"
+    if not c.new_files_ok:
+        assert set(after) == set(before), f"new files: {sorted(set(after) - set(before))}"
+
+
+def test_the_corpus_covers_every_command():
+    words = {" ".join(c.argv[:2]) if " ".join(c.argv[:2]) in COMMANDS else c.argv[0] for c in CASES if c.argv}
+    assert set(COMMANDS) | {"report", "validate"} <= words
+    assert len(CASES) >= 80
+
+
+HELP_WORDS = ["report", "validate", "train", "eval", *COMMANDS]
+
+
+@pytest.mark.parametrize("words", HELP_WORDS)
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_works_for_every_command(words: str, flag: str, capsys):
+    assert main([*words.split(), flag]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: humanalign {words}"), out
