@@ -18,6 +18,7 @@ from humanalign.cli import main
 from humanalign.config.base import load_config
 from humanalign.config.safe_mm_dpo import SafeMMDPOConfig
 from humanalign.data.pairs import load_preference_pairs
+from humanalign.data.preference_dataset import PairCollator, build_pair_dataset
 from humanalign.errors import ConfigError
 from humanalign.losses.preference import dpo_loss
 from humanalign.models.load import load_causal_lm, load_tokenizer
@@ -25,7 +26,6 @@ from humanalign.models.logprobs import concatenated_forward
 from humanalign.models.reference import FrozenReference
 from humanalign.paths import PROJECT_ROOT
 from humanalign.trainers.dpo import LossSettings, pair_loss
-from humanalign.trainers.preference_data import PairCollator, build_pair_dataset
 from humanalign.trainers.safe_mm_dpo_margins import (
     attach_margins,
     degenerate_margins,
@@ -177,7 +177,7 @@ def test_unmatched_pairs_get_partners_and_every_pair_is_used(val_streams):
 
 
 def _subset(dataset, n):
-    from humanalign.trainers.preference_data import PairDataset
+    from humanalign.data.preference_dataset import PairDataset
 
     return PairDataset([dict(e) for e in dataset.examples[:n]], dataset.pairs[:n])
 
@@ -273,8 +273,8 @@ def test_sharing_responses_changes_no_number(val_streams, models, tokenizer):
 def test_precomputed_reference_gives_the_same_loss(val_streams, models, tokenizer, average):
     """Reference log-probs carried in the batch (summed, as the precomputed cache stores them) give the same loss
     as the live frozen reference, with summed and with averaged log-probs."""
+    from humanalign.data.preference_dataset import PairDataset
     from humanalign.models.reference import PrecomputedReference
-    from humanalign.trainers.preference_data import PairDataset
 
     helpful, harmless = val_streams
     policy, reference = models

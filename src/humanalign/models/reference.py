@@ -29,12 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from humanalign.data.preference_dataset import INDEX_KEY, REF_CHOSEN, REF_REJECTED, PairCollator
 from humanalign.data.tokenize import IGNORE_INDEX
 from humanalign.errors import ConfigError, UserError
 from humanalign.models.logprobs import concatenated_forward, forward_logits
 
-REF_CHOSEN = "ref_chosen_logps"  # summed reference log-probs carried in the batch (precomputed mode)
-REF_REJECTED = "ref_rejected_logps"
 CACHE_VERSION = "ref-logps-v1"  # bump when what the cache holds, or how it is computed, changes
 LIVE_MODES = ("model", "adapter-disabled")
 
@@ -227,8 +226,6 @@ def compute_reference_logps(
 
     Batches are sharded across processes (longest first) and gathered, so every rank gets the full arrays.
     (The pad id only fills positions that the attention mask and the -100 labels already exclude.)"""
-    from humanalign.trainers.preference_data import INDEX_KEY, PairCollator
-
     # longest first, by the rows the forward computes (one per pair, prompt once), so batches carry little padding
     lengths = getattr(dataset, "shared_lengths", None) or dataset.lengths
     loader = engine.eval_loader(dataset, PairCollator(pad_token_id), lengths=lengths, batch_size=batch_size)
@@ -349,7 +346,7 @@ def build_reference(
 
 
 __all__ = [
-    "REF_CHOSEN", "REF_REJECTED", "ReferenceModel", "FrozenReference", "AdapterDisabledReference",
+    "ReferenceModel", "FrozenReference", "AdapterDisabledReference",
     "PrecomputedReference", "build_reference", "resolve_reference_mode", "load_reference_model",
     "precompute_reference", "compute_reference_logps", "weights_fingerprint", "cache_key", "is_peft_model",
 ]

@@ -149,10 +149,10 @@ def _describe(cfg: DPOConfig, settings: LossSettings) -> str:
 
 def run(cfg: DPOConfig) -> dict[str, Any]:
     """Train the policy on preference pairs; returns the run summary (also in run_summary.json)."""
+    from humanalign.data.preference_dataset import PairCollator, load_pair_dataset
     from humanalign.engine import Engine
     from humanalign.models.load import count_parameters, load_causal_lm, load_tokenizer
     from humanalign.models.reference import build_reference
-    from humanalign.trainers.preference_data import PairCollator, load_pair_dataset
 
     settings = LossSettings.from_config(cfg)
     start = time.time()

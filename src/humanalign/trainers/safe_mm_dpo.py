@@ -91,7 +91,7 @@ def held_out(values: dict[str, float] | None) -> dict[str, float | None] | None:
 def load_streams(cfg: SafeMMDPOConfig, tokenizer, engine) -> dict[str, dict[str, Any]]:
     """{"helpful": {"train": PairDataset, "val": ...}, "harmless": {...}}; harmless training pairs only with the
     safety stream, harmless validation pairs whenever given (an MM-DPO run still measures harmlessness)."""
-    from humanalign.trainers.preference_data import load_pair_dataset
+    from humanalign.data.preference_dataset import load_pair_dataset
 
     def load(path, kind, split):
         return load_pair_dataset(path, kind, tokenizer, cfg, engine, name=f"{split} {path}") if path else None

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from humanalign.data.preference_dataset import PairDataset
 from humanalign.data.records import HarmlessPair
 from humanalign.losses.safe_mm_dpo import margin_scaled_beta
-from humanalign.trainers.preference_data import PairDataset
 from humanalign.trainers.safe_mm_dpo_parts import (
     COST_CHOSEN,
     COST_REJECTED,

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from humanalign.data.pairs import normalized
+from humanalign.data.preference_dataset import INDEX_KEY, PAIR_KEYS, PairCollator, PairDataset
 from humanalign.data.records import prompt_key
 from humanalign.data.tokenize import IGNORE_INDEX
 from humanalign.errors import UserError
@@ -31,7 +32,6 @@ from humanalign.losses.safe_mm_dpo import expected_cost_pairwise, margin_scaled_
 from humanalign.models.kl import pair_kl_forward
 from humanalign.models.logprobs import concatenated_forward, per_token_kl, sequence_logps
 from humanalign.models.reference import REF_CHOSEN, REF_REJECTED, ReferenceModel
-from humanalign.trainers.preference_data import INDEX_KEY, PAIR_KEYS, PairCollator, PairDataset
 
 HELPFUL, HARMLESS = "helpful", "harmless"
 # how a joint item's harmless pair relates to its helpful pair
