@@ -529,6 +529,21 @@ def train(loop: Loop, train_loader) -> float | None:
     return train_seconds / steps_run if steps_run else None
 
 
+def held_out(values: dict[str, float] | None) -> dict[str, float | None] | None:
+    """The validation numbers the demo and the benchmark compare, under plain names."""
+    if not values:
+        return None
+    names = {"helpful_accuracy": "eval/accuracy_helpful", "harmless_accuracy": "eval/accuracy_safety",
+             "expected_cost": "eval/expected_cost", "loss_helpful": "eval/loss_helpful",
+             "loss_safety": "eval/loss_safety", "kl_divergence": "eval/kl_divergence",
+             "perplexity": "eval/perplexity"}
+    return {name: values.get(key) for name, key in names.items()}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def run_result(loop: Loop, margins: dict[str, Any], streams: Mapping[str, Mapping[str, PairDataset | None]],
                joint: JointDataset, seconds_per_step: float | None) -> dict[str, Any]:
     """The held-out numbers before and after training, lambda's path, the margins and the pair counts."""
@@ -589,21 +604,6 @@ def run(cfg: SafeMMDPOConfig) -> dict[str, Any]:
         result = run_result(loop, margins, streams, joint, train(loop, train_loader))
         finish_run(loop, tokenizer, streams, result, start)
     return result
-
-
-def held_out(values: dict[str, float] | None) -> dict[str, float | None] | None:
-    """The validation numbers the demo and the benchmark compare, under plain names."""
-    if not values:
-        return None
-    names = {"helpful_accuracy": "eval/accuracy_helpful", "harmless_accuracy": "eval/accuracy_safety",
-             "expected_cost": "eval/expected_cost", "loss_helpful": "eval/loss_helpful",
-             "loss_safety": "eval/loss_safety", "kl_divergence": "eval/kl_divergence",
-             "perplexity": "eval/perplexity"}
-    return {name: values.get(key) for name, key in names.items()}
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 __all__ = [
