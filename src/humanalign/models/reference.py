@@ -32,7 +32,10 @@ import torch
 from humanalign.data.preference_dataset import INDEX_KEY, REF_CHOSEN, REF_REJECTED, PairCollator
 from humanalign.data.tokenize import IGNORE_INDEX
 from humanalign.errors import ConfigError, UserError
+from humanalign.losses.preference import LOSS_SPECS
+from humanalign.models.load import load_causal_lm
 from humanalign.models.logprobs import concatenated_forward, forward_logits
+from humanalign.paths import cache_dir
 
 CACHE_VERSION = "ref-logps-v1"  # bump when what the cache holds, or how it is computed, changes
 LIVE_MODES = ("model", "adapter-disabled")
@@ -183,8 +186,6 @@ def resolve_reference_mode(cfg, policy: torch.nn.Module) -> str:
 
 def load_reference_model(cfg, engine) -> tuple[torch.nn.Module, str]:
     """The frozen reference on the CPU, not yet prepared: ``ref_model_path``, else the policy's start."""
-    from humanalign.models.load import load_causal_lm
-
     source = getattr(cfg, "ref_model_path", None) or cfg.policy_model_path
     engine.print(f"[reference] loading the frozen reference model from {source}")
     return load_causal_lm(source, cfg.model, trainable=False), source
@@ -211,8 +212,6 @@ def cache_key(weights_hash: str, data_hash: str, mixed_precision: str) -> str:
 
 
 def default_cache_dir() -> Path:
-    from humanalign.paths import cache_dir
-
     return cache_dir() / "ref_logps"
 
 
@@ -326,8 +325,6 @@ def build_reference(
     datasets before their loaders exist; its cache key uses the reference's starting weights), and pass the
     prepared policy to ``reference.attach`` afterwards. ``datasets``: every PairDataset the run will batch
     (train and validation; None entries are ignored); ``pad_token_id`` pads the precomputing batches."""
-    from humanalign.losses.preference import LOSS_SPECS
-
     loss_type = getattr(cfg, "loss_type", "sigmoid")
     mode = getattr(cfg, "reference_mode", "auto")
     if not LOSS_SPECS[loss_type].needs_reference:
