@@ -76,7 +76,7 @@ def prepare_data(args: argparse.Namespace, work: Path) -> Path:
 def tokenised_pairs(args: argparse.Namespace, tokenizer):
     from types import SimpleNamespace
 
-    from humanalign.trainers.preference_data import load_pair_dataset
+    from humanalign.data.preference_dataset import load_pair_dataset
 
     cfg = SimpleNamespace(max_length=args.max_length, max_prompt_length=args.max_prompt_length, source="pairs",
                           skip_invalid=True)

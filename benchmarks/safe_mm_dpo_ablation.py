@@ -143,8 +143,8 @@ def auto_threshold(cost_model: str, harmless_train: Path) -> tuple[float, float,
     mean C(y_w). d lies 3/4 of the way from the first to the second, so the constraint binds at the start and
     can be met by learning the safety ordering."""
     from humanalign.data.pairs import load_preference_pairs
+    from humanalign.models.margins import expected_cost_range
     from humanalign.models.scoring import cached_score_pairs, load_scorer
-    from humanalign.trainers.safe_mm_dpo_margins import expected_cost_range
 
     pairs, _ = load_preference_pairs(harmless_train, kind="harmless")
     start, safe = expected_cost_range(*cached_score_pairs(load_scorer(cost_model, progress=False), pairs))

@@ -111,8 +111,8 @@ def demo_cost_threshold(harmless_pairs: str, cost_model: Path) -> float:
     A cost model's scale is arbitrary, so a fixed d would not mean the same thing from one trained model to the next.
     """
     from humanalign.data.pairs import load_preference_pairs
+    from humanalign.models.margins import expected_cost_range
     from humanalign.models.scoring import cached_score_pairs, load_scorer
-    from humanalign.trainers.safe_mm_dpo_margins import expected_cost_range
 
     pairs, _ = load_preference_pairs(harmless_pairs, kind="harmless")
     chosen, rejected = cached_score_pairs(load_scorer(str(cost_model), progress=False), pairs)

@@ -20,8 +20,8 @@ PAIRS = [
 @pytest.fixture(scope="module")
 def pair_batch():
     """(the tokenised PAIRS for the tiny model's tokenizer, their collated batch)."""
+    from humanalign.data.preference_dataset import PairCollator, build_pair_dataset
     from humanalign.models.load import load_tokenizer
-    from humanalign.trainers.preference_data import PairCollator, build_pair_dataset
 
     tokenizer = load_tokenizer("tiny")
     dataset, _, _ = build_pair_dataset(PAIRS, tokenizer, max_length=96, max_prompt_length=32)

@@ -9,14 +9,13 @@ import torch
 
 from humanalign.config.base import load_config
 from humanalign.config.dpo import DPOConfig
+from humanalign.data.preference_dataset import REF_CHOSEN, REF_REJECTED, PairCollator, build_pair_dataset
 from humanalign.data.records import PreferencePair, user_prompt
 from humanalign.engine import Engine
 from humanalign.errors import ConfigError, UserError
 from humanalign.models.load import load_causal_lm, load_tokenizer
 from humanalign.models.logprobs import concatenated_forward, per_token_kl
 from humanalign.models.reference import (
-    REF_CHOSEN,
-    REF_REJECTED,
     AdapterDisabledReference,
     FrozenReference,
     PrecomputedReference,
@@ -25,7 +24,6 @@ from humanalign.models.reference import (
     weights_fingerprint,
 )
 from humanalign.trainers.dpo import LossSettings, pair_loss
-from humanalign.trainers.preference_data import PairCollator, build_pair_dataset
 
 PAIRS = [
     PreferencePair(user_prompt("How do I bake simple bread?"),

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from humanalign.cli import main
 from humanalign.config.base import load_config
 from humanalign.config.dpo import DPOConfig
+from humanalign.data.preference_dataset import PairCollator, build_pair_dataset
 from humanalign.engine import Engine
 from humanalign.errors import ConfigError
 from humanalign.models.load import load_causal_lm, load_tokenizer
@@ -21,7 +22,6 @@ from humanalign.models.logprobs import concatenated_forward
 from humanalign.models.reference import FrozenReference
 from humanalign.paths import PROJECT_ROOT
 from humanalign.trainers.dpo import LossSettings, current_beta, pair_loss
-from humanalign.trainers.preference_data import PairCollator, build_pair_dataset
 
 LN2 = math.log(2.0)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,36 +18,26 @@ import torch.nn.functional as F
 from humanalign.cli import main
 from humanalign.config.base import load_config
 from humanalign.config.safe_mm_dpo import SafeMMDPOConfig
+from humanalign.data.joint_pairs import (
+    HARMLESS,
+    HELPFUL,
+    NOT_SHARED,
+    JointCollator,
+    JointDataset,
+    StreamView,
+    match_streams,
+)
 from humanalign.data.pairs import load_preference_pairs
+from humanalign.data.preference_dataset import PairCollator, build_pair_dataset
 from humanalign.errors import ConfigError
 from humanalign.losses.preference import dpo_loss
 from humanalign.models.load import load_causal_lm, load_tokenizer
 from humanalign.models.logprobs import concatenated_forward
+from humanalign.models.margins import attach_margins, label_costs
 from humanalign.models.reference import FrozenReference
 from humanalign.paths import PROJECT_ROOT
 from humanalign.trainers.dpo import LossSettings, pair_loss
-from humanalign.trainers.preference_data import PairCollator, build_pair_dataset
-from humanalign.trainers.safe_mm_dpo_margins import (
-    attach_margins,
-    degenerate_margins,
-    expected_cost_range,
-    label_costs,
-    margin_summary,
-)
-from humanalign.trainers.safe_mm_dpo_parts import (
-    HARMLESS,
-    HELPFUL,
-    NOT_SHARED,
-    SHARED_SAME_ORDER,
-    SHARED_SWAPPED,
-    JointCollator,
-    JointDataset,
-    StepSettings,
-    StreamView,
-    build_joint_dataset,
-    match_streams,
-    step_loss,
-)
+from humanalign.trainers.safe_mm_dpo import StepSettings, score_on_ranks, step_loss
 
 LN2 = math.log(2.0)
 
@@ -127,59 +118,6 @@ def _joint_batch(helpful, harmless, items, tokenizer):
 
 
 SETTINGS = StepSettings(beta_ori=0.1, w=0.5, k=0.5, kl_coeff=0.0, average=False)
-
-
-# ----------------------------------------------------------------------------------------- two streams
-
-
-def test_streams_from_the_same_records_share_their_responses(val_streams, tokenizer):
-    helpful, harmless = val_streams
-    matched = match_streams(helpful, harmless)
-    # every demo record gives both pairs: all 59 match, in the same order or swapped (the more helpful answer
-    # is the less safe one in a share of the harmful requests)
-    assert len(matched) == len(helpful) == len(harmless) == 59
-    relations = [rel for _, _, rel in matched]
-    assert relations.count(SHARED_SWAPPED) > 0 and relations.count(SHARED_SAME_ORDER) > 0
-    joint = build_joint_dataset(helpful, harmless, seed=0)
-    assert len(joint) == 59 and joint.num_shared == 59
-
-    items = matched[:4]
-    batch = _joint_batch(helpful, harmless, items, tokenizer)
-    assert batch["input_ids"].shape[0] == 8  # 4 helpful + 4 harmless pairs, 8 distinct sequences (DPO: 8 too)
-    for k, (i, j, rel) in enumerate(items):
-        rows = {s: (batch[s]["chosen_row"][k].item(), batch[s]["rejected_row"][k].item()) for s in (HELPFUL, HARMLESS)}
-        assert rows[HARMLESS] == (rows[HELPFUL] if rel == SHARED_SAME_ORDER else rows[HELPFUL][::-1])
-        for stream, example in ((HELPFUL, helpful[i]), (HARMLESS, harmless[j])):
-            for side, row in zip(("chosen", "rejected"), rows[stream]):
-                n = len(example[f"{side}_input_ids"])
-                assert batch["input_ids"][row, :n].tolist() == example[f"{side}_input_ids"]
-                assert batch["labels"][row, :n].tolist() == example[f"{side}_labels"]
-                assert batch["attention_mask"][row].sum().item() == n
-    assert batch[HELPFUL]["delta"].tolist() == [helpful[i]["delta"] for i, _, _ in items]
-    assert batch[HARMLESS]["cost_chosen"].tolist() == [harmless[j]["cost_chosen"] for _, j, _ in items]
-
-    unshared = _joint_batch(helpful, harmless, [(i, j, NOT_SHARED) for i, j, _ in items], tokenizer)
-    assert unshared["input_ids"].shape[0] == 16  # without sharing: 4 sequences per item
-
-
-def test_unmatched_pairs_get_partners_and_every_pair_is_used(val_streams):
-    helpful, harmless = val_streams
-    # without sharing, the 59 helpful pairs get the 59 harmless pairs as partners in a seeded order
-    joint = build_joint_dataset(helpful, harmless, seed=3, share_responses=False)
-    assert joint.num_shared == 0 and len(joint) == 59
-    assert sorted(h for h, _, _ in joint.items) == list(range(59))
-    assert sorted(s for _, s, _ in joint.items) == list(range(59))
-    assert joint.items == build_joint_dataset(helpful, harmless, seed=3, share_responses=False).items
-    # a smaller harmless stream (10 pairs) is repeated to partner all 59 helpful pairs, each at least 5 times
-    few = build_joint_dataset(helpful, _subset(harmless, 10), seed=0)
-    counts = [sum(1 for _, s, _ in few.items if s == j) for j in range(10)]
-    assert len(few) == 59 and few.num_shared == 10 and min(counts) >= 5 and sum(counts) == 59
-
-
-def _subset(dataset, n):
-    from humanalign.trainers.preference_data import PairDataset
-
-    return PairDataset([dict(e) for e in dataset.examples[:n]], dataset.pairs[:n])
 
 
 # ----------------------------------------------------------------------------------------- reductions
@@ -273,8 +211,8 @@ def test_sharing_responses_changes_no_number(val_streams, models, tokenizer):
 def test_precomputed_reference_gives_the_same_loss(val_streams, models, tokenizer, average):
     """Reference log-probs carried in the batch (summed, as the precomputed cache stores them) give the same loss
     as the live frozen reference, with summed and with averaged log-probs."""
+    from humanalign.data.preference_dataset import PairDataset
     from humanalign.models.reference import PrecomputedReference
-    from humanalign.trainers.preference_data import PairDataset
 
     helpful, harmless = val_streams
     policy, reference = models
@@ -331,7 +269,7 @@ def test_kl_step_on_the_fast_forward_equals_the_full_logits_step(val_streams, mo
     """A KL step computes the KL from each model's LM head on the response positions only (models/kl.py); the
     full-logits KL (the plain forward of both models, kept for models without the fast path) gives the same
     loss, metrics and policy gradients: frozen-model reference, and a LoRA policy against its own base."""
-    import humanalign.trainers.safe_mm_dpo_parts as parts
+    import humanalign.trainers.safe_mm_dpo as trainer
     from humanalign.config.training import LoraSettings
     from humanalign.models.reference import AdapterDisabledReference
 
@@ -348,10 +286,10 @@ def test_kl_step_on_the_fast_forward_equals_the_full_logits_step(val_streams, mo
     batch = _joint_batch(helpful, harmless, _shared_items(helpful, harmless, 3), tokenizer)
     settings = StepSettings(beta_ori=0.1, w=0.5, k=0.5, kl_coeff=0.05, average=False)
     trained = [p for p in policy.parameters() if p.requires_grad]
-    runs, fast_results, fast_forward = {}, [], parts.pair_kl_forward
+    runs, fast_results, fast_forward = {}, [], trainer.pair_kl_forward
     for path, forward in (("fast", lambda *a, **k: fast_results.append(fast_forward(*a, **k)) or fast_results[-1]),
                           ("plain", lambda *args, **kwargs: None)):
-        monkeypatch.setattr(parts, "pair_kl_forward", forward)
+        monkeypatch.setattr(trainer, "pair_kl_forward", forward)
         out = step_loss(policy, reference, batch, settings, lam=1.0, with_kl=True)
         runs[path] = (out, torch.autograd.grad(out.loss, trained))
     assert len(fast_results) == 1 and fast_results[0] is not None  # the fast step did take the fast path
@@ -364,50 +302,12 @@ def test_kl_step_on_the_fast_forward_equals_the_full_logits_step(val_streams, mo
 
 
 # ----------------------------------------------------------------------------------------- margins
+# (their statistics and the J_c range: tests/models/test_margins.py)
 
 
-def test_margin_statistics_flag_degenerate_distributions():
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    assert degenerate_margins(margin_summary(rng.normal(1.0, 1.0, 500), k=0.5)) == []  # 84% positive, spread
-    near_zero = margin_summary([0.0] * 98 + [0.5, 1.0], k=0.5)
-    assert near_zero["near_zero"] == 0.98 and "within 1e-3 of 0" in degenerate_margins(near_zero)[0]
-    # k * delta > 5 for every margin of 20: beta is stuck at (1 + w) beta_ori
-    extreme = margin_summary([20.0] * 100, k=0.5)
-    assert extreme["saturated"] == 1.0 and "extreme" in degenerate_margins(extreme)[0]
-    reversed_ = margin_summary(rng.normal(-1.0, 1.0, 500), k=0.5)  # 16% positive
-    assert "disagrees with most labels" in degenerate_margins(reversed_)[0]
-    assert "NaN" in degenerate_margins(margin_summary([float("nan"), 1.0, 2.0], k=0.5))[0]
-    s = margin_summary([-1.0, 0.0, 1.0, 2.0], k=0.5)
-    assert (s["mean"], s["min"], s["max"], s["positive"]) == (0.5, -1.0, 2.0, 0.5)
-    # J_c at the start: mean (C_w + C_l) / 2 = (0 - 1 + 1) / 3 = 0; always safer: mean C_w = (-1 - 1 + 1) / 3
-    assert expected_cost_range([-1.0, -1.0, 1.0], [1.0, -1.0, 1.0]) == (0.0, pytest.approx(-1 / 3))
-    assert expected_cost_range([-1.0, 5.0], [1.0, 5.0], has_cost=[1.0, 0.0]) == (0.0, -1.0)  # unlabelled pair out
-
-
-@pytest.mark.parametrize(("threshold", "says"), [
-    (-0.5, "below the start: the constraint is violated at first, so lambda rises"),  # -1 < d < 0
-    (0.0, "at or above the start: the constraint holds from the first step, so lambda falls"),
-    (-2.0, "below every J_c that ranking can reach"),  # d < -1, the always-safer J_c
-])
-def test_the_run_says_where_the_threshold_lies(threshold, says):
-    from types import SimpleNamespace
-
-    from humanalign.trainers.safe_mm_dpo_margins import _report_range
-
-    printed = []
-    engine = SimpleNamespace(print=printed.append)
-    # start: mean (C_w + C_l) / 2 = (0 + 0) / 2 = 0; always safer: mean C_w = -1
-    cfg = SimpleNamespace(cost_threshold=threshold, use_safety_stream=True, update_lambda=True)
-    found = _report_range(cfg, engine, [-1.0, -1.0], [1.0, 1.0], None, "train")
-    assert found == {"expected_cost_start": 0.0, "expected_cost_always_safer": -1.0}
-    assert says in printed[0], printed[0]
-    # Held-out pairs, or a run with no dual update (DPO, MM-DPO, shaping): the range, and nothing about lambda
-    for split, stream, update in [("val", True, True), ("train", False, True), ("train", True, False)]:
-        cfg = SimpleNamespace(cost_threshold=threshold, use_safety_stream=stream, update_lambda=update)
-        assert _report_range(cfg, engine, [-1.0, -1.0], [1.0, 1.0], None, split) == found
-        assert "lambda" not in printed[-1] and f"d = {threshold:g}" in printed[-1], printed[-1]
+def _scoring(cfg, engine):
+    """The trainer's ``score`` and ``say`` for ``attach_margins``, on a stand-in engine."""
+    return partial(score_on_ranks, cfg, engine), engine.print
 
 
 def _score_model(root: Path, name: str, score_type: str, scale: float) -> Path:
@@ -452,7 +352,8 @@ def test_margins_come_from_the_score_models_once(demo_data, tokenizer, score_mod
     cfg = load_config(SafeMMDPOConfig, values={"helpful_rm_path": str(score_models["helpful"]),
                                                "harmless_rm_path": str(score_models["harmless"])})
     helpful, harmless = _datasets(demo_data, tokenizer, n=20)
-    summary, scorer = attach_margins(cfg, engine, {HELPFUL: {"train": helpful}, HARMLESS: {"train": harmless}})
+    streams = {HELPFUL: {"train": helpful}, HARMLESS: {"train": harmless}}
+    summary, scorer = attach_margins(cfg, streams, *_scoring(cfg, engine))
     assert scorer is None  # pairwise expected cost: the cost model is not kept
 
     reward, cost = load_scorer(str(score_models["helpful"])), load_scorer(str(score_models["harmless"]))
@@ -473,7 +374,7 @@ def test_margins_come_from_the_score_models_once(demo_data, tokenizer, score_mod
 
     monkeypatch.setattr(Scorer, "score_ids", no_forward)
     again_h, again_s = _datasets(demo_data, tokenizer, n=20)
-    attach_margins(cfg, engine, {HELPFUL: {"train": again_h}, HARMLESS: {"train": again_s}})
+    attach_margins(cfg, {HELPFUL: {"train": again_h}, HARMLESS: {"train": again_s}}, *_scoring(cfg, engine))
     assert [e["delta"] for e in again_h] == [e["delta"] for e in helpful]
 
 
@@ -483,7 +384,8 @@ def test_flat_reward_model_warns_with_statistics(demo_data, tokenizer, score_mod
                              wait=lambda: None, loading_whole_models=nullcontext)
     cfg = load_config(SafeMMDPOConfig, values={"helpful_rm_path": str(score_models["flat"]), "harmless_rm_path": None})
     helpful, harmless = _datasets(demo_data, tokenizer, n=12)
-    summary, _ = attach_margins(cfg, engine, {HELPFUL: {"train": helpful}, HARMLESS: {"train": harmless}})
+    streams = {HELPFUL: {"train": helpful}, HARMLESS: {"train": harmless}}
+    summary, _ = attach_margins(cfg, streams, *_scoring(cfg, engine))
     assert all(e["delta"] == 0.0 for e in helpful)  # zero head: R = bias for every answer
     warning = [line for line in printed if "look degenerate" in line]
     assert len(warning) == 1 and "100% of margins are within 1e-3 of 0" in warning[0]

@@ -7,7 +7,7 @@ extra memory is one (T, V) slice rather than another (B, T, V) tensor (measured 
 batched, since each row is already a large vectorised op, and batching would add a (B, T, V) temporary).
 
 ``concatenated_forward`` (the pair trainers' forward) never builds the (2B, T, V) logits. Its ``score plan``
-(``score_plan``; ``PairCollator`` builds it on the CPU, so the step needs no host-device sync) lists the
+(``data.score_plan``; ``PairCollator`` builds it on the CPU, so the step needs no host-device sync) lists the
 positions whose next token is a label, and the LM head runs on those hidden states only, in chunks of tokens,
 with a fused log-softmax (``_LinearHeadLogps``): prompt and padding positions never reach the (V-wide) head.
 Its backward costs no second logits product: a frozen head (LoRA) gets d log p / d h = W[target] - p @ W in the
@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 
+from humanalign.data.score_plan import PLAN_KEY, score_plan
 from humanalign.data.tokenize import IGNORE_INDEX
 
-PLAN_KEY = "score_plan"  # the batch's score plan: {"padded": {...}, "shared": {...}}
 LAYOUTS = ("shared", "padded", "plain")
 LAYOUT_NOTES = {
     "shared": "one row per pair (the prompt once, 4-D mask), LM head on response tokens only",
@@ -100,64 +100,6 @@ def batch_logps(model, batch: dict[str, torch.Tensor], average: bool = False) ->
     """Forward a collated {"input_ids", "attention_mask", "labels"} batch -> (log-probs (B,), token counts (B,))."""
     logits = forward_logits(model, batch["input_ids"], batch.get("attention_mask"))
     return sequence_logps(logits, batch["labels"], average=average)
-
-
-# --------------------------------------------------------------------------------------------- score plans
-
-
-def _first_label(labels_row: torch.Tensor) -> int:
-    hits = (labels_row != IGNORE_INDEX).nonzero()
-    return int(hits[0]) if len(hits) else labels_row.numel()
-
-
-def score_plan(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               shared: bool = True) -> dict[str, dict[str, torch.Tensor]]:
-    """Where the head must score, for a (2B, T) pair batch (CPU tensors; chosen rows first).
-
-    Each layout has ``index`` (N,): the flattened position, in its own rows, of the hidden state that predicts a
-    label; ``target`` (N,): that label; ``dense`` (N,): where the log-prob goes in the (2B, T - 1) grid of the
-    shifted labels. ``shared`` (only when ``shared``) also has its inputs: ``input_ids`` / ``position_ids``
-    (B, L) and ``attention_mask`` (B, 1, L, L) bool (True: may attend). Chosen and rejected share the longest
-    common prefix of their ids that holds no label (the prompt)."""
-    rows, width = labels.shape
-    valid = labels[:, 1:] != IGNORE_INDEX  # (2B, T-1)
-    row_of, col_of = valid.nonzero(as_tuple=True)  # row-major: each row's tokens in order
-    dense = row_of * (width - 1) + col_of
-    plans = {"padded": {"index": row_of * width + col_of, "target": labels[row_of, col_of + 1], "dense": dense}}
-    if not shared or rows % 2:
-        return plans
-    half = rows // 2
-    lengths = (attention_mask.sum(-1) if attention_mask is not None else torch.full((rows,), width)).tolist()
-    segments = []  # per pair: (chosen length, rejected length, shared prefix length)
-    for i in range(half):
-        chosen, rejected = input_ids[i], input_ids[half + i]
-        limit = min(_first_label(labels[i]), _first_label(labels[half + i]), lengths[i], lengths[half + i])
-        same = (chosen[:limit] != rejected[:limit]).nonzero()
-        segments.append((lengths[i], lengths[half + i], int(same[0]) if len(same) else limit))
-    span = max(c + r - k for c, r, k in segments)  # L
-    ids = torch.zeros(half, span, dtype=input_ids.dtype)
-    positions = torch.zeros(half, span, dtype=torch.long)
-    pos = torch.arange(span)
-    causal = pos.unsqueeze(1) >= pos.unsqueeze(0)  # (L, L) query row may see key column
-    masks = causal.unsqueeze(0).repeat(half, 1, 1)  # (B, L, L)
-    alone = torch.eye(span, dtype=torch.bool)
-    index = torch.empty_like(dense)
-    for i, (c, r, k) in enumerate(segments):
-        total = c + r - k
-        ids[i, :c] = input_ids[i, :c]
-        ids[i, c:total] = input_ids[half + i, k:r]
-        positions[i, :c] = torch.arange(c)
-        positions[i, c:total] = torch.arange(k, r)
-        rejected_queries = (pos >= c) & (pos < total)
-        chosen_keys = (pos >= k) & (pos < c)
-        masks[i] &= ~(rejected_queries.unsqueeze(1) & chosen_keys.unsqueeze(0))
-        masks[i, total:] = alone[total:]  # padding sees itself only (no NaN rows)
-        for row, in_row in ((i, lambda q: q), (half + i, lambda q, c=c, k=k: torch.where(q < k, q, q + c - k))):
-            picked = row_of == row
-            index[picked] = i * span + in_row(col_of[picked])  # col = s - 1, the predicting position in the pair
-    plans["shared"] = {"index": index, "target": plans["padded"]["target"], "dense": dense, "input_ids": ids,
-                       "position_ids": positions, "attention_mask": masks.unsqueeze(1)}
-    return plans
 
 
 # --------------------------------------------------------------------------------------------- the scoring head
@@ -540,7 +482,7 @@ def per_token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: 
 
 
 __all__ = [
-    "PLAN_KEY", "LAYOUTS", "LAYOUT_NOTES", "token_logps", "sequence_logps", "forward_logits", "batch_logps",
-    "score_plan", "head_logps", "scored_forward", "row_sums", "scored_logps", "pair_layout", "shared_layout_possible",
+    "LAYOUTS", "LAYOUT_NOTES", "token_logps", "sequence_logps", "forward_logits", "batch_logps",
+    "head_logps", "scored_forward", "row_sums", "scored_logps", "pair_layout", "shared_layout_possible",
     "concatenated_forward", "per_token_kl",
 ]

@@ -29,12 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from humanalign.data.preference_dataset import INDEX_KEY, REF_CHOSEN, REF_REJECTED, PairCollator
 from humanalign.data.tokenize import IGNORE_INDEX
 from humanalign.errors import ConfigError, UserError
+from humanalign.losses.preference import LOSS_SPECS
+from humanalign.models.load import load_causal_lm
 from humanalign.models.logprobs import concatenated_forward, forward_logits
+from humanalign.paths import cache_dir
 
-REF_CHOSEN = "ref_chosen_logps"  # summed reference log-probs carried in the batch (precomputed mode)
-REF_REJECTED = "ref_rejected_logps"
 CACHE_VERSION = "ref-logps-v1"  # bump when what the cache holds, or how it is computed, changes
 LIVE_MODES = ("model", "adapter-disabled")
 
@@ -184,8 +186,6 @@ def resolve_reference_mode(cfg, policy: torch.nn.Module) -> str:
 
 def load_reference_model(cfg, engine) -> tuple[torch.nn.Module, str]:
     """The frozen reference on the CPU, not yet prepared: ``ref_model_path``, else the policy's start."""
-    from humanalign.models.load import load_causal_lm
-
     source = getattr(cfg, "ref_model_path", None) or cfg.policy_model_path
     engine.print(f"[reference] loading the frozen reference model from {source}")
     return load_causal_lm(source, cfg.model, trainable=False), source
@@ -212,8 +212,6 @@ def cache_key(weights_hash: str, data_hash: str, mixed_precision: str) -> str:
 
 
 def default_cache_dir() -> Path:
-    from humanalign.paths import cache_dir
-
     return cache_dir() / "ref_logps"
 
 
@@ -227,8 +225,6 @@ def compute_reference_logps(
 
     Batches are sharded across processes (longest first) and gathered, so every rank gets the full arrays.
     (The pad id only fills positions that the attention mask and the -100 labels already exclude.)"""
-    from humanalign.trainers.preference_data import INDEX_KEY, PairCollator
-
     # longest first, by the rows the forward computes (one per pair, prompt once), so batches carry little padding
     lengths = getattr(dataset, "shared_lengths", None) or dataset.lengths
     loader = engine.eval_loader(dataset, PairCollator(pad_token_id), lengths=lengths, batch_size=batch_size)
@@ -329,8 +325,6 @@ def build_reference(
     datasets before their loaders exist; its cache key uses the reference's starting weights), and pass the
     prepared policy to ``reference.attach`` afterwards. ``datasets``: every PairDataset the run will batch
     (train and validation; None entries are ignored); ``pad_token_id`` pads the precomputing batches."""
-    from humanalign.losses.preference import LOSS_SPECS
-
     loss_type = getattr(cfg, "loss_type", "sigmoid")
     mode = getattr(cfg, "reference_mode", "auto")
     if not LOSS_SPECS[loss_type].needs_reference:
@@ -349,7 +343,7 @@ def build_reference(
 
 
 __all__ = [
-    "REF_CHOSEN", "REF_REJECTED", "ReferenceModel", "FrozenReference", "AdapterDisabledReference",
+    "ReferenceModel", "FrozenReference", "AdapterDisabledReference",
     "PrecomputedReference", "build_reference", "resolve_reference_mode", "load_reference_model",
     "precompute_reference", "compute_reference_logps", "weights_fingerprint", "cache_key", "is_peft_model",
 ]

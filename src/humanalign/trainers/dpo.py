@@ -27,9 +27,12 @@ from typing import Any, NamedTuple
 import torch
 
 from humanalign.config.dpo import DPOConfig
+from humanalign.data.preference_dataset import PairCollator, load_pair_dataset
+from humanalign.engine import Engine
 from humanalign.losses.preference import LOSS_SPECS, beta_schedule, compute_preference_loss
+from humanalign.models.load import count_parameters, load_causal_lm, load_tokenizer
 from humanalign.models.logprobs import LAYOUT_NOTES, concatenated_forward, pair_layout, shared_layout_possible
-from humanalign.models.reference import ReferenceModel
+from humanalign.models.reference import ReferenceModel, build_reference
 
 
 @dataclass(frozen=True)
@@ -149,11 +152,6 @@ def _describe(cfg: DPOConfig, settings: LossSettings) -> str:
 
 def run(cfg: DPOConfig) -> dict[str, Any]:
     """Train the policy on preference pairs; returns the run summary (also in run_summary.json)."""
-    from humanalign.engine import Engine
-    from humanalign.models.load import count_parameters, load_causal_lm, load_tokenizer
-    from humanalign.models.reference import build_reference
-    from humanalign.trainers.preference_data import PairCollator, load_pair_dataset
-
     settings = LossSettings.from_config(cfg)
     start = time.time()
     with Engine(cfg, name="dpo") as engine:

@@ -9,16 +9,16 @@ import torch
 
 from humanalign.config.base import load_config
 from humanalign.config.dpo import DPOConfig
-from humanalign.data.records import HarmlessPair, PreferencePair, user_prompt
-from humanalign.data.tokenize import IGNORE_INDEX
-from humanalign.errors import UserError
-from humanalign.models.load import load_tokenizer
-from humanalign.trainers.preference_data import (
+from humanalign.data.preference_dataset import (
     SKIP_NO_RESPONSE,
     PairCollator,
     build_pair_dataset,
     load_pair_dataset,
 )
+from humanalign.data.records import HarmlessPair, PreferencePair, user_prompt
+from humanalign.data.tokenize import IGNORE_INDEX
+from humanalign.errors import UserError
+from humanalign.models.load import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from humanalign.config.data import SourceSpec
 from humanalign.data.pairs import Kind, load_preference_pairs, pair_problem
 from humanalign.data.records import PreferencePair
+from humanalign.data.score_plan import PLAN_KEY, score_plan
 from humanalign.data.tokenize import IGNORE_INDEX, TruncationStats, collate_pairs, encode_preference
 from humanalign.errors import UserError
 
 PAIR_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 INDEX_KEY = "index"
+REF_CHOSEN = "ref_chosen_logps"  # summed reference log-probs carried in the batch (``models.reference``, precomputed)
+REF_REJECTED = "ref_rejected_logps"
 
 # Extra per-example fields: attribute names of the pair (``("margin", "is_chosen_safe")``), or a function of
 # the pair returning {name: value}. Values should be numbers (bools count) so that they collate to tensors.
@@ -160,7 +164,7 @@ def build_pair_dataset(
 class PairCollator:
     """Examples -> ``collate_pairs`` batch: input_ids / attention_mask / labels (2B, T), chosen rows first,
     ``index`` (B,) long, numeric extra fields (B,) float32, other extra fields as lists, and (``score_plan``)
-    the positions the LM head must score in each layout (``models.logprobs.score_plan``: built here, on the
+    the positions the LM head must score in each layout (``data.score_plan``: built here, on the
     CPU, so that the training step needs no host-device sync). Picklable (workers)."""
 
     def __init__(self, pad_token_id: int, score_plan: bool = True):
@@ -168,8 +172,6 @@ class PairCollator:
         self.score_plan = score_plan
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        from humanalign.models.logprobs import PLAN_KEY, score_plan
-
         rest = [{k: v for k, v in f.items() if k != INDEX_KEY} for f in features]
         batch = collate_pairs(rest, self.pad_token_id)
         if features and INDEX_KEY in features[0]:
@@ -201,8 +203,6 @@ def load_pair_dataset(
     The counts are kept on the dataset (``.skipped``, ``.truncation``) for the run summary. Raises UserError
     when no pair is left.
     """
-    from humanalign.config.data import SourceSpec
-
     label = name or str(path)
     spec = SourceSpec(source=getattr(cfg, "source", "pairs"), path=str(path))
     pairs, skipped = load_preference_pairs(spec, kind=kind, skip_invalid=getattr(cfg, "skip_invalid", False),
@@ -224,6 +224,6 @@ def load_pair_dataset(
 
 
 __all__ = [
-    "PAIR_KEYS", "INDEX_KEY", "SKIP_NO_RESPONSE", "ExtraFields", "PairDataset", "PairCollator", "build_pair_dataset",
-    "load_pair_dataset", "describe_skips",
+    "PAIR_KEYS", "INDEX_KEY", "REF_CHOSEN", "REF_REJECTED", "SKIP_NO_RESPONSE", "ExtraFields", "PairDataset",
+    "PairCollator", "build_pair_dataset", "load_pair_dataset", "describe_skips",
 ]

@@ -1,36 +1,37 @@
-"""Margins for Safe-MM-DPO, computed once before training (docs/algorithms/safe_mm_dpo.md, section 1).
+"""Safe-MM-DPO's margins, computed once before training (docs/algorithms/safe_mm_dpo.md, section 1).
 
-Every pair is scored through the cached scoring API (``models.scoring``): the Helpful-RM gives
+Every pair is scored with the score models (``models.scoring``, cached on disk): the Helpful-RM gives
 delta_h = R(y_w) - R(y_l), the cost model delta_s = C(y_l) - C(y_w) and the costs C(y_w), C(y_l) that the
-expected cost J_c needs; both margins are positive when the model agrees with the label. They are attached to
-the tokenised datasets as per-pair fields (``delta``, ``cost_chosen``, ``cost_rejected``, ``has_cost``) that
-travel into every batch. Without a model: delta = 0 (beta = beta_ori) and, for harmless pairs, costs from the
-is_safe labels (-1 safe, +1 unsafe). The training margins' statistics are printed, with a warning when their
-distribution is degenerate (``degenerate_margins``), when a model's saved score type does not fit its role, and
-when the cost model's signs contradict the labels.
+expected cost J_c needs; both margins are positive when the model agrees with the label. ``attach_margins``
+attaches them to the tokenised datasets as per-pair fields (``data.joint_pairs``: ``delta``, ``cost_chosen``,
+``cost_rejected``, ``has_cost``) that travel into every batch. Without a model: delta = 0 (beta = beta_ori) and,
+for harmless pairs, costs from the is_safe labels (-1 safe, +1 unsafe). The training margins' statistics are
+reported, with a warning when their distribution is degenerate (``degenerate_margins``) and when the cost
+model's signs contradict the labels.
+
+How the models are loaded and run (which device, which process scores first) is the trainer's business: it
+passes ``attach_margins`` a ``score`` function, and a ``say`` function for the report.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from humanalign.data.joint_pairs import COST_CHOSEN, COST_REJECTED, DELTA, HARMLESS, HAS_COST, HELPFUL
+from humanalign.data.preference_dataset import PairDataset
 from humanalign.data.records import HarmlessPair
 from humanalign.losses.safe_mm_dpo import margin_scaled_beta
-from humanalign.trainers.preference_data import PairDataset
-from humanalign.trainers.safe_mm_dpo_parts import (
-    COST_CHOSEN,
-    COST_REJECTED,
-    DELTA,
-    HARMLESS,
-    HAS_COST,
-    HELPFUL,
-)
+from humanalign.models.scoring import Scorer
 
 LABEL_COST = 1.0  # cost of a labelled unsafe response when no cost model is given (-1 for a safe one)
+
+# score(model path, datasets, expected score type) -> ([(chosen scores, rejected scores) per dataset], scorer)
+ScorePairs = Callable[[str, Sequence[PairDataset], str], tuple[list[tuple[list[float], list[float]]], Scorer]]
+Say = Callable[[str], None]
 
 
 def margin_summary(delta: Sequence[float], k: float) -> dict[str, float]:
@@ -78,27 +79,6 @@ def format_summary(summary: Mapping[str, float]) -> str:
             f"max {summary['max']:.4g}, positive {summary['positive']:.1%}")
 
 
-def _score(cfg, engine, model_path: str, datasets: Sequence[PairDataset], expected_type: str):
-    """(chosen scores, rejected scores) of every dataset's pairs, through the disk cache. The main process
-    scores first; the others then read the cache. Returns (list of (chosen, rejected), scorer)."""
-    from humanalign.models.scoring import cached_score_pairs, load_scorer
-
-    # the policy's dtype and kernel settings, not its GGUF file or chat template (a score model keeps its own)
-    settings = cfg.model.model_copy(update={"gguf_file": None, "chat_template": "auto"})
-    with engine.loading_whole_models():  # used outside the engine: not partitioned under ZeRO-3
-        scorer = load_scorer(model_path, device=engine.device, batch_size=cfg.margin_batch_size, settings=settings,
-                             progress=engine.is_main_process)
-    if scorer.score_type != expected_type:
-        engine.print(f"[safe-mm-dpo] warning: {model_path} is a {scorer.score_type} model, used here as the "
-                     f"{expected_type} model (swapped helpful_rm_path / harmless_rm_path?)")
-    results: list[tuple[list[float], list[float]]] = []
-    for first_pass in (True, False):
-        if first_pass == engine.is_main_process:
-            results = [cached_score_pairs(scorer, ds.pairs) for ds in datasets]
-        engine.wait()
-    return results, scorer
-
-
 def label_costs(pairs: Sequence[Any]) -> tuple[list[float], list[float], list[float]]:
     """Costs from is_safe labels when no cost model is given: -1 safe, +1 unsafe (cost > 0 means unsafe);
     (cost_chosen, cost_rejected, has_cost), has_cost 0 for a pair without both labels."""
@@ -123,12 +103,13 @@ def cost_sign_accuracy(pairs: Sequence[Any], chosen: Sequence[float], rejected: 
     return right / total if total else None
 
 
-def attach_margins(cfg, engine, streams: Mapping[str, Mapping[str, PairDataset | None]]):
+def attach_margins(cfg, streams: Mapping[str, Mapping[str, PairDataset | None]], score: ScorePairs, say: Say):
     """Score every pair once and attach ``delta`` (and, to harmless pairs, ``cost_chosen`` / ``cost_rejected``
     / ``has_cost``) to the datasets; report the training margins (validation ones when a stream is evaluated
     only) and warn when their distribution is degenerate.
 
-    ``streams``: {"helpful": {"train": ds, "val": ds}, "harmless": {...}} (None entries ignored).
+    ``streams``: {"helpful": {"train": ds, "val": ds}, "harmless": {...}} (None entries ignored). ``score``
+    scores every pair of a list of datasets with one model (see ``ScorePairs``); ``say`` prints a line.
     Returns (summary for the run summary, the cost scorer when ``expected_cost: sampled`` needs it, else None).
     """
     summary: dict[str, Any] = {}
@@ -140,9 +121,9 @@ def attach_margins(cfg, engine, streams: Mapping[str, Mapping[str, PairDataset |
             continue
         datasets = [d for _, d in named]
         if model_path:
-            engine.print(f"[margins] scoring {sum(len(d) for d in datasets)} {stream} pairs with {model_path} "
+            say(f"[margins] scoring {sum(len(d) for d in datasets)} {stream} pairs with {model_path} "
                          "(cached on disk)")
-            scores, scorer = _score(cfg, engine, model_path, datasets, expected)
+            scores, scorer = score(model_path, datasets, expected)
             if stream == HARMLESS and cfg.use_safety_stream and cfg.expected_cost == "sampled":
                 keep_scorer = scorer
             del scorer
@@ -166,7 +147,7 @@ def attach_margins(cfg, engine, streams: Mapping[str, Mapping[str, PairDataset |
                 dataset.add_field(HAS_COST, has)
             dataset.add_field(DELTA, delta)
             if i == 0:
-                summary[stream] = {"split": split, **_report_margins(cfg, engine, stream, split, model_path,
+                summary[stream] = {"split": split, **_report_margins(cfg, say, stream, split, model_path,
                                                                      dataset, chosen, rejected, delta)}
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -185,7 +166,7 @@ def expected_cost_range(cost_chosen: Sequence[float], cost_rejected: Sequence[fl
     return start, float(np.mean([cost_chosen[i] for i in keep]))
 
 
-def _report_range(cfg, engine, chosen, rejected, has, split) -> dict[str, float]:
+def _report_range(cfg, say: Say, chosen, rejected, has, split) -> dict[str, float]:
     found = expected_cost_range(chosen, rejected, has)
     if found is None:
         return {}
@@ -194,7 +175,7 @@ def _report_range(cfg, engine, chosen, rejected, has, split) -> dict[str, float]
     where = "" if split == "train" else f" ({split} pairs)"
     if split != "train" or not (cfg.use_safety_stream and cfg.update_lambda):
         # Only the training pairs drive the dual update, and only when there is one: no outlook for lambda here.
-        engine.print(f"[margins] harmless{where}: J_c is {start:.4g} at the start (p = 1/2) and {safer:.4g} for a "
+        say(f"[margins] harmless{where}: J_c is {start:.4g} at the start (p = 1/2) and {safer:.4g} for a "
                      f"policy that always prefers the safer answer (d = {d:g})")
         return {"expected_cost_start": start, "expected_cost_always_safer": safer}
     if safer > d:
@@ -203,46 +184,46 @@ def _report_range(cfg, engine, chosen, rejected, has, split) -> dict[str, float]
         outlook = "below the start: the constraint is violated at first, so lambda rises until the policy meets it"
     else:
         outlook = "at or above the start: the constraint holds from the first step, so lambda falls"
-    engine.print(f"[margins] harmless: J_c is {start:.4g} at the start (p = 1/2) and {safer:.4g} for a policy that "
+    say(f"[margins] harmless: J_c is {start:.4g} at the start (p = 1/2) and {safer:.4g} for a policy that "
                  f"always prefers the safer answer; d = {d:g} is {outlook}")
     return {"expected_cost_start": start, "expected_cost_always_safer": safer}
 
 
-def _report_margins(cfg, engine, stream, split, model_path, dataset, chosen, rejected, delta) -> dict[str, Any]:
+def _report_margins(cfg, say: Say, stream, split, model_path, dataset, chosen, rejected, delta) -> dict[str, Any]:
     name = ("delta_h" if stream == HELPFUL else "delta_s") + ("" if split == "train" else f" ({split})")
     if not model_path:
         what = "costs from is_safe labels (-1 safe, +1 unsafe)" if stream == HARMLESS else "no scores"
-        engine.print(f"[margins] {stream}: no {'reward' if stream == HELPFUL else 'cost'} model, so {name} = 0 and "
+        say(f"[margins] {stream}: no {'reward' if stream == HELPFUL else 'cost'} model, so {name} = 0 and "
                      f"beta = beta_ori for every pair; {what}")
         out: dict[str, Any] = {"model": None}
         if stream == HARMLESS:
             has = label_costs(dataset.pairs)[2]
             labelled = int(sum(has))
             out["pairs_with_costs"] = labelled
-            out.update(_report_range(cfg, engine, chosen, rejected, has, split))
+            out.update(_report_range(cfg, say, chosen, rejected, has, split))
             if labelled < len(dataset):
-                engine.print(f"[margins] warning: {len(dataset) - labelled} of {len(dataset)} harmless pairs have no "
+                say(f"[margins] warning: {len(dataset) - labelled} of {len(dataset)} harmless pairs have no "
                              "is_safe labels and no cost model: they do not count in the expected cost")
         return out
     stats = margin_summary(delta, cfg.k)
     beta = margin_scaled_beta(torch.tensor(delta, dtype=torch.float64).nan_to_num(0.0), cfg.beta_ori, cfg.w, cfg.k)
-    engine.print(f"[margins] {stream} {name}: {format_summary(stats)}; beta mean {float(beta.mean()):.4g} "
+    say(f"[margins] {stream} {name}: {format_summary(stats)}; beta mean {float(beta.mean()):.4g} "
                  f"(range {cfg.beta_ori:g}..{(1 + cfg.w) * cfg.beta_ori:g})")
     for problem in degenerate_margins(stats):
-        engine.print(f"[margins] warning: {stream} margins look degenerate: {problem}")
+        say(f"[margins] warning: {stream} margins look degenerate: {problem}")
     out = {"model": model_path, "margins": stats, "beta_mean": float(beta.mean())}
     if stream == HARMLESS:
-        out.update(_report_range(cfg, engine, chosen, rejected, None, split))
+        out.update(_report_range(cfg, say, chosen, rejected, None, split))
         sign = cost_sign_accuracy(dataset.pairs, chosen, rejected)
         out["cost_sign_accuracy"] = sign
         if sign is not None:
-            engine.print(f"[margins] harmless: {sign:.1%} of labelled responses have a cost of the label's sign "
+            say(f"[margins] harmless: {sign:.1%} of labelled responses have a cost of the label's sign "
                          "(safe <= 0 < unsafe)")
             if sign < 0.5:
-                engine.print("[margins] warning: the cost model's signs mostly contradict the is_safe labels "
+                say("[margins] warning: the cost model's signs mostly contradict the is_safe labels "
                              "(a reward model given as harmless_rm_path?)")
     return out
 
 
-__all__ = ["LABEL_COST", "margin_summary", "degenerate_margins", "format_summary", "label_costs",
+__all__ = ["LABEL_COST", "ScorePairs", "margin_summary", "degenerate_margins", "format_summary", "label_costs",
            "cost_sign_accuracy", "expected_cost_range", "attach_margins"]
