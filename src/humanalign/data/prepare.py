@@ -20,10 +20,9 @@ from humanalign.config.data import PrepareDataConfig
 from humanalign.data.card import build_card, card_markdown
 from humanalign.data.load import MixResult, mix_sources
 from humanalign.data.pairs import KINDS, Kind, normalized, records_to_pairs
-from humanalign.data.records import PreferencePair, PromptRecord, SFTRecord, prompt_key
+from humanalign.data.records import SPLITS, PreferencePair, PromptRecord, SFTRecord, prompt_key
 from humanalign.errors import RecordError, UserError
 
-SPLITS = ("train", "val", "test")
 PAIR_FILE = "{kind}_pairs.jsonl"
 CARD_FILES = ("data_card.json", "data_card.md")
 

@@ -11,6 +11,7 @@ from typing import Any
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
+SPLITS = ("train", "val", "test")  # the splits `prepare-data` writes
 
 
 def user_prompt(text: str, system: str | None = None) -> list[Message]:

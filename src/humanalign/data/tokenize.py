@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 
 from humanalign.errors import UserError
 
@@ -101,8 +102,6 @@ def _check_messages(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
 
 def render(tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
     """The chat template's text for ``messages``."""
-    from jinja2 import TemplateError
-
     if not getattr(tokenizer, "chat_template", None):
         ensure_chat_template(tokenizer, "auto")
     try:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from humanalign.data.tokenize import IGNORE_INDEX
+from humanalign.models.pretrained import is_peft_model
 
 PLAN_KEY = "score_plan"  # the batch's score plan: {"padded": {...}, "shared": {...}}
 LAYOUTS = ("shared", "padded", "plain")
@@ -320,7 +321,7 @@ def _unwrap(model) -> tuple[Any, bool]:
         kind = type(inner).__name__
         if kind in ("FullyShardedDataParallel", "DeepSpeedEngine"):
             supported = False
-        if hasattr(inner, "get_base_model") and callable(inner.get_base_model):  # peft
+        if is_peft_model(inner):
             inner = inner.get_base_model()
         elif hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP and the like
             inner = inner.module

@@ -32,19 +32,12 @@ import torch
 from humanalign.data.tokenize import IGNORE_INDEX
 from humanalign.errors import ConfigError, UserError
 from humanalign.models.logprobs import concatenated_forward, forward_logits
+from humanalign.models.pretrained import is_peft_model
 
 REF_CHOSEN = "ref_chosen_logps"  # summed reference log-probs carried in the batch (precomputed mode)
 REF_REJECTED = "ref_rejected_logps"
 CACHE_VERSION = "ref-logps-v1"  # bump when what the cache holds, or how it is computed, changes
 LIVE_MODES = ("model", "adapter-disabled")
-
-
-def is_peft_model(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
 
 
 def _response_counts(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
