@@ -16,9 +16,12 @@ from typing import Any
 
 import yaml
 
+from humanalign.config.base import load_config
 from humanalign.errors import UserError
 
-# command words -> (config schema, function taking the validated config)
+# command words -> (config schema, function taking the validated config), as "module:attribute" strings that
+# `_import` resolves only for the command that runs: `humanalign --help` and `validate` then import neither
+# torch nor a trainer. This lazy dispatch is the one place the CLI imports modules other than at its top.
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("humanalign.config.data:PrepareDataConfig", "humanalign.data.prepare:run"),
     "tiny-model": ("humanalign.config.models:TinyModelConfig", "humanalign.models.tiny:run"),
@@ -131,8 +134,6 @@ def infer_command(path: str) -> str:
 
 
 def validate(tokens: list[str]) -> int:
-    from humanalign.config.base import load_config
-
     _, sets, values, positionals = parse_flags(tokens)
     if len(positionals) != 1:
         raise UserError("usage: humanalign validate CONFIG [--command NAME] [--set KEY=VALUE]")
@@ -147,8 +148,6 @@ def validate(tokens: list[str]) -> int:
 
 
 def run_command(argv: list[str]) -> int:
-    from humanalign.config.base import load_config
-
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
 from humanalign.data.io import publish_dir
 from humanalign.errors import RecordError, UserError
 
@@ -137,8 +139,6 @@ def figure_groups(runs: dict[str, Series]) -> dict[str, dict[str, Any]]:
 
 def draw_group(title: str, members: list[tuple[str, str]], runs: dict[str, Series], several_runs: bool):
     """One figure: a line per (run, metric). Returns the matplotlib Figure."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.subplots()
     metrics_in_group = sorted({m for _, m in members})

@@ -133,6 +133,15 @@ def end_of_turn_ids(tokenizer) -> set[int]:
     return ids
 
 
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token that ends an answer: the template's end-of-turn tokens, EOS and the model's own EOS ids
+    (its ``generation_config.eos_token_id``); evaluation and rollouts stop on the same set."""
+    ids = set(end_of_turn_ids(tokenizer))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
+    return sorted(int(i) for i in ids if i is not None)
+
+
 def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -410,6 +419,6 @@ def collate_pairs(features: Sequence[dict[str, Any]], pad_token_id: int) -> dict
 
 __all__ = [
     "IGNORE_INDEX", "CHAT_TEMPLATES", "TruncationStats", "ensure_chat_template", "render", "render_prompt",
-    "end_of_turn_ids", "encode_conversation", "encode_preference", "encode_prompt", "encode_prompt_response",
+    "end_of_turn_ids", "stop_token_ids", "encode_conversation", "encode_preference", "encode_prompt", "encode_prompt_response",
     "pad_sequences", "collate_sft", "collate_pairs",
 ]
