@@ -44,6 +44,7 @@ from humanalign.losses.ppo import (
     masked_mean,
     masked_whiten,
 )
+from humanalign.models.pretrained import is_peft_model
 from humanalign.rollout import GenerationSettings, build_rollout_engine
 from humanalign.trainers.ppo_parts import (
     ActorGeneration,
@@ -150,7 +151,7 @@ class PPOTrainer:
         if cfg.disable_dropout:
             disable_dropout(module)
         self.ref = None  # None: the actor with its LoRA adapter disabled
-        if cfg.ref_model_path is not None or not hasattr(actor, "peft_config"):
+        if cfg.ref_model_path is not None or not is_peft_model(actor):
             ref = load_causal_lm(cfg.ref_model_path or cfg.actor_model_path, cfg.model, trainable=False)
             self.ref = engine.prepare_frozen(ref)
         return module
