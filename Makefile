@@ -23,6 +23,7 @@ demo: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports  # layers point down: see [tool.importlinter] in pyproject.toml
 
 # The tests also run DeepSpeed ZeRO-2/3 on two CPU processes (tests/engine/test_scale_out.py); the demo does not
 # need it. Its first run compiles DeepSpeed's CPU ops (a few minutes, cached in ~/.cache/torch_extensions).

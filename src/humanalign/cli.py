@@ -18,10 +18,13 @@ from typing import Any
 
 import yaml
 
+from humanalign.config.base import load_config
 from humanalign.data.io import check_output_path
 from humanalign.errors import Interrupted, UserError
 
-# command words -> (config schema, function taking the validated config)
+# command words -> (config schema, function taking the validated config), as "module:attribute" strings that
+# `_import` resolves only for the command that runs: `humanalign --help` and `validate` then import neither
+# torch nor a trainer. This lazy dispatch is the one place the CLI imports modules other than at its top.
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("humanalign.config.data:PrepareDataConfig", "humanalign.data.prepare:run"),
     "tiny-model": ("humanalign.config.models:TinyModelConfig", "humanalign.models.tiny_vision:run"),
@@ -157,8 +160,6 @@ def infer_command(path: str) -> str:
 
 
 def validate(tokens: list[str]) -> int:
-    from humanalign.config.base import load_config
-
     if _wants_help(tokens):
         print(VALIDATE_USAGE)
         return 0
@@ -208,8 +209,6 @@ def quiet_transformers(verbose: bool) -> None:
 
 
 def run_command(argv: list[str]) -> int:
-    from humanalign.config.base import load_config
-
     verbose = "--verbose" in argv
     argv = [a for a in argv if a != "--verbose"]
     if not argv or argv[0] in ("-h", "--help", "help"):

@@ -14,10 +14,33 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from humanalign.config.base import load_config
+from humanalign.config.data import PrepareDataConfig
 from humanalign.config.demo import DemoConfig
+from humanalign.config.dpo import DPOConfig
+from humanalign.config.evaluation import ArenaConfig
+from humanalign.config.ppo import PPOLagConfig
+from humanalign.config.rm import RewardModelConfig
+from humanalign.config.safe_mm_dpo import SafeMMDPOConfig
+from humanalign.config.sft import SFTConfig
+from humanalign.data.demo_data import demo_prompts, write_demo_raw
+from humanalign.data.io import atomic_write_jsonl
+from humanalign.data.pairs import load_preference_pairs
+from humanalign.data.prepare import run as prepare
 from humanalign.errors import UserError
+from humanalign.eval.arena import run as arena
+from humanalign.models.margins import expected_cost_range
+from humanalign.models.scoring import cached_score_pairs, load_scorer
+from humanalign.models.tiny import tiny_model_path
 from humanalign.paths import PROJECT_ROOT
+from humanalign.report import write_report
+from humanalign.trainers.dpo import run as train_dpo
+from humanalign.trainers.ppo import run as train_ppo
+from humanalign.trainers.reward import run as train_rm
+from humanalign.trainers.safe_mm_dpo import run as train_safe_mm_dpo
+from humanalign.trainers.sft import run as train_sft
 
 
 @dataclass
@@ -36,17 +59,11 @@ class DemoRun:
 
 
 def stage_model(run: DemoRun) -> dict[str, Any]:
-    from humanalign.models.tiny import tiny_model_path
-
     path = tiny_model_path()
     return {"tiny model": str(path)}
 
 
 def stage_data(run: DemoRun) -> dict[str, Any]:
-    from humanalign.config.data import PrepareDataConfig
-    from humanalign.data.demo_data import write_demo_raw
-    from humanalign.data.prepare import run as prepare
-
     raw = write_demo_raw(run.path("data", "raw"), n=run.cfg.num_records, seed=run.cfg.seed)
     cfg = load_config(
         PrepareDataConfig,
@@ -57,9 +74,6 @@ def stage_data(run: DemoRun) -> dict[str, Any]:
 
 
 def stage_sft(run: DemoRun) -> dict[str, Any]:
-    from humanalign.config.sft import SFTConfig
-    from humanalign.trainers.sft import run as train_sft
-
     cfg = run.tiny_config(
         SFTConfig, "sft_tiny", model_name_or_path="tiny", seed=run.cfg.seed,
         train_path=str(run.path("data", "train", "helpful_pairs.jsonl")),
@@ -72,9 +86,6 @@ def stage_sft(run: DemoRun) -> dict[str, Any]:
 
 
 def stage_dpo(run: DemoRun) -> dict[str, Any]:
-    from humanalign.config.dpo import DPOConfig
-    from humanalign.trainers.dpo import run as train_dpo
-
     cfg = run.tiny_config(
         DPOConfig, "dpo_tiny", policy_model_path=str(run.path("models", "sft")), seed=run.cfg.seed,
         train_path=str(run.path("data", "train", "helpful_pairs.jsonl")),
@@ -89,9 +100,6 @@ def stage_dpo(run: DemoRun) -> dict[str, Any]:
 
 
 def stage_reward_models(run: DemoRun) -> dict[str, Any]:
-    from humanalign.config.rm import RewardModelConfig
-    from humanalign.trainers.reward import run as train_rm
-
     data = {f"{split}_{kind}_path": str(run.path("data", split, f"{kind}_pairs.jsonl"))
             for split in ("train", "val") for kind in ("helpful", "harmless")}
     out: dict[str, Any] = {}
@@ -110,10 +118,6 @@ def demo_cost_threshold(harmless_pairs: str, cost_model: Path) -> float:
     expected cost (h = 0: the mean of both answers' costs) to that of a policy that always picks the safer answer.
     A cost model's scale is arbitrary, so a fixed d would not mean the same thing from one trained model to the next.
     """
-    from humanalign.data.pairs import load_preference_pairs
-    from humanalign.models.margins import expected_cost_range
-    from humanalign.models.scoring import cached_score_pairs, load_scorer
-
     pairs, _ = load_preference_pairs(harmless_pairs, kind="harmless")
     chosen, rejected = cached_score_pairs(load_scorer(str(cost_model), progress=False), pairs)
     start, safest = expected_cost_range(chosen, rejected)
@@ -123,9 +127,6 @@ def demo_cost_threshold(harmless_pairs: str, cost_model: Path) -> float:
 
 
 def stage_safe_mm_dpo(run: DemoRun) -> dict[str, Any]:
-    from humanalign.config.safe_mm_dpo import SafeMMDPOConfig
-    from humanalign.trainers.safe_mm_dpo import run as train_safe_mm_dpo
-
     data = {f"{split}_{kind}_path": str(run.path("data", split, f"{kind}_pairs.jsonl"))
             for split in ("train", "val") for kind in ("helpful", "harmless")}
     cost_model = run.path("models", "harmless_rm")
@@ -147,9 +148,6 @@ def stage_safe_mm_dpo(run: DemoRun) -> dict[str, Any]:
 
 
 def stage_ppo_lag(run: DemoRun) -> dict[str, Any]:
-    from humanalign.config.ppo import PPOLagConfig
-    from humanalign.trainers.ppo import run as train_ppo
-
     cfg = run.tiny_config(
         PPOLagConfig, "ppo_lag_tiny", actor_model_path=str(run.path("models", "sft")), seed=run.cfg.seed,
         reward_model_path=str(run.path("models", "helpful_rm")), cost_model_path=str(run.path("models", "harmless_rm")),
@@ -164,11 +162,6 @@ def stage_ppo_lag(run: DemoRun) -> dict[str, Any]:
 
 
 def stage_arena(run: DemoRun) -> dict[str, Any]:
-    from humanalign.config.evaluation import ArenaConfig
-    from humanalign.data.demo_data import demo_prompts
-    from humanalign.data.io import atomic_write_jsonl
-    from humanalign.eval.arena import run as arena
-
     prompts = run.path("data", "arena_prompts.jsonl")
     rows = [{"prompt": p} for kind in ("harmful", "benign") for p in demo_prompts(kind, 24, seed=run.cfg.seed)]
     atomic_write_jsonl(prompts, rows)
@@ -185,8 +178,6 @@ def stage_arena(run: DemoRun) -> dict[str, Any]:
 
 
 def stage_report(run: DemoRun) -> dict[str, Any]:
-    from humanalign.report import write_report
-
     runs = [run.path("models", name) for name in ("sft", "dpo", "aligned", "ppo_lag")
             if (run.path("models", name) / "metrics.jsonl").is_file()]
     out = write_report([str(r) for r in runs], output=run.path("reports", "training"))
@@ -225,8 +216,6 @@ def run(cfg: DemoConfig) -> DemoRun:
     if "OMP_NUM_THREADS" not in os.environ:
         # The tiny model's matrices are too small to split across threads; on a busy machine OpenMP's threads
         # then wait on each other (measured: a batch 13x slower with 2 threads than with 1 under load).
-        import torch
-
         torch.set_num_threads(1)
     root = Path(cfg.output_dir) / datetime.now().strftime("%Y%m%d-%H%M%S")
     root.mkdir(parents=True, exist_ok=False)

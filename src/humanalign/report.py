@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from matplotlib.figure import Figure
 
 from humanalign.data.io import publish_dir
 from humanalign.errors import RecordError, UserError
@@ -163,8 +164,6 @@ def figure_groups(runs: dict[str, Series]) -> dict[str, dict[str, Any]]:
 
 def draw_group(title: str, members: list[tuple[str, str]], runs: dict[str, Series], several_runs: bool):
     """One figure: a line per (run, metric). Returns the matplotlib Figure."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.subplots()
     metrics_in_group = sorted({m for _, m in members})

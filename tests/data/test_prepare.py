@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from humanalign.data.prepare import SPLITS, split_of
-from humanalign.data.records import prompt_key, user_prompt
+from humanalign.data.prepare import split_of
+from humanalign.data.records import SPLITS, prompt_key, user_prompt
 from humanalign.paths import shared_data_dir
 
 BREAD = "Mix flour, water and yeast, let it rise, then bake it for 30 minutes."

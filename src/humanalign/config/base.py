@@ -17,6 +17,7 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, ValidationError
 
 from humanalign.errors import ConfigError
+from humanalign.fs import atomic_write_text
 
 T = TypeVar("T", bound="ConfigBase")
 
@@ -70,8 +71,6 @@ class ConfigBase(BaseModel):
 
     def save(self, path: str | Path) -> Path:
         """Write the resolved config (every field, defaults included) atomically."""
-        from humanalign.data.io import atomic_write_text
-
         return atomic_write_text(path, self.to_yaml())
 
 

@@ -6,7 +6,15 @@ import statistics
 from collections import Counter
 from typing import Any
 
-from humanalign.data.records import HarmlessPair, PreferencePair, SafetyLabel, SafetyPreference, prompt_key
+from humanalign import __version__ as version
+from humanalign.data.records import (
+    SPLITS,
+    HarmlessPair,
+    PreferencePair,
+    SafetyLabel,
+    SafetyPreference,
+    prompt_key,
+)
 
 
 def _length_stats(values: list[int]) -> dict[str, float]:
@@ -60,9 +68,6 @@ def _source_stats(records: list) -> dict[str, Any]:
 
 
 def build_card(cfg, mix, buckets, skipped) -> dict[str, Any]:
-    from humanalign import __version__ as version
-    from humanalign.data.prepare import SPLITS
-
     kinds = list(buckets)
     all_records = [rec for res in mix.results for rec in res.records]
     stats = _source_stats(all_records)

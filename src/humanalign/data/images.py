@@ -18,14 +18,16 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, UnidentifiedImageError
 
 from humanalign.data.records import IMAGE_PLACEHOLDER, Message, PreferencePair, prompt_key
-from humanalign.data.sources import SourceContext
 from humanalign.errors import UserError
 from humanalign.paths import cache_dir
+
+if TYPE_CHECKING:  # type hints only: data.sources imports this module for its adapters
+    from humanalign.data.sources import SourceContext
 
 IMAGE_DIR_OPTION = "image_dir"  # adapter option: where image objects are written (default: the cache)
 

@@ -8,17 +8,21 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import tempfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from humanalign.errors import RecordError, UserError
+import pyarrow
+import pyarrow.parquet as pq
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+from humanalign.errors import RecordError, UserError
+from humanalign.fs import atomic_write_json, atomic_write_jsonl, atomic_write_text, publish_dir
+
+# the atomic writers live in humanalign.fs (below config, which saves resolved configs with them)
+__all__ = ["DATA_SUFFIXES", "iter_jsonl", "iter_json", "iter_parquet", "iter_records", "read_jsonl",
+           "atomic_write_text", "atomic_write_jsonl", "atomic_write_json", "publish_dir"]
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 
@@ -128,9 +132,6 @@ def iter_json(
 
 
 def iter_parquet(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    import pyarrow
-    import pyarrow.parquet as pq
-
     try:
         table = pq.read_table(path)
     except pyarrow.ArrowException as exc:
@@ -185,44 +186,3 @@ def check_output_path(path: str | Path, key: str, kind: str = "folder") -> Path:
         raise UserError(f"{where}: cannot write in {probe_in} ({exc.strerror or exc})") from None
     return path
 
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write to a temporary file in the same folder, fsync, then rename into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results should be readable like any other
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
-    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
-
-
-def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Rename a fully written temporary folder into place, replacing an older one atomically enough:
-    the old folder is moved aside first and deleted only after the new one is in place."""
-    final_dir = Path(final_dir)
-    old = None
-    if final_dir.exists():
-        old = final_dir.with_name(f".{final_dir.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -13,11 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
+
 from humanalign.config.data import SourceSpec
 from humanalign.data.images import IMAGE_DIR_OPTION, check_images_kept
 from humanalign.data.io import DATA_SUFFIXES, iter_records
 from humanalign.data.records import Record
 from humanalign.data.sources import SourceContext, get_source
+from humanalign.data.sources.adapters import detect_source
+from humanalign.data.sources.generic import check_generic_options
 from humanalign.errors import RecordError, UserError
 
 
@@ -47,8 +51,6 @@ def _iter_file(path: Path, on_error: Callable[[RecordError], None]) -> Iterator[
 
 def _iter_hub(spec: SourceSpec) -> Iterator[tuple[int, dict[str, Any]]]:
     """Rows of ``datasets.load_dataset(dataset, subset, split=...)``; the 'line' is the 1-based row."""
-    import datasets
-
     kwargs: dict[str, Any] = {"split": spec.split}
     for key in ("data_files", "data_dir", "cache_dir"):
         if getattr(spec, key) is not None:
@@ -84,8 +86,6 @@ def load_source(
     ``spec.ratio`` < 1 keeps a seeded sample of the records (in file order); ``spec.max_records`` caps them.
     ``image_dir`` is where image objects (a datasets Image column) are written as files (default: the cache).
     """
-    from humanalign.data.sources.adapters import detect_source
-    from humanalign.data.sources.generic import check_generic_options
 
     if not isinstance(spec, SourceSpec):
         spec = SourceSpec(path=str(spec))

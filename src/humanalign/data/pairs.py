@@ -14,6 +14,7 @@ from typing import Literal
 
 from humanalign.config.data import SourceSpec
 from humanalign.data.images import reject_images
+from humanalign.data.load import load_source
 from humanalign.data.records import (
     HarmlessPair,
     PreferencePair,
@@ -149,8 +150,6 @@ def load_preference_pairs(
     """
     if kind not in KINDS:
         raise UserError(f"unknown pair kind '{kind}' (helpful or harmless)")
-    from humanalign.data.load import load_source
-
     spec = path if isinstance(path, SourceSpec) else SourceSpec(path=str(path))
     result = load_source(spec, skip_invalid=skip_invalid)
     skipped: Counter[str] = Counter(result.skipped)

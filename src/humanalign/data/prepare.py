@@ -21,10 +21,9 @@ from humanalign.data.card import build_card, card_markdown
 from humanalign.data.images import split_key
 from humanalign.data.load import MixResult, mix_sources
 from humanalign.data.pairs import KINDS, Kind, normalized, records_to_pairs
-from humanalign.data.records import PreferencePair, PromptRecord, SFTRecord
+from humanalign.data.records import SPLITS, PreferencePair, PromptRecord, SFTRecord
 from humanalign.errors import RecordError, UserError
 
-SPLITS = ("train", "val", "test")
 PAIR_FILE = "{kind}_pairs.jsonl"
 CARD_FILES = ("data_card.json", "data_card.md")
 IMAGE_FOLDER = "images"  # image objects (datasets Image columns, parquet bytes) are written here as files

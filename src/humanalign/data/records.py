@@ -15,6 +15,7 @@ from typing import Any
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
+SPLITS = ("train", "val", "test")  # the splits `prepare-data` writes
 IMAGE_PLACEHOLDER = "<image>"
 
 

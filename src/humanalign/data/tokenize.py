@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 
 from humanalign.errors import UserError
 
@@ -101,8 +102,6 @@ def _check_messages(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
 
 def render(tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
     """The chat template's text for ``messages``."""
-    from jinja2 import TemplateError
-
     if not getattr(tokenizer, "chat_template", None):
         ensure_chat_template(tokenizer, "auto")
     try:
@@ -132,6 +131,15 @@ def end_of_turn_ids(tokenizer) -> set[int]:
         if token_id is not None and token_id != tokenizer.unk_token_id:
             ids.add(token_id)
     return ids
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token that ends an answer: the template's end-of-turn tokens, EOS and the model's own EOS ids
+    (its ``generation_config.eos_token_id``); evaluation and rollouts stop on the same set."""
+    ids = set(end_of_turn_ids(tokenizer))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
+    return sorted(int(i) for i in ids if i is not None)
 
 
 def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -411,6 +419,6 @@ def collate_pairs(features: Sequence[dict[str, Any]], pad_token_id: int) -> dict
 
 __all__ = [
     "IGNORE_INDEX", "CHAT_TEMPLATES", "TruncationStats", "ensure_chat_template", "render", "render_prompt",
-    "end_of_turn_ids", "encode_conversation", "encode_preference", "encode_prompt", "encode_prompt_response",
+    "end_of_turn_ids", "stop_token_ids", "encode_conversation", "encode_preference", "encode_prompt", "encode_prompt_response",
     "pad_sequences", "collate_sft", "collate_pairs",
 ]

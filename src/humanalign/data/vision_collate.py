@@ -8,7 +8,7 @@ Labels follow ``data.tokenize``: aligned with ``input_ids``, ``-100`` on the pro
 labels end at its end-of-turn token. Chosen and rejected share the prompt and so its images: an example keeps
 them once and the collator repeats them for the rejected rows.
 
-A batch of B pairs is laid out like ``trainers.preference_data.PairCollator``'s: 2B rows, chosen first. Per-token
+A batch of B pairs is laid out like ``data.preference_dataset.PairCollator``'s: 2B rows, chosen first. Per-token
 processor outputs (``input_ids``, ``attention_mask``, Qwen2-VL's ``mm_token_type_ids``) are right-padded; per-image
 outputs (``pixel_values``, ``image_grid_thw``) are concatenated in row order, as the models expect.
 """

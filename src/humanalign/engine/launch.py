@@ -15,8 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
+from accelerate.state import PartialState
+from accelerate.utils import (
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+)
+from transformers.integrations import unset_hf_deepspeed_config
 
 from humanalign.config.training import TrainingConfig
 from humanalign.engine import checkpoint as ckpt
@@ -90,9 +98,6 @@ def shard_on_cpus(accelerator: Accelerator) -> None:
     gloo, so the engine switches the (already initialised) CPU process group to FSDP with the plugin that the
     same FSDP_* variables describe: one code path for checkpoints, frozen models and the final model on CPUs
     and GPUs (tests/engine/test_scale_out.py runs it)."""
-    from accelerate.state import PartialState
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
     plugin = FullyShardedDataParallelPlugin()  # reads FSDP_VERSION, FSDP_AUTO_WRAP_POLICY, FSDP_STATE_DICT_TYPE...
     if plugin.fsdp_version != 2:
         raise ConfigError("FSDP on CPU processes needs FSDP2 (fsdp_version: 2 in the accelerate config); "
@@ -231,8 +236,6 @@ def abandon_run_dir(folder: RunFolder, run_dir: Path) -> None:
 
 
 def warn_config_changes(config: TrainingConfig, resume: Path, name: str) -> None:
-    import yaml
-
     path = resume / ckpt.CONFIG_FILE
     if not path.is_file():
         return
@@ -287,8 +290,6 @@ def without_zero3_init(plugin) -> Iterator[None]:
     """transformers partitions every model it loads while a ZeRO-3 config is registered (``zero.Init``); inside
     this context none is, so models load whole. accelerate's ``zero3_init_context_manager(enable=False)``
     re-registers the same stage-3 config and so does not stop it (accelerate 1.15, transformers 5)."""
-    from transformers.integrations import unset_hf_deepspeed_config
-
     unset_hf_deepspeed_config()
     try:
         yield

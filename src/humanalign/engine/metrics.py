@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from humanalign.data.io import atomic_write_text
 from humanalign.errors import UserError
@@ -151,8 +152,6 @@ class MetricsWriter:
         elif self.path.exists():
             self.path.unlink()
         if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
             purge = resume_step + 1 if resume_step is not None else None
             self.tb = SummaryWriter(log_dir=str(logging_dir), purge_step=purge)
         if "wandb" in report_to:

@@ -17,14 +17,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from humanalign.config.training import TrainingConfig
 from humanalign.errors import UserError
+from humanalign.models.pretrained import is_no_decay
 
 SCHEDULES = ("cosine", "linear", "constant", "cosine_floor")
-
-
-def is_no_decay(name: str, param: torch.Tensor) -> bool:
-    """Biases, norm scales and any other 1-D parameter are not decayed (decaying them only hurts)."""
-    lowered = name.lower()
-    return param.ndim < 2 or lowered.endswith(".bias") or "norm" in lowered
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -11,6 +11,8 @@ import sys
 import time
 from datetime import timedelta
 
+from tqdm.auto import tqdm
+
 KEY_METRICS = ("train/loss", "train/lr", "eval/loss")
 
 
@@ -37,8 +39,6 @@ class Progress:
         self.shown: dict[str, str] = {}
         self.bar = None
         if enabled and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
 
     def eta_seconds(self) -> float | None:

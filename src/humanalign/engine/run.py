@@ -35,12 +35,14 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType, send_to_device, set_seed
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DistributedType, DummyOptim, send_to_device, set_seed
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from humanalign.config.training import TrainingConfig
@@ -54,6 +56,7 @@ from humanalign.engine.saving import CheckpointingMixin
 from humanalign.engine.state import nonfinite_count
 from humanalign.engine.stopping import StopSignals, resume_command
 from humanalign.errors import Interrupted, UserError
+from humanalign.models.load import enable_gradient_checkpointing, is_gradient_checkpointing
 
 resolve_mixed_precision = launch.resolve_mixed_precision
 
@@ -144,8 +147,6 @@ class Engine(CheckpointingMixin, AbstractContextManager):
     def loading_whole_models(self) -> AbstractContextManager[None]:
         """Models loaded inside stay whole on every rank: ZeRO-3's partitioning at load time (zero3_init_flag)
         is off, for models used outside the engine, such as PPO's reward and cost scorers."""
-        from contextlib import nullcontext
-
         if self.zero_stage != 3:
             return nullcontext()
         return launch.without_zero3_init(self.accelerator.state.deepspeed_plugin)
@@ -241,8 +242,6 @@ class Engine(CheckpointingMixin, AbstractContextManager):
                 raise ValueError("prepare() needs a loader from engine.train_loader(), total_steps or max_steps")
         self.total_steps = total_steps
         if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            from humanalign.models.load import enable_gradient_checkpointing, is_gradient_checkpointing
-
             if not is_gradient_checkpointing(model):  # trainers usually enable it when loading
                 enable_gradient_checkpointing(model)
         if optimizer is None:
@@ -268,8 +267,6 @@ class Engine(CheckpointingMixin, AbstractContextManager):
             # accelerate's prepare_model refuses FSDP2 (its prepare() wants a model with an optimizer);
             # fully_shard the frozen model the same way the trained one is (wrap policy, mixed precision,
             # rank 0's weights broadcast under cpu_ram_efficient_loading), outside the checkpointed models.
-            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-
             prepared = fsdp2_prepare_model(self.accelerator, model)
             prepared.eval()
             return prepared
@@ -286,8 +283,6 @@ class Engine(CheckpointingMixin, AbstractContextManager):
         if self.distributed_type == DistributedType.DEEPSPEED:
             ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
             if "optimizer" in ds_config:  # DeepSpeed builds its own (e.g. CPUAdam for ZeRO-Offload) from the groups
-                from accelerate.utils import DummyOptim
-
                 return DummyOptim(groups, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
         return build_optimizer(model, self.config, groups=groups)
 
@@ -535,8 +530,6 @@ class Engine(CheckpointingMixin, AbstractContextManager):
         self.folder.lock = None
 
     def _end_accelerate(self) -> None:
-        from accelerate.state import AcceleratorState, GradientState
-
         self.accelerator.end_training()
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()

@@ -5,6 +5,7 @@ See ``checkpoint`` for the folder layout and the atomic save; ``state`` for whic
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -18,6 +19,10 @@ from accelerate.utils import DistributedType
 from humanalign.engine import checkpoint as ckpt
 from humanalign.engine.state import load_model_weights, nonfinite_count, trainable_state_dict
 from humanalign.errors import UserError
+from humanalign.fs import atomic_write_json, publish_dir
+from humanalign.models.load import ADAPTER_INFO_FILE, save_pretrained_model  # save_pretrained_model: atomic
+from humanalign.models.lora_merge import merged_gathered_weights
+from humanalign.models.pretrained import is_peft_model, portable_tokenizer_config
 
 
 class CheckpointingMixin:
@@ -199,13 +204,9 @@ class CheckpointingMixin:
             if state_dict is not None:
                 state_dict = without_tied_copies(unwrapped, state_dict)
             if save_fn is None and state_dict is None:
-                from humanalign.models.load import save_pretrained_model  # atomic on its own
-
                 save_pretrained_model(unwrapped, tokenizer, output_dir, merge_lora=merge_lora, extra_files=extra_files)
             else:
-                if merge_lora and state_dict is not None and getattr(unwrapped, "peft_config", None):
-                    from humanalign.models.lora_merge import merged_gathered_weights
-
+                if merge_lora and state_dict is not None and is_peft_model(unwrapped):
                     state_dict = merged_gathered_weights(unwrapped, state_dict)
                     unwrapped = unwrapped.get_base_model()  # saved with the merged weights: a plain model
                 self.write_model_folder(unwrapped, tokenizer, output_dir, state_dict, save_fn, extra_files)
@@ -217,11 +218,6 @@ class CheckpointingMixin:
     def write_model_folder(unwrapped, tokenizer, output_dir: Path, state_dict, save_fn=None, extra_files=None) -> None:
         """Write ``unwrapped`` (with ``state_dict`` when given) and the tokenizer into a temporary folder, then
         publish it as ``output_dir``; ``save_fn`` replaces the model writer. Main process only."""
-        import json
-
-        from humanalign.data.io import atomic_write_json, publish_dir
-        from humanalign.models.load import ADAPTER_INFO_FILE, portable_tokenizer_config
-
         tmp = output_dir.with_name(f".tmp-{output_dir.name}")
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -229,7 +225,7 @@ class CheckpointingMixin:
             save_fn(unwrapped, tmp, state_dict)
         else:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            if hasattr(unwrapped, "get_base_model") and getattr(unwrapped, "humanalign_base", None):  # an adapter
+            if is_peft_model(unwrapped) and getattr(unwrapped, "humanalign_base", None):  # an adapter
                 atomic_write_json(tmp / ADAPTER_INFO_FILE, unwrapped.humanalign_base)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
@@ -271,8 +267,6 @@ class CheckpointingMixin:
             self.save_model(model, tokenizer, self.run_dir / (ckpt.FINAL_DIR + "-merged"), merge_lora=True,
                             extra_files=extra_files)
         if self.is_main_process:
-            from humanalign.data.io import atomic_write_json
-
             atomic_write_json(self.run_dir / "run_summary.json", {
                 "name": self.name, "final_model": str(final), **self.trainer_state(),
                 "train": self.last_train_metrics, "eval": self.last_eval[1] if self.last_eval else None,

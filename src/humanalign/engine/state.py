@@ -11,6 +11,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from humanalign.errors import UserError
 
@@ -31,8 +32,6 @@ def trainable_state_dict(model: torch.nn.Module) -> OrderedDict[str, torch.Tenso
 def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     """Load a checkpoint's weights into ``model``; every trainable parameter must be in the file and every
     tensor of the file must belong to the model."""
-    from safetensors.torch import load_file
-
     if not path.is_file():
         raise UserError(f"{path.parent}: no {path.name} in the checkpoint")
     loaded = load_file(str(path), device="cpu")

@@ -18,6 +18,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+from matplotlib.figure import Figure
+
 from humanalign.data.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from humanalign.data.prompts import prompt_hash, read_prompts
 from humanalign.data.records import prompt_to_jsonable
@@ -30,6 +33,7 @@ from humanalign.eval.generate import (
     require,
     responses_by_key,
 )
+from humanalign.models import scoring  # called as scoring.load_scorer: tests stand a fake scorer in
 
 SAFETY = ("safe", "unsafe")
 
@@ -134,8 +138,6 @@ def arena_markdown(stats: dict[str, Any], red_name: str, blue_name: str) -> str:
 
 def arena_figure(stats: dict[str, Any], red_name: str, blue_name: str):
     """Three panels: mean reward and cost per model, harmless rates, blue's win rate per safety cell."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(13, 4), layout="constrained")
     ax_scores, ax_safe, ax_cells = fig.subplots(1, 3)
     names = [f"{red_name}\n(red)", f"{blue_name}\n(blue)"]
@@ -176,24 +178,17 @@ def arena_figure(stats: dict[str, Any], red_name: str, blue_name: str):
 def _free_memory() -> None:
     """Give back the memory of a model the caller has just dropped (one model on the GPU at a time)."""
     gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def score_texts(model_dir: str, prompts: list, responses: list[str], batch_size: int = 8,
                 progress: bool = True) -> list[float]:
     """Scores of (prompt, response) texts by a reward or cost model, through the on-disk score cache (a rerun
     scores nothing twice); the model is freed afterwards."""
-    from humanalign.models.scoring import cached_score, load_scorer
-
-    scorer = load_scorer(model_dir, batch_size=batch_size, progress=progress)
+    scorer = scoring.load_scorer(model_dir, batch_size=batch_size, progress=progress)
     if getattr(scorer, "fingerprint", None):
-        scores = cached_score(scorer, prompts, responses)
+        scores = scoring.cached_score(scorer, prompts, responses)
     else:
         scores = scorer.score(prompts, responses, batch_size=batch_size)
     del scorer

@@ -21,11 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from humanalign.data.io import atomic_write_json
 from humanalign.data.prompts import prompt_hash, read_prompts
 from humanalign.data.records import Message, prompt_from_jsonable, prompt_to_jsonable
+from humanalign.data.tokenize import TruncationStats, encode_prompt, pad_sequences, stop_token_ids
 from humanalign.errors import RecordError, UserError
+from humanalign.models.load import load_causal_lm, load_tokenizer, resolve_model_path
 
 
 @dataclass(frozen=True)
@@ -57,16 +61,6 @@ def _as_prompt(value: Any) -> list[Message]:
 # ---------------------------------------------------------------------------------------------------- decoding
 
 
-def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Every token that ends an answer: the template's end-of-turn tokens, EOS and the model's own EOS ids."""
-    from humanalign.data.tokenize import end_of_turn_ids
-
-    ids = set(end_of_turn_ids(tokenizer))
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
-    return sorted(int(i) for i in ids if i is not None)
-
-
 def _pad_token_id(tokenizer: Any, stops: list[int]) -> int:
     if tokenizer.pad_token_id is not None:
         return int(tokenizer.pad_token_id)
@@ -92,10 +86,6 @@ def generate_token_ids(
     """One left-padded batch -> the answer token ids (stop token and padding removed), prompt-major order:
     answers of prompt 0 (samples 0..n-1), then prompt 1, ... ``seed`` seeds this batch (default: sampling.seed).
     """
-    from transformers import GenerationConfig
-
-    from humanalign.data.tokenize import pad_sequences
-
     stops = stop_token_ids(model, tokenizer)
     pad_id = _pad_token_id(tokenizer, stops)
     input_ids = pad_sequences(prompt_ids, pad_id, side="left")  # (B, P)
@@ -138,8 +128,6 @@ def generate_token_ids(
 def encode_prompts(tokenizer: Any, prompts: Sequence[Sequence[Message]], max_prompt_length: int,
                    stats: Any = None) -> list[list[int]]:
     """Prompt token ids with the chat template's generation prompt, cut from the left (counted in ``stats``)."""
-    from humanalign.data.tokenize import encode_prompt
-
     return [encode_prompt(tokenizer, list(p), max_prompt_length, stats) for p in prompts]
 
 
@@ -154,10 +142,6 @@ def generate_batches(
     desc: str = "generate",
 ) -> Iterable[tuple[int, list[str]]]:
     """Yield (index of the batch's first prompt, answers of the batch in prompt-major order), batch by batch."""
-    from tqdm.auto import tqdm
-
-    from humanalign.data.tokenize import TruncationStats
-
     msgs = [_as_prompt(p) for p in prompts]
     stats = TruncationStats()
     bar = tqdm(total=len(msgs), desc=desc, unit="prompt", disable=not progress, dynamic_ncols=True)
@@ -356,8 +340,6 @@ def require(value: Any, flag: str, command: str) -> Any:
 
 def load_generator(name: str, settings: Any) -> tuple[Any, Any]:
     """(model, tokenizer) ready for generation: resolved path, eval mode, on the GPU when there is one."""
-    from humanalign.models.load import load_causal_lm, load_tokenizer, resolve_model_path
-
     path = resolve_model_path(name)
     tokenizer = load_tokenizer(path, settings)
     model = load_causal_lm(path, settings, trainable=False)

@@ -17,11 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from humanalign.data.io import atomic_write_json, iter_records
 from humanalign.data.records import prompt_from_jsonable
+from humanalign.data.tokenize import TruncationStats, collate_sft, encode_conversation, encode_prompt_response
 from humanalign.errors import RecordError, UserError
 from humanalign.eval.generate import require
+from humanalign.models.load import load_causal_lm, load_tokenizer, resolve_model_path
+from humanalign.models.logprobs import forward_logits, per_token_kl, sequence_logps
 
 SUPPORTED = "'prompt' + 'chosen' (pairs), 'prompt' + 'response', or 'messages' (conversations)"
 
@@ -29,8 +33,6 @@ SUPPORTED = "'prompt' + 'chosen' (pairs), 'prompt' + 'response', or 'messages' (
 def encode_eval_records(path: str | Path, tokenizer: Any, max_length: int, max_prompt_length: int,
                         limit: int | None = None) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
     """Tokenise the file's answers -> ([{"input_ids", "labels"}], truncation counts)."""
-    from humanalign.data.tokenize import TruncationStats, encode_conversation, encode_prompt_response
-
     stats = TruncationStats()
     examples: list[dict[str, list[int]]] = []
     for line, rec in iter_records(path):
@@ -62,11 +64,6 @@ def score_examples(model: Any, examples: list[dict[str, list[int]]], pad_token_i
     Returns {"tokens", "nll_sum", "nll_per_token", "perplexity"} plus, with a reference model,
     {"kl_per_token", "ref_nll_per_token", "ref_perplexity"}.
     """
-    from tqdm.auto import tqdm
-
-    from humanalign.data.tokenize import collate_sft
-    from humanalign.models.logprobs import forward_logits, per_token_kl, sequence_logps
-
     device = next(model.parameters()).device
     totals = {"tokens": 0, "nll_sum": 0.0, "ref_nll_sum": 0.0, "kl_sum": 0.0}
     # Longest first: the slowest batch runs first (memory errors show at once) and padding stays small.
@@ -100,8 +97,6 @@ def score_examples(model: Any, examples: list[dict[str, list[int]]], pad_token_i
 
 
 def _load(name: str, settings: Any) -> tuple[Any, Any]:
-    from humanalign.models.load import load_causal_lm, load_tokenizer, resolve_model_path
-
     path = resolve_model_path(name)
     model = load_causal_lm(path, settings, trainable=False)
     if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":

@@ -22,8 +22,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
 from humanalign.data.io import atomic_write_json
+from humanalign.data.pairs import load_preference_pairs
 from humanalign.errors import UserError
+from humanalign.models import scoring  # called as scoring.load_scorer: tests stand a fake scorer in
+from humanalign.models.load import resolve_model_path
+from humanalign.models.score import read_score_config
 
 
 def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
@@ -112,11 +118,6 @@ def rm_metrics(chosen: Sequence[float], rejected: Sequence[float],
 def plot_histograms(path: str | Path, chosen: Sequence[float], rejected: Sequence[float],
                     scores_safe: Sequence[float], scores_unsafe: Sequence[float], title: str) -> Path:
     """PNG with the score histograms: chosen vs rejected, and (when labelled) safe vs unsafe answers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
     panels = 2 if (scores_safe or scores_unsafe) else 1
     fig = Figure(figsize=(5.5 * panels, 4))
     axes = fig.subplots(1, panels, squeeze=False)[0]
@@ -147,8 +148,6 @@ def plot_histograms(path: str | Path, chosen: Sequence[float], rejected: Sequenc
 def _load_pairs(data: str, score_type: str):
     """Cost models read harmless pairs (with is_safe labels when the file has them); reward models read helpful
     pairs, or harmless pairs when the file holds only those."""
-    from humanalign.data.pairs import load_preference_pairs
-
     if score_type == "cost":
         return load_preference_pairs(data, kind="harmless")
     pairs, skipped = load_preference_pairs(data, kind="helpful", allow_empty=True)
@@ -166,10 +165,6 @@ def _report_paths(output: str | None) -> tuple[Path | None, Path | None]:
 
 def run(cfg) -> dict[str, Any]:
     """Score every pair of ``cfg.data`` with ``cfg.model`` and write / print the report."""
-    from humanalign.models.load import resolve_model_path
-    from humanalign.models.score import read_score_config
-    from humanalign.models.scoring import cached_score_pairs, load_scorer
-
     if not cfg.model:
         raise UserError("eval rm needs --model (a reward or cost model folder)")
     if not cfg.data:
@@ -184,11 +179,11 @@ def run(cfg) -> dict[str, Any]:
     # the data is read first (its mistakes surface before a model loads); the saved score type picks the pair kind
     block = read_score_config(resolve_model_path(cfg.model)) or {}
     pairs, skipped = _load_pairs(cfg.data, block.get("score_type", "reward"))
-    scorer = load_scorer(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length,
+    scorer = scoring.load_scorer(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length,
                          settings=getattr(cfg, "model_settings", None))
     print(f"[eval rm] {len(pairs)} pairs from {cfg.data} ({sum(skipped.values())} skipped); "
           f"{scorer.score_type} model {cfg.model}", file=sys.stderr)
-    chosen, rejected = cached_score_pairs(scorer, pairs)
+    chosen, rejected = scoring.cached_score_pairs(scorer, pairs)
     chosen_safe = [getattr(p, "is_chosen_safe", None) for p in pairs]
     rejected_safe = [getattr(p, "is_rejected_safe", None) for p in pairs]
     metrics = rm_metrics(chosen, rejected, chosen_safe, rejected_safe, score_type=scorer.score_type)

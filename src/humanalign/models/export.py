@@ -12,7 +12,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+from peft import PeftModel
+
 from humanalign.errors import UserError
+from humanalign.models.load import (
+    ADAPTER_INFO_FILE,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+    save_pretrained_model,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 DTYPES = {"float32", "bfloat16", "float16"}
@@ -36,8 +46,6 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 def recorded_base(adapter_dir: str | Path) -> str:
     """The base an adapter folder names: humanalign's own record (a preset name survives), else peft's."""
-    from humanalign.models.load import ADAPTER_INFO_FILE
-
     for name, key in ((ADAPTER_INFO_FILE, "base_model"), ("adapter_config.json", "base_model_name_or_path")):
         file = Path(adapter_dir) / name
         if file.is_file():
@@ -56,8 +64,6 @@ def merged_model(model_path: str | Path, settings: Any, base_model: str | None =
     An adapter loads onto the base it records (humanalign_model.json, else adapter_config.json's
     base_model_name_or_path), or onto ``base_model`` when given (a base that moved since training).
     """
-    from humanalign.models.load import load_causal_lm, load_tokenizer, resolve_model_path
-
     path = resolve_model_path(str(model_path))
     if not Path(path).is_dir():
         raise UserError(f"{model_path}: export needs a local model or adapter folder")
@@ -66,8 +72,6 @@ def merged_model(model_path: str | Path, settings: Any, base_model: str | None =
     if not adapter and not (Path(path) / "config.json").is_file() and not settings.gguf_file:
         raise UserError(f"{path}: neither an adapter (adapter_config.json) nor a model folder (config.json)")
     if adapter and base_model:
-        from peft import PeftModel
-
         base = load_causal_lm(base_model, fp32, trainable=False)
         model = PeftModel.from_pretrained(base, path).merge_and_unload()
         has_tokenizer = any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
@@ -82,10 +86,6 @@ def export_model(model_path: str | Path, output: str | Path, settings: Any, dtyp
                  base_model: str | None = None, overwrite: bool = False) -> Path:
     """Write the merged model and its tokenizer to ``output`` (atomically: a temporary folder renamed in place).
     ``dtype`` 'auto' keeps the source checkpoint's dtype."""
-    import torch
-
-    from humanalign.models.load import save_pretrained_model
-
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise UserError(f"{output}: already exists; pass --overwrite to replace it")

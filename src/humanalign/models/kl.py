@@ -36,6 +36,7 @@ import torch
 from humanalign.data.tokenize import IGNORE_INDEX
 from humanalign.models import logprobs
 from humanalign.models.logprobs import _HeadGrads, _logits, _unwrap, pair_layout, row_sums, scored_forward
+from humanalign.models.reference import AdapterDisabledReference, FrozenReference
 
 
 class _LinearHeadKL(torch.autograd.Function):
@@ -172,8 +173,6 @@ class PairKL(NamedTuple):
 def reference_scope(reference) -> Iterator[Any]:
     """The model that computes ``reference``'s numbers, under no_grad (for adapter-disabled: the policy with its
     adapter off, in eval mode); None for a reference that keeps no model (precomputed)."""
-    from humanalign.models.reference import AdapterDisabledReference, FrozenReference
-
     if isinstance(reference, AdapterDisabledReference):
         with reference.base_model() as base:
             yield base

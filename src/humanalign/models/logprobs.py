@@ -38,6 +38,7 @@ import torch
 
 from humanalign.data.score_plan import PLAN_KEY, score_plan
 from humanalign.data.tokenize import IGNORE_INDEX
+from humanalign.models.pretrained import is_peft_model
 
 LAYOUTS = ("shared", "padded", "plain")
 LAYOUT_NOTES = {
@@ -262,7 +263,7 @@ def _unwrap(model) -> tuple[Any, bool]:
         kind = type(inner).__name__
         if kind in ("FullyShardedDataParallel", "DeepSpeedEngine"):
             supported = False
-        if hasattr(inner, "get_base_model") and callable(inner.get_base_model):  # peft
+        if is_peft_model(inner):
             inner = inner.get_base_model()
         elif hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP and the like
             inner = inner.module

@@ -9,6 +9,7 @@ model any tool loads.
 from __future__ import annotations
 
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from humanalign.errors import UserError
@@ -46,8 +47,6 @@ def merged_gathered_weights(peft_model: nn.Module, gathered: dict[str, torch.Ten
     """Fold the adapter into *gathered* weights (keys of the ``PeftModel``, ``base_model.model.<...>``), for
     sharded training where the live parameters are shards: W + scaling * B @ A per LoRA linear layer
     (transposed for fan_in_fan_out layers), as peft's ``merge`` computes it."""
-    from peft.tuners.lora import LoraLayer
-
     adapter = peft_model.active_adapter
     prefix = "base_model.model."  # the PeftModel's keys; the base model's without it
     state = {k[len(prefix):]: v for k, v in gathered.items() if k.startswith(prefix)}

@@ -35,18 +35,11 @@ from humanalign.errors import ConfigError, UserError
 from humanalign.losses.preference import LOSS_SPECS
 from humanalign.models.load import load_causal_lm
 from humanalign.models.logprobs import concatenated_forward, forward_logits
+from humanalign.models.pretrained import is_peft_model
 from humanalign.paths import cache_dir
 
 CACHE_VERSION = "ref-logps-v1"  # bump when what the cache holds, or how it is computed, changes
 LIVE_MODES = ("model", "adapter-disabled")
-
-
-def is_peft_model(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
 
 
 def _response_counts(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ model's ``config.json`` under ``humanalign_score`` together with ``score_type`` 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -32,10 +33,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
+from transformers import AutoModelForSequenceClassification
 
+from humanalign.config.training import ModelSettings
+from humanalign.data.tokenize import IGNORE_INDEX, encode_prompt_response
 from humanalign.errors import UserError
+from humanalign.models.load import load_tokenizer, plain_float_model, resolve_model
 from humanalign.models.lora_merge import merged_gathered_weights, merged_weights
+from humanalign.models.pretrained import (
+    bnb_config,
+    from_pretrained_kwargs,
+    is_no_decay,
+    is_peft_model,
+    peft_base,
+    portable_tokenizer_config,
+    resolve_dtype,
+)
 
 SCORE_CONFIG_KEY = "humanalign_score"
 SCORE_TYPES = ("reward", "cost")
@@ -119,15 +134,9 @@ class ScoreModelOutput:
     end_index: torch.Tensor | None  # (B,) position the end score was read at (0 for encoders)
 
 
-def _unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (LoRA layers stay injected, so calling it uses them)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
-
-
 def head_layout(hf_model: nn.Module) -> str:
     """'decoder' (per-token ``score`` head, last non-pad token), 'bert' (pooler + classifier), or 'opaque'."""
-    inner = _unwrap_peft(hf_model)
+    inner = peft_base(hf_model)
     backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
     if hasattr(inner, "score"):
         return "decoder"
@@ -159,7 +168,7 @@ class ScoreModel(nn.Module):
 
     @property
     def config(self):
-        return _unwrap_peft(self.model).config
+        return peft_base(self.model).config
 
     @property
     def pad_token_id(self) -> int | None:
@@ -172,7 +181,7 @@ class ScoreModel(nn.Module):
 
     @property
     def is_peft(self) -> bool:
-        return hasattr(self.model, "peft_config")
+        return is_peft_model(self.model)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Non-reentrant checkpointing by default; a LoRA model also gets inputs that require grad (else the
@@ -191,7 +200,7 @@ class ScoreModel(nn.Module):
 
         ``attention_mask`` (B, T): 1 on real tokens; ``None`` attends to every position (as transformers does).
         """
-        inner = _unwrap_peft(self.model)
+        inner = peft_base(self.model)
         if self.layout == "decoder":
             backbone = getattr(inner, inner.base_model_prefix)
             hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
@@ -264,9 +273,7 @@ def score_param_groups(model: nn.Module, learning_rate: float, weight_decay: flo
     pair, each with its ``lr`` set (the peak rate times ``param_lr_scale``) and its ``weight_decay`` (0 for
     biases, norms and other 1-D parameters, as the engine's default groups do), the groups at ``learning_rate``
     first. With both multipliers at 1 this is the engine's two-group split."""
-    from humanalign.engine.optim import is_no_decay
-
-    inner = _unwrap_peft(model.model if isinstance(model, ScoreModel) else model)
+    inner = peft_base(model.model if isinstance(model, ScoreModel) else model)
     num_layers = int(getattr(inner.config, "num_hidden_layers", 0) or 0)
     groups: dict[tuple[float, float], list[torch.Tensor]] = {}
     for name, param in model.named_parameters():
@@ -294,8 +301,6 @@ def encode_score_input(tokenizer, prompt_messages, response: str, max_length: in
     ``[CLS] ... [SEP]``, because the end score is read from the pooled first token. Trainer and ``Scorer`` both
     use this function, so training and scoring see identical inputs. None when no response token fits.
     """
-    from humanalign.data.tokenize import IGNORE_INDEX, encode_prompt_response
-
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
     wrap = encoder and cls_id is not None
     extra = 1 + (sep_id is not None) if wrap else 0
@@ -335,8 +340,6 @@ def encode_score_pair(tokenizer, pair, max_length: int, max_prompt_length: int, 
 
 def read_score_config(path: str | Path) -> dict[str, Any] | None:
     """The ``humanalign_score`` block of a saved model folder, or None (also for plain transformers RMs)."""
-    import json
-
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         return None
@@ -348,8 +351,6 @@ def read_score_config(path: str | Path) -> dict[str, Any] | None:
 
 def is_score_model_dir(path: str | Path) -> bool:
     """A folder holding a sequence-classification model with one output (ours or any transformers RM)."""
-    import json
-
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         return False
@@ -357,16 +358,6 @@ def is_score_model_dir(path: str | Path) -> bool:
     archs = cfg.get("architectures") or []
     num_labels = len(cfg.get("id2label") or {}) or cfg.get("num_labels", 2)
     return SCORE_CONFIG_KEY in cfg or (any(a.endswith("ForSequenceClassification") for a in archs) and num_labels == 1)
-
-
-def _dtype_for(name: str, device: torch.device | str | None = None) -> torch.dtype:
-    """'auto' -> bf16 when the weights go to a CUDA device that supports it, else fp32 (a CPU scorer on a GPU
-    machine stays fp32); otherwise the named dtype."""
-    if name != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    device = torch.device(device) if device is not None else None
-    on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
-    return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def ensure_distinct_pad(tokenizer, hf_model: nn.Module, decoder: bool) -> None:
@@ -381,8 +372,6 @@ def ensure_distinct_pad(tokenizer, hf_model: nn.Module, decoder: bool) -> None:
 
 
 def _lora_wrap(hf_model: nn.Module, lora, layout: str) -> nn.Module:
-    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
-
     head = {"decoder": ["score"], "bert": ["classifier", "pooler"]}.get(layout, ["classifier", "score"])
     target = None if lora.target_modules == "auto" else lora.target_modules
     if lora.quantization != "none":
@@ -407,11 +396,6 @@ def load_score_model(path: str, settings=None, lora=None, score_type: str | None
     ``LoraSettings``; when enabled the model is peft-wrapped (task SEQ_CLS) and the head modules train in full.
     ``device``: where the weights go (also picks the 'auto' dtype). Returns (ScoreModel, tokenizer).
     """
-    from transformers import AutoModelForSequenceClassification
-
-    from humanalign.config.training import ModelSettings
-    from humanalign.models.load import load_tokenizer, plain_float_model, resolve_model
-
     settings = settings or ModelSettings()
     resolved = resolve_model(path)
     local = Path(resolved.path)
@@ -425,17 +409,9 @@ def load_score_model(path: str, settings=None, lora=None, score_type: str | None
     block = read_score_config(local) if saved else None
     gguf = settings.gguf_file or resolved.gguf_file
     quantized = lora is not None and lora.enabled and lora.quantization != "none"
-    kwargs: dict[str, Any] = {"dtype": _dtype_for(settings.dtype, device), "num_labels": 1,
-                              "trust_remote_code": settings.trust_remote_code}
-    if settings.attn_implementation:
-        kwargs["attn_implementation"] = settings.attn_implementation
-    if gguf:
-        kwargs["gguf_file"] = gguf
-    else:
-        kwargs["use_safetensors"] = True  # never unpickle a checkpoint
-    if quantized:
-        kwargs["quantization_config"] = _bnb_config(lora.quantization)
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    dtype = resolve_dtype(settings.dtype, device)
+    quantization = bnb_config(lora.quantization, dtype) if quantized else None
+    kwargs = from_pretrained_kwargs(settings, dtype, gguf, quantization, num_labels=1)
     tokenizer = load_tokenizer(path, settings)
     try:
         hf_model = AutoModelForSequenceClassification.from_pretrained(resolved.path, **kwargs)
@@ -457,22 +433,6 @@ def load_score_model(path: str, settings=None, lora=None, score_type: str | None
     if device is not None and not quantized:
         model.to(device)
     return model, tokenizer
-
-
-def _bnb_config(quantization: str):
-    import importlib.util
-
-    if not torch.cuda.is_available():
-        raise UserError(f"lora.quantization={quantization} needs a CUDA GPU (bitsandbytes); use 'none' on the CPU")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("QLoRA needs bitsandbytes: pip install 'humanalign[qlora]'")
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "4bit":
-        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute)
-    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 # --------------------------------------------------------------------------------------------- saving
@@ -504,8 +464,6 @@ def save_score_model(model: ScoreModel | nn.Module, tokenizer, output_dir: str |
     ``state_dict``: the full weights gathered from FSDP / DeepSpeed shards (``engine.save_model`` passes them;
     keys of the ``ScoreModel``), written instead of the live parameters, which are shards then.
     """
-    from humanalign.models.load import portable_tokenizer_config
-
     owner_prefix = "model."  # where the transformers model sits in the keys of a gathered state_dict
     if not isinstance(model, ScoreModel):
         model, owner_prefix = ScoreModel(model, score_type=score_type or "reward"), ""
@@ -517,7 +475,7 @@ def save_score_model(model: ScoreModel | nn.Module, tokenizer, output_dir: str |
         normalizer = model.normalizer
     if score_type is not None and score_type not in SCORE_TYPES:
         raise UserError(f"unknown score type '{score_type}' (use 'reward' or 'cost')")
-    inner = _unwrap_peft(model.model)
+    inner = peft_base(model.model)
     if state_dict is not None:
         state_dict = _weights_from_gathered(model, state_dict, owner_prefix)
     elif model.is_peft:

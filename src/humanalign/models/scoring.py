@@ -22,9 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from humanalign.data.records import Message, prompt_from_jsonable
-from humanalign.models.score import ScoreModel, encode_score_input, read_score_config
+from humanalign.data.tokenize import TruncationStats, pad_sequences, render_prompt
+from humanalign.models.load import resolve_model_path
+from humanalign.models.score import ScoreModel, encode_score_input, load_score_model, read_score_config
+from humanalign.paths import cache_dir
 
 DEFAULT_MAX_LENGTH = 512
 PromptLike = str | Sequence[Message]
@@ -72,8 +76,6 @@ class Scorer:
     def __init__(self, model: ScoreModel, tokenizer, device: torch.device | str | None = None, batch_size: int = 32,
                  max_length: int = DEFAULT_MAX_LENGTH, max_prompt_length: int | None = None,
                  normalize: bool = False, fingerprint: str | None = None, progress: bool = True):
-        from humanalign.data.tokenize import TruncationStats
-
         # pad with the id the end-score rule treats as padding (the model config's; ours equal the tokenizer's)
         self.pad_token_id = model.pad_token_id if model.pad_token_id is not None else tokenizer.pad_token_id
         if self.pad_token_id is None:
@@ -114,8 +116,6 @@ class Scorer:
 
     def _prompt_only(self, prompt: PromptLike) -> list[int]:
         """The rendered prompt's last tokens (the answer side empty), wrapped as ``encode_score_input`` wraps."""
-        from humanalign.data.tokenize import render_prompt
-
         tokenizer = self.tokenizer
         cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
         wrap = self.model.is_encoder and cls_id is not None
@@ -127,16 +127,12 @@ class Scorer:
     @torch.inference_mode()
     def score_ids(self, sequences: Sequence[Sequence[int]], batch_size: int | None = None) -> list[float]:
         """End scores of already-encoded sequences, in input order (longest first internally)."""
-        from humanalign.data.tokenize import pad_sequences
-
         batch_size = int(batch_size or self.batch_size)
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
         out: list[float] = [float("nan")] * len(sequences)
         starts = range(0, len(order), batch_size)
         bar = None
         if self.progress and len(starts) > 1:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=len(order), desc="scoring", unit="seq", file=sys.stderr, leave=False)
         for start in starts:
             idx = order[start : start + batch_size]
@@ -178,9 +174,6 @@ def load_scorer(model_dir: str, device: torch.device | str | None = None, batch_
     config records them), else 512 and half of it. ``device`` defaults to CUDA when available; the dtype comes
     from ``settings.dtype`` (auto: bf16 on a GPU that supports it, fp32 on the CPU).
     """
-    from humanalign.models.load import resolve_model_path
-    from humanalign.models.score import load_score_model
-
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_score_model(model_dir, settings, allow_new_head=False, device=device)
     local = Path(str(resolve_model_path(model_dir)))
@@ -202,8 +195,6 @@ class ScoreCache:
     """Scores of one model, keyed by a hash of (text, scorer settings), in an SQLite file."""
 
     def __init__(self, fingerprint: str, root: str | Path | None = None):
-        from humanalign.paths import cache_dir
-
         root = Path(root) if root is not None else cache_dir() / "scores"
         root.mkdir(parents=True, exist_ok=True)
         self.path = root / f"{fingerprint[:40]}.sqlite"

@@ -18,7 +18,21 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from humanalign.data.demo_data import demo_texts
+from humanalign.data.io import atomic_write_json, iter_records, publish_dir
+from humanalign.data.tokenize import CHAT_TEMPLATES
 from humanalign.errors import UserError
+from humanalign.models.pretrained import portable_tokenizer_config
+from humanalign.paths import cache_dir
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock, the atomic rename alone keeps the folder whole
+    fcntl = None
 
 TINY_MODEL_NAME = "tiny-model-v1"  # bump when the recipe or the default corpus changes
 PAD_TOKEN, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -27,8 +41,6 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeniz
 
 
 def _default_texts() -> list[str]:
-    from humanalign.data.demo_data import demo_texts
-
     return demo_texts()
 
 
@@ -38,11 +50,6 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048, model_max_leng
     Byte-level means every string is encodable (no unknown token). ``<|endoftext|>`` pads, ``<|im_end|>`` ends an
     assistant turn and is the eos token, so generation stops at the end of a turn.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from humanalign.data.tokenize import CHAT_TEMPLATES
-
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
         raise UserError("the tokenizer corpus holds no text")
@@ -92,12 +99,6 @@ def build_tiny_model(
     overwrite: bool = False,
 ) -> Path:
     """Build the tiny model into ``output_dir`` (written to a temporary folder, then renamed); returns the path."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    from humanalign.data.io import atomic_write_json, publish_dir
-    from humanalign.models.load import portable_tokenizer_config
-
     output_dir = Path(output_dir)
     _check_target(output_dir, overwrite)
     if hidden_size % num_heads or num_heads % num_kv_heads:
@@ -151,9 +152,7 @@ def _is_complete(folder: Path) -> bool:
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock (POSIX); elsewhere the atomic rename alone keeps the folder whole."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
+    if fcntl is None:
         yield
         return
     with open(path, "a+") as fh:
@@ -166,8 +165,6 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def tiny_model_path() -> Path:
     """The default tiny model in the cache, built on first use (once, even with concurrent callers)."""
-    from humanalign.paths import cache_dir
-
     final = cache_dir() / TINY_MODEL_NAME
     if _is_complete(final):
         return final
@@ -191,8 +188,6 @@ def _strings(value: Any) -> Iterator[str]:
 
 def read_corpus(path: str | Path) -> list[str]:
     """Texts for the tokenizer: lines of a .txt file, or every string field of a data file's records."""
-    from humanalign.data.io import iter_records
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: corpus file not found")

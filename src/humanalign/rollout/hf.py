@@ -6,7 +6,10 @@ import time
 from collections.abc import Sequence
 
 import torch
+from transformers import GenerationConfig
 
+from humanalign.data.tokenize import pad_sequences
+from humanalign.data.tokenize import stop_token_ids as default_stop_ids
 from humanalign.rollout.base import GeneratedBatch, GenerationSettings, RolloutEngine
 
 
@@ -22,11 +25,9 @@ class HFRolloutEngine(RolloutEngine):
 
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int | None = None,
                  stop_token_ids: Sequence[int] | None = None):
-        from humanalign.eval.generate import stop_token_ids as default_stops
-
         self.model, self.tokenizer = model, tokenizer
         self.batch_size = batch_size
-        self.stop_ids = sorted(set(stop_token_ids if stop_token_ids is not None else default_stops(model, tokenizer)))
+        self.stop_ids = sorted(set(stop_token_ids if stop_token_ids is not None else default_stop_ids(model, tokenizer)))
         if not self.stop_ids:
             raise ValueError("no stop token: the tokenizer has no EOS / end-of-turn token")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
@@ -36,8 +37,6 @@ class HFRolloutEngine(RolloutEngine):
         return next(self.model.parameters()).device
 
     def _config(self, settings: GenerationSettings, num_return_sequences: int):
-        from transformers import GenerationConfig
-
         # Every field is set so that a checkpoint's own generation_config (often top_k=50) cannot change what
         # was asked for; the warpers only apply when sampling.
         warpers = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
@@ -64,8 +63,6 @@ class HFRolloutEngine(RolloutEngine):
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]], settings: GenerationSettings,
                  num_return_sequences: int = 1, seed: int | None = None) -> GeneratedBatch:
-        from humanalign.data.tokenize import pad_sequences
-
         if any(len(p) == 0 for p in prompt_ids):
             raise ValueError("an empty prompt cannot be answered")
         device = self.device

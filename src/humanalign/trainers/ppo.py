@@ -63,6 +63,7 @@ from humanalign.models.actor_critic import (
 )
 from humanalign.models.load import load_causal_lm, load_tokenizer, resolve_model, save_pretrained_model
 from humanalign.models.lora_merge import merged_gathered_weights
+from humanalign.models.pretrained import is_peft_model
 from humanalign.models.score import save_score_model
 from humanalign.rollout import GenerationSettings, build_rollout_engine
 from humanalign.rollout.batch import RolloutBatch, response_logps, response_values
@@ -150,7 +151,7 @@ class PPOTrainer:
         if cfg.disable_dropout:
             disable_dropout(module)
         self.ref = None  # None: the actor with its LoRA adapter disabled
-        if cfg.ref_model_path is not None or not hasattr(actor, "peft_config"):
+        if cfg.ref_model_path is not None or not is_peft_model(actor):
             ref = load_causal_lm(cfg.ref_model_path or cfg.actor_model_path, cfg.model, trainable=False)
             self.ref = engine.prepare_frozen(ref)
         return module

@@ -51,18 +51,15 @@ def register_source(name: str) -> Callable[[Adapter], Adapter]:
     return deco
 
 
-def _load_builtin_adapters() -> None:
-    # Importing the modules registers their adapters.
-    from humanalign.data.sources import adapters  # noqa: F401
-
-
 def get_source(name: str) -> Adapter:
-    _load_builtin_adapters()
     if name not in _REGISTRY:
         raise UserError(f"unknown source '{name}' (known: {', '.join(sorted(_REGISTRY))})")
     return _REGISTRY[name]
 
 
 def source_names() -> list[str]:
-    _load_builtin_adapters()
     return sorted(_REGISTRY)
+
+
+# Importing the built-in adapter modules registers them; they import the registry above, so this comes last.
+from humanalign.data.sources import adapters  # noqa: E402,F401

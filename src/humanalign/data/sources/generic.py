@@ -8,6 +8,7 @@ from typing import Any
 from humanalign.data.records import HarmlessPair, PreferencePair, PromptRecord, Record, SFTRecord
 from humanalign.data.sources import SourceContext, get_source, register_source
 from humanalign.data.sources import fields as F
+from humanalign.errors import ConfigError
 
 SAFETY_FIELDS = ("is_chosen_safe", "is_rejected_safe")
 
@@ -108,8 +109,6 @@ def default_record_type(field_map: dict[str, Any], constants: dict[str, Any]) ->
 
 def check_generic_options(field_map: dict[str, Any], constants: dict[str, Any], record_type: str | None) -> str:
     """Validate a generic source's options once, before reading; returns the record type it builds."""
-    from humanalign.errors import ConfigError
-
     record_type = record_type or default_record_type(field_map, constants)
     if record_type not in RECORD_FIELDS:
         raise ConfigError(f"unknown record_type '{record_type}' (known: {', '.join(RECORD_FIELDS)})")

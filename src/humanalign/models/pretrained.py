@@ -1,0 +1,105 @@
+"""What every loader of a transformers model shares: the dtype, the ``from_pretrained`` keyword arguments, the
+4/8-bit (bitsandbytes) config, the one "is this a PEFT model" test, which parameters take no weight decay, and
+the portable tokenizer config.
+
+``load.load_causal_lm`` (causal LMs) and ``score.load_score_model`` (reward/cost models) both build their
+``from_pretrained`` call here, so a setting (dtype, remote code, attention kernel, GGUF, QLoRA) means the same
+thing for both.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import BitsAndBytesConfig
+
+from humanalign.config.training import ModelSettings
+from humanalign.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str = "auto", device: torch.device | str | None = None) -> torch.dtype:
+    """'auto' -> bfloat16 when the weights go to a CUDA device that supports it, else float32 (a CPU model on a
+    GPU machine stays fp32); ``device`` None means "a CUDA GPU when there is one". Other names map to dtypes."""
+    if name != "auto":
+        return DTYPES[name]
+    device = torch.device(device) if device is not None else None
+    on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+    return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def bnb_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    """The bitsandbytes config of ``lora.quantization`` ('4bit' or '8bit'), CUDA only (QLoRA).
+
+    4-bit: NF4 with double quantisation, the matmuls computed in ``compute_dtype`` -- the model's own (training)
+    dtype, so the LoRA layers and the dequantised base weights meet in one dtype (bf16 when the model is bf16).
+    """
+    if quantization not in ("4bit", "8bit"):
+        raise UserError(f"unknown lora.quantization '{quantization}' (use none, 4bit or 8bit)")
+    if not torch.cuda.is_available():
+        raise UserError(f"lora.quantization={quantization} needs a CUDA GPU (bitsandbytes); "
+                        "use quantization: none on the CPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("QLoRA needs bitsandbytes: pip install 'humanalign[qlora]'")
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def from_pretrained_kwargs(settings: ModelSettings, dtype: torch.dtype, gguf_file: str | None = None,
+                           quantization: BitsAndBytesConfig | None = None, **extra: Any) -> dict[str, Any]:
+    """Keyword arguments of ``AutoModel*.from_pretrained``: dtype, remote code only when the settings allow it,
+    the attention kernel when one is named, the GGUF file (dequantised on load) or safetensors only (never
+    unpickle a checkpoint), and a quantized model placed whole on the current CUDA device. ``extra`` is added
+    as is (e.g. ``num_labels=1``)."""
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": settings.trust_remote_code}
+    if settings.attn_implementation:
+        kwargs["attn_implementation"] = settings.attn_implementation
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    else:
+        kwargs["use_safetensors"] = True
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    return {**kwargs, **extra}
+
+
+def is_peft_model(model: Any) -> bool:
+    """Whether ``model`` is a PEFT wrapper (LoRA): the one test every module uses."""
+    return isinstance(model, PeftModel)
+
+
+def peft_base(model: Any) -> Any:
+    """The transformers model inside a PEFT wrapper (its LoRA layers stay injected); other models as they are."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def is_no_decay(name: str, param: torch.Tensor) -> bool:
+    """Biases, norm scales and any other 1-D parameter are not decayed (decaying them only hurts); the engine's
+    default AdamW groups and a score model's per-layer groups both split on this."""
+    lowered = name.lower()
+    return param.ndim < 2 or lowered.endswith(".bias") or "norm" in lowered
+
+
+def portable_tokenizer_config(folder: str | Path) -> None:
+    """Name the generic fast tokenizer class in tokenizer_config.json (transformers 5 writes its backend's
+    name, which transformers 4 cannot load)."""
+    path = Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") in ("TokenizersBackend", None):
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+__all__ = ["DTYPES", "resolve_dtype", "bnb_config", "from_pretrained_kwargs", "is_peft_model", "peft_base",
+           "is_no_decay", "portable_tokenizer_config"]

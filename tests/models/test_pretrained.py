@@ -1,0 +1,142 @@
+"""The shared loading pieces (models/pretrained.py): dtype, from_pretrained kwargs, bitsandbytes config, PEFT test.
+
+bitsandbytes needs a CUDA GPU; the config tests stand in a GPU (``torch.cuda.is_available``) and an installed
+bitsandbytes, since building a ``BitsAndBytesConfig`` needs neither.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from humanalign.config.training import LoraSettings, ModelSettings
+from humanalign.errors import UserError
+from humanalign.models import load as load_module
+from humanalign.models import pretrained
+from humanalign.models import score as score_module
+from humanalign.models.pretrained import (
+    bnb_config,
+    from_pretrained_kwargs,
+    is_peft_model,
+    peft_base,
+    resolve_dtype,
+)
+from humanalign.models.score import ScoreModel
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA device and bitsandbytes, as far as the config builders can tell."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    real_find_spec = pretrained.importlib.util.find_spec
+    monkeypatch.setattr(pretrained.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "bitsandbytes" else real_find_spec(name, *a))
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2))
+
+
+# --------------------------------------------------------------------------------------------- dtype
+
+
+def test_resolve_dtype_names_and_auto_on_the_cpu():
+    assert resolve_dtype("bfloat16") is torch.bfloat16
+    assert resolve_dtype("float16") is torch.float16
+    assert resolve_dtype("float32") is torch.float32
+    assert resolve_dtype("auto", device="cpu") is torch.float32  # a CPU model stays fp32 even on a GPU machine
+
+
+# --------------------------------------------------------------------------------------------- bitsandbytes
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_4bit_compute_dtype_is_the_models_dtype(fake_gpu, dtype):
+    config = bnb_config("4bit", dtype)
+    assert config.load_in_4bit and not config.load_in_8bit
+    assert config.bnb_4bit_compute_dtype == dtype
+    assert config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
+
+
+def test_8bit_config(fake_gpu):
+    config = bnb_config("8bit", torch.bfloat16)
+    assert config.load_in_8bit and not config.load_in_4bit
+
+
+def test_bnb_config_refuses_the_cpu_and_unknown_modes(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        bnb_config("4bit", torch.bfloat16)
+    with pytest.raises(UserError, match="unknown lora.quantization"):
+        bnb_config("2bit", torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------- from_pretrained
+
+
+def test_from_pretrained_kwargs_plain_gguf_and_quantized(fake_gpu):
+    plain = from_pretrained_kwargs(ModelSettings(), torch.float32)
+    assert plain == {"dtype": torch.float32, "trust_remote_code": False, "use_safetensors": True}
+
+    settings = ModelSettings(trust_remote_code=True, attn_implementation="sdpa")
+    gguf = from_pretrained_kwargs(settings, torch.bfloat16, "model.gguf", num_labels=1)
+    assert gguf == {"dtype": torch.bfloat16, "trust_remote_code": True, "attn_implementation": "sdpa",
+                    "gguf_file": "model.gguf", "num_labels": 1}  # a GGUF file is not safetensors
+
+    quant = bnb_config("4bit", torch.bfloat16)
+    quantized = from_pretrained_kwargs(ModelSettings(), torch.bfloat16, quantization=quant)
+    assert quantized["quantization_config"] is quant and quantized["device_map"] == {"": 0}
+
+
+class _Captured(Exception):
+    pass
+
+
+def _capturing_loader(seen: list[dict]):
+    class Loader:
+        @staticmethod
+        def from_pretrained(path, **kwargs):
+            seen.append(kwargs)
+            raise _Captured
+
+    return Loader
+
+
+def test_causal_and_score_loaders_build_the_same_qlora_kwargs(fake_gpu, monkeypatch):
+    """Both loaders, same settings: the same from_pretrained kwargs (the score model adds num_labels), and the
+    4-bit compute dtype is the configured dtype for both (the score loader used bf16/fp16 whatever the dtype)."""
+    seen: list[dict] = []
+    monkeypatch.setattr(load_module, "AutoModelForCausalLM", _capturing_loader(seen))
+    monkeypatch.setattr(score_module, "AutoModelForSequenceClassification", _capturing_loader(seen))
+    settings = ModelSettings(dtype="float16")
+    lora = LoraSettings(enabled=True, quantization="4bit")
+    with pytest.raises(_Captured):
+        load_module.load_causal_lm("tiny", settings, lora)
+    with pytest.raises(_Captured):
+        score_module.load_score_model("tiny", settings, lora)
+    causal, scored = seen
+    assert scored.pop("num_labels") == 1
+    assert causal.keys() == scored.keys()
+    for kwargs in (causal, scored):
+        assert kwargs["dtype"] is torch.float16
+        assert kwargs["quantization_config"].bnb_4bit_compute_dtype == torch.float16
+        assert kwargs["use_safetensors"] and kwargs["device_map"] == {"": 0}
+
+
+# --------------------------------------------------------------------------------------------- PEFT
+
+
+def test_is_peft_model_plain_and_lora_wrapped():
+    model = tiny_llama()
+    assert not is_peft_model(model) and peft_base(model) is model
+    wrapped = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    assert is_peft_model(wrapped)
+    assert peft_base(wrapped) is model  # the transformers model, its LoRA layers injected
+    assert not is_peft_model(torch.nn.Linear(2, 2))
+    # the score model's test is the same one
+    assert ScoreModel(wrapped).is_peft and not ScoreModel(tiny_llama()).is_peft
