@@ -2,10 +2,12 @@
 config key at fault, with exit code 2, and leaves every file that was there before untouched (and, unless a case
 says otherwise, writes nothing new).
 
-One table (``CASES``), one parametrised test. Each case writes its input files into a fresh folder, runs
+Two tables. ``CASES`` (inputs, configs, paths): each case writes its input files into a fresh folder, runs
 ``humanalign.cli.main(argv)`` in-process from that folder (so that default output paths land there too), and
 compares the hashes of every file before and after. ``{tmp}`` in an argument, a file or an expected fragment is
-that folder. Every mistake here is caught before any model is loaded or trained, so the whole file stays fast.
+that folder. These mistakes are caught before any model is loaded or trained. ``RUN_CASES`` (checkpoints, run
+locks, for every training command): the same checks on a damaged copy of a real tiny run folder, built once per
+module (about a minute for the table on one thread); one SIGTERM case follows it.
 Cases already covered by tests/data/test_bad_input.py (bad records in prepare-data) are not repeated.
 """
 
@@ -16,7 +18,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -383,6 +388,9 @@ for _c in RUN_COMMANDS:
                 lambda r: (r / "checkpoint-2" / "trainer_state.json").write_text('{"step": 2,')),
         RunCase(f"{_n}-checkpoint-not-found", _c, ["--resume-from-checkpoint", "{tmp}/run/checkpoint-9"],
                 ["resume_from_checkpoint: {tmp}/run/checkpoint-9 is not a folder"]),
+        RunCase(f"{_n}-checkpoint-incomplete", _c, ["--resume-from-checkpoint", CK],
+                [f"resume_from_checkpoint: {CK} is not a complete checkpoint (no trainer_state.json)"],
+                lambda r: (r / "checkpoint-2" / "trainer_state.json").unlink()),
         RunCase(f"{_n}-latest-without-checkpoint", _c, RESUME,
                 ["resume_from_checkpoint: latest: {tmp}/run holds no complete checkpoint to resume",
                  "--overwrite-output-dir"], _drop_checkpoints),
@@ -455,3 +463,33 @@ def test_bad_run_folder(c: RunCase, built_runs, tmp_path: Path, monkeypatch, cap
 
 def test_the_run_corpus_covers_every_training_command():
     assert {c.command for c in RUN_CASES} == {c for c in COMMANDS if c.startswith("train ")}
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_resumed_sft_run_with_a_checkpoint_and_keeps_the_earlier_ones(built_runs, tmp_path):
+    """A signal (the dpo run of tests/engine/test_signals.py, here `train sft` resumed): exit 143, one line
+    naming the step and its checkpoint, the checkpoints that were there untouched, the lock released."""
+    argv, source = built_runs["train sft"]
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    before = {k: v for k, v in _hashes(tmp_path).items() if k.startswith("run/checkpoint-")}
+    argv = [*argv, "--output-dir", str(run), *RESUME, "--max-steps", "400"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "humanalign.cli", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 180
+    while '"step": 3' not in (run / "metrics.jsonl").read_text(encoding="utf-8"):  # a step after the resume
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no step after the resume within 180 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("humanalign: stopped by SIGTERM after step "), err[-3000:]
+    step = int(last.split(" after step ")[1].split("/")[0])
+    assert 3 <= step < 400 and f"checkpoint saved to {run / f'checkpoint-{step}'}; resume with: " in last
+    assert json.loads((run / f"checkpoint-{step}" / "trainer_state.json").read_text())["step"] == step
+    after = _hashes(tmp_path)
+    assert {k: after.get(k) for k in before} == before  # checkpoint-1 and -2 as they were
+    assert not (run / LOCK_FILE).exists()
