@@ -2,10 +2,12 @@
 config key at fault, with exit code 2, and leaves every file that was there before untouched (and, unless a case
 says otherwise, writes nothing new).
 
-One table (``CASES``), one parametrised test. Each case writes its input files into a fresh folder, runs
+Two tables. ``CASES`` (inputs, configs, paths): each case writes its input files into a fresh folder, runs
 ``humanalign.cli.main(argv)`` in-process from that folder (so that default output paths land there too), and
 compares the hashes of every file before and after. ``{tmp}`` in an argument, a file or an expected fragment is
-that folder. Every mistake here is caught before any model is loaded or trained, so the whole file stays fast.
+that folder. These mistakes are caught before any model is loaded or trained. ``RUN_CASES`` (checkpoints, run
+locks, for every training command): the same checks on a damaged copy of a real tiny run folder, built once per
+module (about a minute for the table on one thread); one SIGTERM case follows it.
 Cases already covered by tests/data/test_bad_input.py (bad records in prepare-data) are not repeated.
 """
 
@@ -14,13 +16,21 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from humanalign.cli import COMMANDS, main
+from humanalign.engine.runlock import LOCK_FILE, RunLock
+from humanalign.paths import PROJECT_ROOT
 
 GOOD_RAW = {"prompt": "How do I bake bread?", "response_0": "Mix flour and water, then bake.", "response_1": "No.",
             "is_response_0_safe": True, "is_response_1_safe": True, "better_response_id": 0, "safer_response_id": 0}
@@ -307,3 +317,179 @@ def test_help_works_for_every_command(words: str, flag: str, capsys):
     assert main([*words.split(), flag]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: humanalign {words}"), out
+
+
+# ================================================================================================ run folders
+# Mistakes that need a real run folder: damaged checkpoints, a folder held by another run, a stale lock. One
+# tiny run per training command (2 steps, a checkpoint after each) is built once per module; every case damages a
+# copy of it in its own folder ({tmp}/run), runs the same command line into it and checks, as above, the exit
+# code, the error (the last stderr line; the lines before it are the run's own "[name] ..." notes, never a
+# traceback) and that no file of the run changed. Signals: tests/engine/test_signals.py (a real `train dpo`).
+
+RUN_COMMON = ("--report-to [none] --progress-bar false --logging-steps 1 --max-steps 2 --save-steps 1 "
+              "--eval-steps 1000 --eval-on-start false --seed 0 --max-length 64 --max-prompt-length 32 --batch-size 2 "
+              "--overwrite-output-dir false")  # the tiny configs overwrite
+RUN_COMMANDS = {  # command -> its flags after the shared ones; {data} is the module's prepared data folder
+    "train sft": "--config {configs}/sft_tiny.yaml --train-path {data}/helpful_pairs.jsonl --val-path null",
+    "train rm": "--config {configs}/rm_tiny.yaml --train-helpful-path {data}/helpful_pairs.jsonl "
+                "--val-helpful-path null",
+    "train dpo": "--config {configs}/dpo_tiny.yaml --train-path {data}/helpful_pairs.jsonl --val-path null",
+    "train safe-mm-dpo": "--config {configs}/safe_mm_dpo_tiny.yaml --train-helpful-path {data}/helpful_pairs.jsonl "
+                         "--train-harmless-path {data}/harmless_pairs.jsonl --val-helpful-path null "
+                         "--val-harmless-path null",
+    "train ppo": "--actor-model-path tiny --prompts-path {data}/prompts.jsonl --reward-fn keyword_reward "
+                 "--rollout-batch-size 2 --max-new-tokens 4",
+    "train ppo-lag": "--actor-model-path tiny --prompts-path {data}/prompts.jsonl --reward-fn keyword_reward "
+                     "--cost-fn banned_word_cost --rollout-batch-size 2 --max-new-tokens 4",
+}
+CK = "{tmp}/run/checkpoint-2"  # the latest checkpoint of a built run
+PREVIOUS = "resume from the previous checkpoint instead: --resume-from-checkpoint {tmp}/run/checkpoint-1"
+LOCK_HOLDER = "is in use by another run (pid {pid} on "
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _drop_checkpoints(run: Path) -> None:
+    for folder in run.glob("checkpoint-*"):
+        shutil.rmtree(folder)
+
+
+def _stale_lock(run: Path) -> None:  # what a run killed with SIGKILL leaves: the holder's record, no flock
+    (run / LOCK_FILE).write_text(json.dumps({"pid": 999999, "host": "gone", "started": "2026-01-01 00:00:00 UTC"}))
+
+
+@dataclass
+class RunCase:
+    id: str
+    command: str  # a key of RUN_COMMANDS
+    flags: list[str]  # after the command's own
+    expect: list[str]
+    damage: Callable[[Path], None] | None = None  # applied to the copied run folder
+    hold_lock: bool = False  # the test process holds the folder's lock while the command runs
+    gone: tuple[str, ...] = ()  # files (relative to {tmp}) the command may remove: a stale lock it took over
+
+
+RESUME = ["--resume-from-checkpoint", "latest"]
+RUN_CASES: list[RunCase] = []
+for _c in RUN_COMMANDS:
+    _n = _c.replace("train ", "")
+    RUN_CASES += [
+        # ------------------------------------------------------------ damaged checkpoints
+        RunCase(f"{_n}-model-truncated", _c, RESUME, [f"cannot resume: {CK}/model.safetensors is truncated; {PREVIOUS}"],
+                lambda r: _truncate(r / "checkpoint-2" / "model.safetensors")),
+        RunCase(f"{_n}-optimizer-missing", _c, RESUME, [f"cannot resume: {CK}/optimizer.bin is missing; {PREVIOUS}"],
+                lambda r: (r / "checkpoint-2" / "optimizer.bin").unlink()),
+        RunCase(f"{_n}-scheduler-truncated", _c, RESUME,
+                [f"cannot resume: {CK}/scheduler.pt is truncated or damaged; {PREVIOUS}"],
+                lambda r: _truncate(r / "checkpoint-2" / "scheduler.pt")),
+        RunCase(f"{_n}-trainer-state-corrupt", _c, RESUME, [f"{CK}: cannot read trainer_state.json", PREVIOUS],
+                lambda r: (r / "checkpoint-2" / "trainer_state.json").write_text('{"step": 2,')),
+        RunCase(f"{_n}-checkpoint-not-found", _c, ["--resume-from-checkpoint", "{tmp}/run/checkpoint-9"],
+                ["resume_from_checkpoint: {tmp}/run/checkpoint-9 is not a folder"]),
+        RunCase(f"{_n}-checkpoint-incomplete", _c, ["--resume-from-checkpoint", CK],
+                [f"resume_from_checkpoint: {CK} is not a complete checkpoint (no trainer_state.json)"],
+                lambda r: (r / "checkpoint-2" / "trainer_state.json").unlink()),
+        RunCase(f"{_n}-latest-without-checkpoint", _c, RESUME,
+                ["resume_from_checkpoint: latest: {tmp}/run holds no complete checkpoint to resume",
+                 "--overwrite-output-dir"], _drop_checkpoints),
+        # ------------------------------------------------------------ another run holds the folder
+        *[RunCase(f"{_n}-locked{tag}", _c, flags, [LOCK_HOLDER, "lock file: {tmp}/run/.humanalign.lock"],
+                  hold_lock=True)
+          for tag, flags in [("", []), ("-overwrite", ["--overwrite-output-dir", "true"]), ("-resume", RESUME)]],
+        # a stale lock does not block: the run goes on to the next check (here: no checkpoint to resume)
+        RunCase(f"{_n}-stale-lock-taken-over", _c, RESUME, ["holds no complete checkpoint to resume"],
+                lambda r: (_drop_checkpoints(r), _stale_lock(r)), gone=("run/" + LOCK_FILE,)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def built_runs(tmp_path_factory) -> dict[str, tuple[list[str], Path]]:
+    """command -> (its argv without --output-dir, a finished 2-step run folder with checkpoint-1 and -2)."""
+    from humanalign.config.base import load_config
+    from humanalign.config.data import PrepareDataConfig
+    from humanalign.data.demo_data import write_demo_raw
+    from humanalign.data.prepare import run as prepare
+
+    root = tmp_path_factory.mktemp("corpus_runs")
+    raw = write_demo_raw(root / "raw", n=80, seed=0)
+    prepare(load_config(PrepareDataConfig, values={"input_dir": str(raw.parent), "output_dir": str(root / "prep"),
+                                                   "seed": 0}))
+    data = root / "prep" / "train"
+    rows = (data / "helpful_pairs.jsonl").read_text(encoding="utf-8").splitlines()[:8]
+    (data / "prompts.jsonl").write_text(jsonl(*({"prompt": json.loads(r)["prompt"]} for r in rows)), encoding="utf-8")
+    built = {}
+    for command, flags in RUN_COMMANDS.items():
+        argv = [*command.split(), *flags.format(configs=PROJECT_ROOT / "configs", data=data).split(),
+                *RUN_COMMON.split()]
+        run = root / command.replace(" ", "-")
+        assert main([*argv, "--output-dir", str(run)]) == 0, command
+        assert {p.name for p in run.glob("checkpoint-*")} == {"checkpoint-1", "checkpoint-2"}, command
+        built[command] = (argv, run)
+    return built
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("c", RUN_CASES, ids=[c.id for c in RUN_CASES])
+def test_bad_run_folder(c: RunCase, built_runs, tmp_path: Path, monkeypatch, capsys):
+    argv, source = built_runs[c.command]
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    if c.damage is not None:
+        c.damage(run)
+    monkeypatch.chdir(tmp_path)
+    held = RunLock.acquire(run) if c.hold_lock else None  # a second open file: a flock of its own, as another run's
+    try:
+        before = _hashes(tmp_path)
+        capsys.readouterr()
+        code = main([*argv, "--output-dir", str(run), *(_fill(f, tmp_path) for f in c.flags)])
+        err = capsys.readouterr().err
+        after = _hashes(tmp_path)
+    finally:
+        if held is not None:
+            held.release()
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert lines and lines[-1].startswith("humanalign: error: "), err
+    assert all(line.startswith("[") for line in lines[:-1]), err  # the run's own notes, no traceback
+    for fragment in c.expect:
+        assert _fill(fragment, tmp_path).replace("{pid}", str(os.getpid())) in lines[-1], (fragment, lines[-1])
+    for rel in c.gone:
+        assert rel in before and rel not in after, rel  # taken over, then released with the run
+        before.pop(rel)
+    assert after == before, "a file of the run changed, vanished or was added"
+
+
+def test_the_run_corpus_covers_every_training_command():
+    assert {c.command for c in RUN_CASES} == {c for c in COMMANDS if c.startswith("train ")}
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_resumed_sft_run_with_a_checkpoint_and_keeps_the_earlier_ones(built_runs, tmp_path):
+    """A signal (the dpo run of tests/engine/test_signals.py, here `train sft` resumed): exit 143, one line
+    naming the step and its checkpoint, the checkpoints that were there untouched, the lock released."""
+    argv, source = built_runs["train sft"]
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    before = {k: v for k, v in _hashes(tmp_path).items() if k.startswith("run/checkpoint-")}
+    argv = [*argv, "--output-dir", str(run), *RESUME, "--max-steps", "400"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "humanalign.cli", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 180
+    while '"step": 3' not in (run / "metrics.jsonl").read_text(encoding="utf-8"):  # a step after the resume
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no step after the resume within 180 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("humanalign: stopped by SIGTERM after step "), err[-3000:]
+    step = int(last.split(" after step ")[1].split("/")[0])
+    assert 3 <= step < 400 and f"checkpoint saved to {run / f'checkpoint-{step}'}; resume with: " in last
+    assert json.loads((run / f"checkpoint-{step}" / "trainer_state.json").read_text())["step"] == step
+    after = _hashes(tmp_path)
+    assert {k: after.get(k) for k in before} == before  # checkpoint-1 and -2 as they were
+    assert not (run / LOCK_FILE).exists()

@@ -86,7 +86,7 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     try:
         return json.loads((Path(checkpoint) / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{checkpoint}: cannot read {STATE_FILE} ({exc})") from None
+        raise UserError(f"{checkpoint}: cannot read {STATE_FILE} ({exc}); {suggest_previous(checkpoint)}") from None
 
 
 def _ours(name: str) -> bool:

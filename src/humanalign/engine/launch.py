@@ -202,11 +202,12 @@ def _claim_run_dir(run_dir: Path, config: TrainingConfig, name: str) -> RunFolde
                             "to replace them, or choose another logging_dir")
         if resume is None:
             ckpt.clear_run(run_dir)
-        else:
+            config.save(run_dir / ckpt.CONFIG_FILE)
+        else:  # config.resolved.yaml is replaced once the checkpoint has loaded (Engine.prepare): a resume
+            # that fails on a damaged checkpoint leaves the run's files as they were
             for path in ckpt.remove_stale_temporaries(run_dir):
                 print(f"[{name}] removed {path.name} (a save that was interrupted)", file=sys.stderr)
             warn_config_changes(config, resume, name)
-        config.save(run_dir / ckpt.CONFIG_FILE)
     except BaseException:
         if created:
             _remove_folder(run_dir)  # made a moment ago, only for this run; while still locked

@@ -253,6 +253,8 @@ class Engine(CheckpointingMixin, AbstractContextManager):
         self.accelerator.register_load_state_pre_hook(self._load_weights_hook)
         if self.resume_dir is not None:
             self.load_checkpoint(self.resume_dir)
+            if self.is_main_process:  # only now: a resume refused above leaves the run's files untouched
+                cfg.save(self.run_dir / ckpt.CONFIG_FILE)
         return model, optimizer, scheduler
 
     def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
