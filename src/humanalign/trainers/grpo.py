@@ -191,7 +191,7 @@ class GRPOTrainer:
             chunk = batch.select(rows)
             with self.engine.accelerator.autocast():
                 if wanted["old_logps"]:
-                    logits = self.model(chunk.input_ids, chunk.attention_mask)["logits"]
+                    logits = self.unwrapped(chunk.input_ids, chunk.attention_mask)["logits"]
                     value = response_logps(logits, chunk)[0]
                     outputs["old_logps"][start:start + len(rows), : value.shape[1]] = value
                 if wanted["ref_logps"]:
