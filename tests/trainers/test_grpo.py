@@ -1,9 +1,9 @@
 """GRPO and GRPO-Lagrangian end to end: a rule-based reward rises, a rule-based cost is driven under its threshold
 while lambda rises and falls, a resumed run equals an uninterrupted one, and the first losses are pinned.
 
-The behaviour runs use the word-level tiny Llama of the PPO tests (``build_word_model`` in test_ppo.py, 29 tokens):
-a reward for emitting "good" starts near 1/29 and its optimum is 1.0, so a rise is visible in a few dozen
-rollouts. The pinned curve and the CLI run use the embedded tiny model (``humanalign.models.tiny``).
+The reward rise and the pinned curve use the embedded tiny model (``humanalign.models.tiny``). The constraint,
+resume and CLI runs use the word-level tiny Llama of the PPO tests (``build_word_model`` in test_ppo.py, 29
+tokens), where a word's share of the answer starts near 1/29 and moves within a few dozen rollouts.
 """
 
 from __future__ import annotations
@@ -119,27 +119,47 @@ def test_weighted_rewards_add_up(world, tmp_path):
 # --------------------------------------------------------------------------------------------- behaviour
 
 
+VOWEL_REWARD = """
+def vowel_share(prompts, responses, **_):
+    shares = []
+    for text in responses:
+        letters = [c for c in text.lower() if c.isalpha()]
+        shares.append(sum(c in "aeiou" for c in letters) / len(letters) if letters else 0.0)
+    return shares
+"""
+
+
 @pytest.mark.slow
-def test_grpo_learns_a_token_emission_reward(world, tmp_path):
-    """Reward = share of "good" words (optimum 1.0, start ~1/29): after 30 rollouts of 4 prompts x 4 answers the
-    mean reward of the last 3 rollouts is at least 0.2 above that of the first 3 (seed 0: 0.04 -> ~0.4)."""
+def test_grpo_learns_a_rule_based_reward_on_the_tiny_model(tmp_path):
+    """The embedded tiny model (random weights, a byte-level BPE vocabulary); reward = share of the answer's letters that
+    are vowels (a Python reward from a file). Its random answers start near 0.37; after 20 rollouts of 4 prompts
+    x 4 answers the mean of the last 3 rollouts is at least 0.1 above that of the first 3 (seed 0: 0.37 ->
+    ~0.6; it reaches 0.95 by rollout 25)."""
     from transformers import AutoModelForCausalLM
 
+    from humanalign.models.tiny import tiny_model_path
     from humanalign.trainers.grpo import run
 
+    (tmp_path / "vowels.py").write_text(VOWEL_REWARD)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about item {i}."}) + "\n" for i in range(32)))
     out = tmp_path / "run"
-    result = run(load_config(GRPOConfig, values=grpo_values(
-        world, out, reward_fn="keyword_reward", reward_fn_kwargs={"keywords": ["good"]}, max_steps=30)))
+    result = run(load_config(GRPOConfig, values=dict(
+        actor_model_path=str(tiny_model_path()), prompts_path=str(prompts), output_dir=str(out),
+        reward_fn=f"{tmp_path / 'vowels.py'}:vowel_share", rollout_batch_size=4, num_generations=4, batch_size=16,
+        max_new_tokens=8, max_length=48, max_prompt_length=32, learning_rate=1e-2, lr_scheduler="constant",
+        beta=0.0, max_steps=20, logging_steps=1, report_to=["none"], progress_bar=False, seed=0)))
     rows = train_rows(out)
     rewards = [r["train/reward"] for r in rows]
-    assert len(rewards) == 30 and mean(rewards[:3]) < 0.1
-    assert mean(rewards[-3:]) - mean(rewards[:3]) >= 0.2, rewards
+    assert len(rewards) == 20
+    assert mean(rewards[-3:]) - mean(rewards[:3]) >= 0.1, rewards
     for key in ("loss", "entropy", "clipfrac", "approx_kl", "ratio_mean", "response_length", "advantage_std",
                 "group_reward_spread", "zero_spread_groups", "reward_fn_score", "grad_norm", "actor_lr"):
         assert f"train/{key}" in rows[-1], key
     assert 0.0 <= rows[0]["train/zero_spread_groups"] <= 1.0
     assert rows[0]["train/ratio_mean"] == pytest.approx(1.0)  # on-policy: one pass, one step per rollout
-    assert AutoModelForCausalLM.from_pretrained(result["final_model"]).config.vocab_size == 29
+    trained = AutoModelForCausalLM.from_pretrained(result["final_model"])  # plain transformers loads the policy
+    assert trained.config.vocab_size == json.loads((tiny_model_path() / "config.json").read_text())["vocab_size"]
 
 
 @pytest.mark.slow
