@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train safe-mm-dpo": ("humanalign.config.safe_mm_dpo:SafeMMDPOConfig", "humanalign.trainers.safe_mm_dpo:run"),
     "train ppo": ("humanalign.config.ppo:PPOConfig", "humanalign.trainers.ppo:run"),
     "train ppo-lag": ("humanalign.config.ppo:PPOLagConfig", "humanalign.trainers.ppo:run"),
+    "train grpo": ("humanalign.config.grpo:GRPOConfig", "humanalign.trainers.grpo:run"),
+    "train grpo-lag": ("humanalign.config.grpo:GRPOLagConfig", "humanalign.trainers.grpo:run"),
     "eval rm": ("humanalign.config.evaluation:EvalRMConfig", "humanalign.eval.rm:run"),
     "eval arena": ("humanalign.config.evaluation:ArenaConfig", "humanalign.eval.arena:run"),
     "eval ppl": ("humanalign.config.evaluation:PerplexityConfig", "humanalign.eval.perplexity:run"),
@@ -49,6 +51,7 @@ STEM_TO_COMMAND = {
     "rm": "train rm", "reward": "train rm", "cost": "train rm", "dpo": "train dpo", "cpo": "train dpo",
     "orpo": "train dpo", "simpo": "train dpo", "ipo": "train dpo", "safe_mm_dpo": "train safe-mm-dpo",
     "mm_dpo": "train safe-mm-dpo", "safe_dpo": "train safe-mm-dpo", "ppo": "train ppo", "ppo_lag": "train ppo-lag",
+    "grpo": "train grpo", "grpo_lag": "train grpo-lag",
     "eval_rm": "eval rm", "arena": "eval arena", "perplexity": "eval ppl", "generate": "generate",
     "distill": "distill", "export": "export",
 }

@@ -161,6 +161,23 @@ def stage_ppo_lag(run: DemoRun) -> dict[str, Any]:
     return {"rollouts": result.get("rollouts"), **pick}
 
 
+def stage_grpo_lag(run: DemoRun) -> dict[str, Any]:
+    from humanalign.config.grpo import GRPOLagConfig
+    from humanalign.trainers.grpo import run as train_grpo
+
+    cfg = run.tiny_config(
+        GRPOLagConfig, "grpo_lag_tiny", actor_model_path=str(run.path("models", "sft")), seed=run.cfg.seed,
+        reward_model_path=str(run.path("models", "helpful_rm")), cost_model_path=str(run.path("models", "harmless_rm")),
+        prompts_path=[str(run.path("data", "train", f"{k}_pairs.jsonl")) for k in ("helpful", "harmless")],
+        eval_prompts_path=str(run.path("data", "val", "harmless_pairs.jsonl")),
+        output_dir=str(run.path("models", "grpo_lag")), overwrite_output_dir=False,
+    )
+    result = train_grpo(cfg)
+    last = result.get("last_rollout") or {}
+    pick = {k: v for k, v in last.items() if k in ("reward", "cost", "lambda", "zero_spread_groups")}
+    return {"rollouts": result.get("rollouts"), **pick}
+
+
 def stage_arena(run: DemoRun) -> dict[str, Any]:
     prompts = run.path("data", "arena_prompts.jsonl")
     rows = [{"prompt": p} for kind in ("harmful", "benign") for p in demo_prompts(kind, 24, seed=run.cfg.seed)]
@@ -192,6 +209,7 @@ STAGES: list[tuple[str, Callable[[DemoRun], dict[str, Any]]]] = [
     ("dpo", stage_dpo),
     ("safe_mm_dpo", stage_safe_mm_dpo),
     ("ppo_lag", stage_ppo_lag),
+    ("grpo_lag", stage_grpo_lag),
     ("arena", stage_arena),
     ("report", stage_report),
 ]

@@ -4,9 +4,21 @@ preference   DPO family (sigmoid/cDPO, hinge, IPO, robust, DPO+SFT), CPO, SimPO,
 safe_mm_dpo  MM-DPO's margin-scaled beta, the Safe-MM-DPO Lagrangian loss, the lambda dual ascent
 score        reward- and cost-model losses (sequence- and token-wise)
 sft          next-token cross-entropy on assistant tokens (SFT, and PPO's ptx term)
+grpo         GRPO / DAPO / Dr. GRPO losses, group-normalised and RLOO advantages, k3 KL
 ppo          GAE, KL-shaped rewards, clipped policy / value losses, KL controllers, PPO-Lag lambda
 """
 
+from humanalign.losses.grpo import (
+    GRPO_LOSS_TYPES,
+    group_advantages,
+    grpo_loss,
+    grpo_token_loss,
+    k3_kl,
+    kl_penalized_scores,
+    reduce_grpo_loss,
+    rloo_advantages,
+    rloo_loss,
+)
 from humanalign.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -58,6 +70,8 @@ from humanalign.losses.sft import ptx_loss, sft_loss_sums
 
 __all__ = [
     "ptx_loss", "sft_loss_sums",
+    "GRPO_LOSS_TYPES", "group_advantages", "grpo_loss", "grpo_token_loss", "k3_kl", "kl_penalized_scores",
+    "reduce_grpo_loss", "rloo_advantages", "rloo_loss",
     "AdaptiveKLController", "DPO_LOSS_TYPES", "FixedKLController", "LOSS_SPECS", "LambdaState", "LossSpec",
     "ORPOLoss", "PPOLagLambda", "PreferenceLoss", "ScoreLoss", "aggregate", "beta_schedule", "clipped_surrogate_loss",
     "clipped_value_loss", "compute_preference_loss", "cost_loss", "cost_tokenwise_loss", "cpo_loss",

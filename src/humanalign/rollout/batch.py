@@ -18,6 +18,14 @@ import torch
 from humanalign.data.tokenize import pad_sequences
 
 
+def rollout_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (rollout sampling and shuffling are pure functions of the run's position)."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + int(part)) % (2**63 - 1)
+    return value
+
+
 @dataclass
 class RolloutBatch:
     """One rollout's sequences and everything PPO computes on them; tensors on one device.

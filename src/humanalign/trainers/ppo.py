@@ -66,16 +66,8 @@ from humanalign.models.lora_merge import merged_gathered_weights
 from humanalign.models.pretrained import is_peft_model
 from humanalign.models.score import save_score_model
 from humanalign.rollout import GenerationSettings, build_rollout_engine
-from humanalign.rollout.batch import RolloutBatch, response_logps, response_values
+from humanalign.rollout.batch import RolloutBatch, response_logps, response_values, rollout_seed
 from humanalign.rollout.scorers import RunningScoreStats, SequenceScorer
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from integers (rollout sampling and shuffling are pure functions of the run's position)."""
-    value = 0
-    for part in parts:
-        value = (value * 1_000_003 + int(part)) % (2**63 - 1)
-    return value
 
 
 class PPOTrainer:
@@ -227,7 +219,7 @@ class PPOTrainer:
         rows = self.prompt_sampler.micro_batch(self.prompt_sampler.epoch_order(epoch), micro)
         started = time.perf_counter()
         gen = self.rollout_engine.generate([self.prompt_ids[i] for i in rows], self.generation,
-                                           cfg.num_return_sequences, seed=_seed(cfg.seed, index, engine.process_index))
+                                           cfg.num_return_sequences, seed=rollout_seed(cfg.seed, index, engine.process_index))
         prompts = [self.prompts[rows[i]] for i in gen.prompt_index]
         scores, metrics = self.reward_scorer(prompts, gen.texts)
         device = engine.device
@@ -319,7 +311,7 @@ class PPOTrainer:
         """update_iters shuffled passes over the rollout, one optimizer step per accumulation window."""
         cfg, engine = self.cfg, self.engine
         for it in range(cfg.update_iters):
-            generator = torch.Generator().manual_seed(_seed(cfg.seed, index, it, engine.process_index))
+            generator = torch.Generator().manualrollout_seed(rollout_seed(cfg.seed, index, it, engine.process_index))
             micro_batches = torch.randperm(len(batch), generator=generator).split(cfg.batch_size)
             for first in range(0, len(micro_batches), engine.accumulation):
                 for j, rows in enumerate(micro_batches[first:first + engine.accumulation]):
@@ -351,7 +343,7 @@ class PPOTrainer:
         if mine or padding:
             prompts = [self.eval_prompts[i] for i in mine + padding]
             ids = [encode_prompt(self.tokenizer, p, self.cfg.max_prompt_length) for p in prompts]
-            gen = self.rollout_engine.generate(ids, self.generation, 1, seed=_seed(self.cfg.seed, -1))
+            gen = self.rollout_engine.generate(ids, self.generation, 1, seed=rollout_seed(self.cfg.seed, -1))
             counted = len(mine)  # one answer per prompt, in prompt order
             prompts, texts = prompts[:counted], gen.texts[:counted]
             if counted:
