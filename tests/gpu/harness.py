@@ -128,7 +128,7 @@ def score_models(root: Path) -> dict[str, Path]:
     out = {"helpful": root / "rms" / "helpful", "harmless": root / "rms" / "harmless"}
     if all((p / "config.json").is_file() for p in out.values()):
         return out
-    for (name, path), (score_type, seed) in zip(out.items(), (("reward", 1), ("cost", 2))):
+    for path, (score_type, seed) in zip(out.values(), (("reward", 1), ("cost", 2))):
         with on_device("cpu"):
             torch.manual_seed(seed)
             model, tok = load_score_model("tiny")
