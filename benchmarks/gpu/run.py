@@ -390,6 +390,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines += [f"pytest -m gpu: {section.get('summary') or section.get('tail', '')[-300:]}", ""]
         elif name in ("dpo", "rm"):
             for shape, one in section.items():
+                if not isinstance(one, dict):
+                    continue
                 lines += [f"### {shape} (batch {one.get('batch_size')} pairs)", ""]
                 lines += [one["table"] if "table" in one else f"{one.get('skipped') or one.get('error')}", ""]
         elif name == "safe_mm_dpo":
@@ -465,8 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         sections["peak"] = {"gflops": round(peak, 1), "what": "bf16 8192^3 matmul, CUDA events, median of 10"}
         models = {shape: str(make_model(shape, work / shape, device)) for shape in settings["dpo"]}
     else:
-        peak = common.matmul_peak_gflops(threads=1, repeats=5)
-        sections["peak"] = {"gflops": round(peak, 1), "what": "fp32 2048^3 matmul on 1 CPU thread, best of 5"}
+        peak = common.matmul_peak_gflops(size=1024, threads=1, repeats=5)
+        sections["peak"] = {"gflops": round(peak, 1), "what": "fp32 1024^3 matmul on 1 CPU thread, best of 5"}
         models = {"tiny": None}
     save()
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -485,8 +487,8 @@ def main(argv: list[str] | None = None) -> int:
                 sections[name] = section_tests(out, allowed, args.smoke)
             elif name in ("dpo", "rm"):
                 script = "dpo_vs_trl.py" if name == "dpo" else "rm_vs_trl.py"
-                sections[name] = section_pairs(script, name, models, settings, None if args.smoke else peak, device,
-                                               clock, BUDGETS[name] * (2.0 if args.smoke else 1.0), work)
+                sections[name] = section_pairs(script, name, models, settings, peak, device, clock,
+                                               BUDGETS[name] * (2.0 if args.smoke else 1.0), work)
             elif name == "safe_mm_dpo":
                 sections[name] = section_safe_mm_dpo(small, settings, device, allowed, work)
             elif name == "ppo_lag":

@@ -31,7 +31,14 @@ harness = _load_harness()
 
 # the trainers whose micro-batch loop runs in engine.train_steps (PPO's rollouts sync by nature: generation)
 CASES = ("sft", "rm-helpful", "dpo-sigmoid", "safe-mm-dpo-pairwise")
-KNOWN: dict[str, str] = {}  # case -> why it still syncs per micro-batch (filled from what the test finds)
+# case -> why it still syncs per micro-batch (found by this test on the CPU; the trainers are owned elsewhere)
+_MASK = ("transformers' _ignore_causal_mask_sdpa (masking_utils.py) calls padding_mask.all() on the attention_mask "
+         "the trainer passes with padded rows: one host sync per forward")
+KNOWN: dict[str, str] = {
+    "sft": f"sft.forward_logits (trainers/sft.py) passes a padded attention_mask: {_MASK}",
+    "rm-helpful": f"models/score.py's forward passes a padded attention_mask ({_MASK}); and ScoreNormalizer.update "
+                  "(models/score.py) reads float(flat.mean()) and float(flat.var()) on every micro-batch",
+}
 
 
 @pytest.fixture(scope="module")
