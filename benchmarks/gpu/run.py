@@ -252,16 +252,17 @@ def section_pairs(script: str, which: str, models: dict[str, str | None], settin
 def section_safe_mm_dpo(model: str, settings: dict[str, Any], device: str, timeout: float,
                         work: Path) -> dict[str, Any]:
     """Safe-MM-DPO vs DPO, each in a fresh process (``--child``): seconds per optimizer step."""
-    data = work / "safe_pairs.jsonl"
-    if not data.is_file():
-        source = _demo_pair_lines(work)
-        data.write_text("\n".join(common.long_pairs(source, 64, words=settings["max_length"])) + "\n",
-                        encoding="utf-8")
+    data = {kind: work / f"safe_{kind}_pairs.jsonl" for kind in ("helpful", "harmless")}
+    for kind, path in data.items():
+        if not path.is_file():
+            lines = common.long_pairs(_demo_pair_lines(work, kind), 64, words=settings["max_length"])
+            path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     began, out = time.monotonic(), {}
     for trainer in ("dpo", "safe-mm-dpo"):
         output = work / f"step_{trainer}.json"
         cmd = [sys.executable, str(HERE / "run.py"), "--child", trainer, "--child-model", model,
-               "--child-data", str(data), "--child-output", str(output), "--child-device", device,
+               "--child-data", f"{data['helpful']},{data['harmless']}", "--child-output", str(output),
+               "--child-device", device,
                "--child-settings", json.dumps(settings)]
         result = run_command(cmd, timeout - (time.monotonic() - began))
         out[trainer] = json.loads(output.read_text(encoding="utf-8")) if result["exit"] == 0 and output.is_file() \
@@ -271,16 +272,17 @@ def section_safe_mm_dpo(model: str, settings: dict[str, Any], device: str, timeo
     return out
 
 
-def _demo_pair_lines(work: Path) -> list[str]:
+def _demo_pair_lines(work: Path, kind: str) -> list[str]:
     from humanalign.config.base import load_config
     from humanalign.config.data import PrepareDataConfig
     from humanalign.data.demo_data import write_demo_raw
     from humanalign.data.prepare import run as prepare
 
-    raw = write_demo_raw(work / "raw", n=600, seed=0)
-    prepare(load_config(PrepareDataConfig, values={"input_dir": str(raw.parent), "output_dir": str(work / "demo"),
-                                                   "seed": 0}))
-    return (work / "demo" / "train" / "harmless_pairs.jsonl").read_text(encoding="utf-8").splitlines()
+    if not (work / "demo" / "train" / f"{kind}_pairs.jsonl").is_file():
+        raw = write_demo_raw(work / "raw", n=600, seed=0)
+        prepare(load_config(PrepareDataConfig, values={"input_dir": str(raw.parent),
+                                                       "output_dir": str(work / "demo"), "seed": 0}))
+    return (work / "demo" / "train" / f"{kind}_pairs.jsonl").read_text(encoding="utf-8").splitlines()
 
 
 def section_ppo_lag(model: str, smoke: bool, timeout: float, work: Path) -> dict[str, Any]:
@@ -318,6 +320,7 @@ def child(args: argparse.Namespace) -> None:
 
     settings = json.loads(args.child_settings)
     batch = settings["safe_batch"]
+    helpful, harmless = args.child_data.split(",")
     recorder = common.StepRecorder(warmup=settings["warmup"], device=args.child_device)
     train_steps, optimizer_step = Engine.train_steps, Engine.optimizer_step
 
@@ -342,12 +345,13 @@ def child(args: argparse.Namespace) -> None:
         mixed_precision="bf16" if args.child_device == "cuda" else "no",
         model={"dtype": "bfloat16" if args.child_device == "cuda" else "float32"})
     if args.child == "dpo":
-        cfg = load_config(DPOConfig, values={**common_values, "train_path": args.child_data, "val_path": None})
+        cfg = load_config(DPOConfig, values={**common_values, "train_path": helpful, "val_path": None})
         dpo.run(cfg)
     else:
         cfg = load_config(SafeMMDPOConfig, values={
-            **common_values, "train_helpful_path": args.child_data, "train_harmless_path": args.child_data,
-            "val_helpful_path": None, "val_harmless_path": None, "cost_window_size": 8, "group_by_length": False})
+            **common_values, "train_helpful_path": helpful, "train_harmless_path": harmless,
+            "val_helpful_path": None, "val_harmless_path": None, "cost_window_size": 8, "group_by_length": False,
+            "helpful_rm_path": None, "harmless_rm_path": None})  # label costs, no margins: the same work as DPO x 2
         safe_mm_dpo.run(cfg)
     summary = recorder.summary()
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -358,12 +362,14 @@ def child(args: argparse.Namespace) -> None:
 
 
 def _mask_tokens(value: Any) -> int:
-    """Non-pad tokens in a step's micro-batches: every ``*attention_mask`` tensor, however the batch nests."""
+    """Non-pad tokens in a step's micro-batches: every 2-D ``*attention_mask`` (B, T) however the batch nests
+    (a batch's score plan, with its (B, 1, L, L) masks of another layout of the same tokens, is left out)."""
     import torch
 
     if isinstance(value, dict):
-        return sum(_mask_tokens(v) if not (isinstance(v, torch.Tensor) and k.endswith("attention_mask"))
-                   else int(v.sum()) for k, v in value.items())
+        return sum(int(v.sum()) if isinstance(v, torch.Tensor) and k.endswith("attention_mask") and v.dim() == 2
+                   else 0 if isinstance(v, torch.Tensor) or k == "score_plan" else _mask_tokens(v)
+                   for k, v in value.items())
     if isinstance(value, (list, tuple)):
         return sum(_mask_tokens(v) for v in value)
     return 0
