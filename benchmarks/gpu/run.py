@@ -389,8 +389,9 @@ def markdown(results: dict[str, Any]) -> str:
         if name in ("env", "peak"):
             continue
         lines += [f"## {name}", ""]
-        if "skipped" in section:
-            lines += [f"skipped: {section['skipped']}", ""]
+        if "skipped" in section or "error" in section:
+            lines += [f"{'skipped' if 'skipped' in section else 'error'}: {section.get('skipped') or section['error']}",
+                      ""]
             continue
         if name == "tests":
             lines += [f"pytest -m gpu: {section.get('summary') or section.get('tail', '')[-300:]}", ""]

@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu/run.sh [OUT_DIR]            # on the GPU machine; OUT_DIR defaults to $OUT
 #   bash benchmarks/gpu/run.sh --smoke OUT_DIR      # on the CPU: the tiny model, every section, a few minutes
+#   bash benchmarks/gpu/run.sh OUT_DIR --sections dpo,rm    # more arguments go to run.py (a second call)
 #
 # On the GPU machine the wheels in .whl/ (benchmarks/gpu/prepare.sh) are installed into /tmp/site first: the
 # packages its image lacks (trl, datasets, pydantic, gguf and their needs). The whole run is held to BUDGET_S seconds (default 560: inside a 600 s device call);
@@ -13,6 +14,7 @@ cd "$(dirname "$0")/../.." || exit 2
 SMOKE=""
 if [ "${1:-}" = "--smoke" ]; then SMOKE="--smoke"; shift; fi
 OUT_DIR="${1:-${OUT:-gpu_results}}"
+[ $# -gt 0 ] && shift
 mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python3}"
 if [ -z "$SMOKE" ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -23,6 +25,6 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false \
   HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore
 BUDGET="${BUDGET_S:-560}"
-timeout --kill-after=15 "$BUDGET" "$PY" benchmarks/gpu/run.py $SMOKE --budget $((BUDGET - 20)) "$OUT_DIR" 2>&1 \
+timeout --kill-after=15 "$BUDGET" "$PY" benchmarks/gpu/run.py $SMOKE --budget $((BUDGET - 20)) "$@" "$OUT_DIR" 2>&1 \
   | tee "$OUT_DIR/run.log"
 exit "${PIPESTATUS[0]}"

@@ -317,10 +317,12 @@ class HostSyncs:
 
         originals = {name: getattr(torch.Tensor, name) for name in self.METHODS}
         counter = self
+        cuda = torch.cuda.is_available()
 
         def wrap(name, original):
             def method(tensor, *args, **kwargs):
-                if counter.open and not counter._busy:
+                # on a GPU machine a read of a CPU tensor waits for nothing: only device tensors count there
+                if counter.open and not counter._busy and (not cuda or tensor.device.type != "cpu"):
                     counter._busy = True
                     try:
                         counter._note(name)
@@ -330,7 +332,6 @@ class HostSyncs:
             return method
 
         train_steps, optimizer_step = Engine.train_steps, Engine.optimizer_step
-        cuda = torch.cuda.is_available()
 
         def set_open(value: bool) -> None:
             counter.open = value
