@@ -117,6 +117,21 @@ def flops_per_token(params: int, *, frozen_base: bool = False, reference_forward
     return (4 if frozen_base else 6) * params + (2 * params if reference_forward else 0)
 
 
+def matmul_params(model) -> int:
+    """Parameters that enter a matmul for every token: all of them but the input embedding table (a lookup, no
+    FLOPs) unless the LM head is tied to it (then the table is the head's matmul). A score model's head is its
+    own small layer, so its embedding table is left out: at SmolLM2-135M's shape counting it would overstate a
+    reward model's FLOPs by a fifth."""
+    inner = getattr(model, "model", model) if not hasattr(model, "get_input_embeddings") else model
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
+    if embeddings is None or not hasattr(embeddings, "weight"):
+        return total
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    tied = head is not None and getattr(head, "weight", None) is embeddings.weight
+    return total if tied else total - embeddings.weight.numel()
+
+
 def mfu(tokens_per_second: float, per_token_flops: float, peak_gflops: float) -> float:
     """Model FLOPs utilisation: achieved FLOP/s over the measured peak (a fraction)."""
     if peak_gflops <= 0:
@@ -511,5 +526,5 @@ __all__ = [
     "peak_rss_mib", "current_rss_mib", "reset_peak_rss", "matmul_peak_gflops", "flops_per_token", "mfu",
     "StepRecorder", "machine_info", "alternate", "run_child", "run_alternating", "summarize", "format_table",
     "write_json", "set_threads", "run_benchmark", "run_parent", "use_fused_adamw", "long_pairs", "model_name",
-    "model_dtype", "cuda_bf16_matmul_gflops", "gpu_name",
+    "model_dtype", "cuda_bf16_matmul_gflops", "gpu_name", "matmul_params",
 ]

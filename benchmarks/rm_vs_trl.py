@@ -8,7 +8,8 @@ sampler), the same optimiser settings (AdamW, constant learning rate, clipping a
 Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) (our score regularisation and margins off, as TRL's
 defaults). Each run is a fresh subprocess; runs alternate ours, trl, ours, trl. Measured as in
 ``dpo_vs_trl.py``: steps/s, tokens/s (non-pad), peak resident memory while training, the loss after the last
-step, and MFU (6 x params per token; 4 x params with LoRA).
+step, and MFU (6 x params per token; 4 x params with LoRA; params without the input embedding table, a lookup:
+``common.matmul_params``).
 
     python benchmarks/rm_vs_trl.py --model tiny --steps 20
     python benchmarks/rm_vs_trl.py --model smollm2 --lora --steps 4
@@ -71,7 +72,7 @@ def child_ours(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
 
     def counting_forward(model, batch):
         if model.training:
-            facts.setdefault("params", sum(p.numel() for p in model.parameters()))
+            facts.setdefault("params", common.matmul_params(model))
             recorder.batch(int(batch["attention_mask"].sum()))
         return original_forward(model, batch)
 
@@ -116,7 +117,7 @@ def child_trl(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     rows = [{"chosen_ids": features[i]["chosen_input_ids"], "rejected_ids": features[i]["rejected_input_ids"]}
             for i in order[: (args.warmup + args.steps) * args.batch_size].tolist()]
     model = score_model.model
-    params = sum(p.numel() for p in model.parameters())
+    params = common.matmul_params(model)
 
     class Timing(transformers.TrainerCallback):
         def on_step_end(self, *_, **__):
