@@ -67,10 +67,14 @@ def reset_peak_rss() -> bool:
 # ------------------------------------------------------------------------------------------------- FLOPs
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 5, threads: int | None = None) -> float:
-    """Best FLOP/s (in GFLOP/s) of a (size x size) @ (size x size) float32 matmul: 2 * size^3 FLOPs each."""
+def matmul_peak_gflops(size: int = 2048, repeats: int = 5, threads: int | None = None, device: str = "cpu") -> float:
+    """Best FLOP/s (in GFLOP/s) of a (size x size) @ (size x size) matmul: 2 * size^3 FLOPs each. On the CPU in
+    float32; on CUDA in bfloat16 on random data (zeros run faster), timed with CUDA events, the median of
+    ``repeats`` products after three warm-ups (a 8192 product at least: small ones do not fill an H200)."""
     import torch
 
+    if device == "cuda":
+        return cuda_bf16_matmul_gflops(max(size, 8192), max(repeats, 10))
     if threads is not None:
         torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
@@ -85,10 +89,47 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 5, threads: int | None =
     return 2 * size**3 / best / 1e9
 
 
+def cuda_bf16_matmul_gflops(size: int = 8192, repeats: int = 10) -> float:
+    """The GPU's bf16 matmul rate measured here (GFLOP/s): the median of ``repeats`` event-timed products."""
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16, generator=gen)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16, generator=gen)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
 def flops_per_token(params: int, *, frozen_base: bool = False, reference_forward: bool = False) -> float:
     """Model FLOPs per trained token: 6P (all weights trained) or 4P (frozen base), + 2P for a reference
     forward (DPO)."""
     return (4 if frozen_base else 6) * params + (2 * params if reference_forward else 0)
+
+
+def matmul_params(model) -> int:
+    """Parameters that enter a matmul for every token: all of them but the input embedding table (a lookup, no
+    FLOPs) unless the LM head is tied to it (then the table is the head's matmul). A score model's head is its
+    own small layer, so its embedding table is left out: at SmolLM2-135M's shape counting it would overstate a
+    reward model's FLOPs by a fifth."""
+    inner = getattr(model, "model", model) if not hasattr(model, "get_input_embeddings") else model
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
+    if embeddings is None or not hasattr(embeddings, "weight"):
+        return total
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    tied = head is not None and getattr(head, "weight", None) is embeddings.weight
+    return total if tied else total - embeddings.weight.numel()
 
 
 def mfu(tokens_per_second: float, per_token_flops: float, peak_gflops: float) -> float:
@@ -106,9 +147,12 @@ class StepRecorder:
     """Per-step wall and CPU clocks and tokens; the first ``warmup`` steps are left out of the rates.
 
     Call ``batch(tokens)`` for every training micro-batch (before its forward: the first call resets the peak
-    RSS) and ``step()`` after every optimizer step."""
+    RSS, and on CUDA the peak of allocated GPU memory) and ``step()`` after every optimizer step (on CUDA it
+    waits for the GPU before reading the clock, so a step's time is its kernels' time)."""
 
     warmup: int = 1
+    device: str = "cpu"
+    peak_gpu_mib: float | None = None  # torch.cuda.max_memory_allocated after the last step (CUDA only)
     tokens: list[int] = field(default_factory=list)  # tokens of each finished step
     wall: list[float] = field(default_factory=list)  # perf_counter after each step
     cpu: list[float] = field(default_factory=list)  # process_time after each step
@@ -121,12 +165,22 @@ class StepRecorder:
 
     def batch(self, tokens: int) -> None:
         if self.peak_reset is None:
+            if self.device == "cuda":
+                import torch
+
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             self.peak_reset = reset_peak_rss()
             self.start_rss_mib = current_rss_mib()
             self.start_wall, self.start_cpu = time.perf_counter(), time.process_time()
         self.pending += int(tokens)
 
     def step(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            self.peak_gpu_mib = torch.cuda.max_memory_allocated() / 2**20
         self.wall.append(time.perf_counter())
         self.cpu.append(time.process_time())
         self.tokens.append(self.pending)
@@ -147,7 +201,7 @@ class StepRecorder:
                 "steps_per_second": timed / wall, "tokens_per_second": tokens / wall,
                 "tokens_per_cpu_second": tokens / cpu if cpu > 0 else None,
                 "step_wall_seconds": [b - a for a, b in zip([w0, *self.wall[self.warmup:]], self.wall[self.warmup:])],
-                "peak_rss_mib": self.peak_mib, "peak_reset": bool(self.peak_reset),
+                "peak_rss_mib": self.peak_mib, "peak_reset": bool(self.peak_reset), "peak_gpu_mib": self.peak_gpu_mib,
                 "start_rss_mib": self.start_rss_mib,
                 "training_rss_increase_mib": None if self.peak_mib is None or self.start_rss_mib is None
                 else self.peak_mib - self.start_rss_mib}
@@ -169,6 +223,12 @@ def machine_info(threads: int) -> dict[str, Any]:
         pass
     return {"cpu": model, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "python": platform.python_version(), "loadavg": list(os.getloadavg())}
+
+
+def gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def alternate(variants: Sequence[str], rounds: int) -> list[tuple[int, str]]:
@@ -200,7 +260,8 @@ def run_alternating(variants: Sequence[str], rounds: int, run_one: Callable[[str
         result.update(variant=variant, round=round_index, run_seconds=round(time.time() - began, 1),
                       loadavg_after=list(os.getloadavg()))
         say(f"  {variant:<12} round {round_index + 1}/{rounds}: {result['tokens_per_second']:.1f} tok/s, "
-            f"{result['tokens_per_cpu_second']:.1f} tok/cpu-s, peak {result['peak_rss_mib']:.0f} MiB, "
+            f"{result['tokens_per_cpu_second']:.1f} tok/cpu-s, peak {result['peak_rss_mib']:.0f} MiB"
+            + (f" (GPU {result['peak_gpu_mib']:.0f} MiB)" if result.get("peak_gpu_mib") else "") + ", "
             f"loss {result['final_loss']:.4f} ({result['run_seconds']:.0f}s, load {os.getloadavg()[0]:.1f})")
         results.append(result)
     return results
@@ -223,6 +284,7 @@ def summarize(results: Sequence[dict[str, Any]], baseline: str = "trl") -> list[
             "tokens_per_second": _median([r["tokens_per_second"] for r in runs]),
             "tokens_per_cpu_second": _median([r["tokens_per_cpu_second"] for r in runs]),
             "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+            "peak_gpu_mib": max((r["peak_gpu_mib"] for r in runs if r.get("peak_gpu_mib") is not None), default=None),
             "final_loss": _median([r["final_loss"] for r in runs]),
             "mfu": _median([r.get("mfu") for r in runs]),
             "tokens_per_step": runs[0]["tokens"] / runs[0]["timed_steps"],
@@ -230,7 +292,7 @@ def summarize(results: Sequence[dict[str, Any]], baseline: str = "trl") -> list[
         })
     base = next((row for row in rows if row["variant"] == baseline), None)
     for row in rows:
-        for key in ("tokens_per_second", "tokens_per_cpu_second", "peak_rss_mib"):
+        for key in ("tokens_per_second", "tokens_per_cpu_second", "peak_rss_mib", "peak_gpu_mib"):
             ratio = None
             if base is not None and base[key] and row[key] is not None:
                 ratio = row[key] / base[key]
@@ -239,9 +301,12 @@ def summarize(results: Sequence[dict[str, Any]], baseline: str = "trl") -> list[
 
 
 def format_table(rows: Sequence[dict[str, Any]], baseline: str = "trl") -> str:
-    """A Markdown table of ``summarize`` rows."""
+    """A Markdown table of ``summarize`` rows (with peak GPU memory columns when the runs were on CUDA)."""
+    gpu = any(r.get("peak_gpu_mib") is not None for r in rows)
     head = ["variant", "runs", "steps/s", "tokens/s", f"x {baseline}", "tokens/CPU-s", f"x {baseline}",
             "peak RSS MiB", f"x {baseline}", "MFU", "loss after last step"]
+    if gpu:
+        head[9:9] = ["peak GPU MiB", f"x {baseline}"]
 
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)
@@ -253,6 +318,8 @@ def format_table(rows: Sequence[dict[str, Any]], baseline: str = "trl") -> str:
                  num(r[f"tokens_per_cpu_second_vs_{baseline}"], ".2f"), num(r["peak_rss_mib"], ".0f"),
                  num(r[f"peak_rss_mib_vs_{baseline}"], ".2f"), num(None if r["mfu"] is None else 100 * r["mfu"], ".1f")
                  + ("%" if r["mfu"] is not None else ""), num(r["final_loss"], ".4f")]
+        if gpu:
+            cells[9:9] = [num(r.get("peak_gpu_mib"), ".0f"), num(r.get(f"peak_gpu_mib_vs_{baseline}"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -266,7 +333,8 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 def run_benchmark(*, script: Path, name: str, title: str, settings: dict[str, Any], variants: Sequence[str],
                   rounds: int, threads: int, child_args: Sequence[str], work: Path, output: Path,
-                  before_src: str | None = None) -> dict[str, Any]:
+                  before_src: str | None = None, device: str = "cpu",
+                  peak_gflops: float | None = None) -> dict[str, Any]:
     """The parent side of a benchmark: measure the matmul peak, run the variants alternately in fresh
     subprocesses (``ours-before``: our variant with humanalign imported from ``before_src``), measure the peak
     again, then print the table and write the JSON (settings, machine, every run, the summary)."""
@@ -276,10 +344,13 @@ def run_benchmark(*, script: Path, name: str, title: str, settings: dict[str, An
     if "ours-before" in variants and not before_src:
         raise SystemExit("variant ours-before needs --before-src")
     set_threads(threads)
-    peak = matmul_peak_gflops(threads=threads, repeats=10)
-    print(f"[bench] {title}; {threads} thread(s); matmul peak {peak:.1f} GFLOP/s; variants {list(variants)} x "
-          f"{rounds} rounds", flush=True)
+    measured = peak_gflops is None
+    peak = matmul_peak_gflops(threads=threads, repeats=10, device=device) if measured else peak_gflops
+    print(f"[bench] {title}; {device}, {threads} thread(s); {'bf16' if device == 'cuda' else 'fp32'} matmul peak "
+          f"{peak:.1f} GFLOP/s; variants {list(variants)} x {rounds} rounds", flush=True)
     env = {"HUMANALIGN_SHARED_DATA": str(shared_data_dir())}
+    if device == "cpu":
+        env.update(ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="")  # the CPU even on a GPU machine
     start = machine_info(threads)
 
     def run_one(variant: str, round_index: int) -> dict[str, Any]:
@@ -292,7 +363,7 @@ def run_benchmark(*, script: Path, name: str, title: str, settings: dict[str, An
 
     runs = run_alternating(variants, rounds, run_one, say=lambda m: print(m, flush=True))
     # the peak again after the runs (the machine is shared): MFU against the better of the two measurements
-    peak_after = matmul_peak_gflops(threads=threads, repeats=10)
+    peak_after = matmul_peak_gflops(threads=threads, repeats=10, device=device) if measured else peak
     if peak_after > peak:
         peak = peak_after
         for result in runs:
@@ -301,7 +372,8 @@ def run_benchmark(*, script: Path, name: str, title: str, settings: dict[str, An
     table = format_table(rows, baseline="trl")
     print(table)
     payload = {"benchmark": name, "command": f"python benchmarks/{script.name} " + " ".join(sys.argv[1:]),
-               "settings": settings, "machine": {**machine_info(threads), "loadavg_start": start["loadavg"]},
+               "settings": settings, "machine": {**machine_info(threads), "loadavg_start": start["loadavg"],
+                                                 "gpu": gpu_name() if device == "cuda" else None},
                "matmul_peak_gflops": peak, "humanalign": str(Path(humanalign.__file__).parent),
                "before_src": before_src, "summary": rows, "runs": runs, "table": table}
     write_json(output, payload)
@@ -321,6 +393,16 @@ def parse_side_by_side_args(argv: list[str] | None, *, description: str, models:
 
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="tiny", choices=sorted(models), help="tiny (demo pairs) or smollm2")
+    p.add_argument("--model-path", default=None,
+                   help="a model folder to train instead of the --model preset (e.g. a random-init model at\n"
+                        "SmolLM2-1.7B's shape written by benchmarks/gpu/run.py); --model still picks the defaults")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both trainers run (default cpu)")
+    p.add_argument("--bf16", action="store_true", help="bf16 weights and mixed precision for both (default fp32)")
+    p.add_argument("--data-kind", default="pairs", choices=["pairs", "long"],
+                   help="pairs: the model's data set; long: synthetic pairs that fill max_length (every\n"
+                        "sequence max_length tokens: throughput at a fixed sequence length)")
+    p.add_argument("--peak-gflops", type=float, default=None,
+                   help="the matmul peak to compute MFU against (default: measured here, bf16 on CUDA)")
     p.add_argument("--lora", action="store_true", help=lora_help)
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run (default 10)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
@@ -358,7 +440,8 @@ def run_parent(args: Any, *, script: Path, prefix: str, label: str,
     import tempfile
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    name = f"{prefix}_{args.model}{'_lora' if args.lora else ''}"
+    model_label = Path(args.model_path).name if args.model_path else args.model
+    name = f"{prefix}_{model_label}{'_lora' if args.lora else ''}"
     output = Path(args.output) if args.output else script.parent / "results" / f"{name}.json"
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix=f"{prefix}-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -368,16 +451,49 @@ def run_parent(args: Any, *, script: Path, prefix: str, label: str,
                       "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                       "--max-prompt-length", str(args.max_prompt_length), "--pairs", str(args.pairs),
                       "--learning-rate", str(args.learning_rate), "--threads", str(args.threads),
-                      "--seed", str(args.seed), "--data", str(data)] + (["--lora"] if args.lora else [])
-        title = (f"{label} {args.model}{' LoRA' if args.lora else ' full'}: {args.steps} timed steps "
-                 f"(+{args.warmup} warmup) of {args.batch_size} pairs, max_length {args.max_length}")
+                      "--seed", str(args.seed), "--data", str(data), "--device", args.device]
+        child_args += (["--lora"] if args.lora else []) + (["--bf16"] if args.bf16 else [])
+        child_args += ["--model-path", args.model_path] if args.model_path else []
+        title = (f"{label} {model_label}{' LoRA' if args.lora else ' full'}{' bf16' if args.bf16 else ''}: "
+                 f"{args.steps} timed steps (+{args.warmup} warmup) of {args.batch_size} pairs, max_length "
+                 f"{args.max_length}")
         settings = {k: v for k, v in vars(args).items() if k not in ("child", "child_output", "data")}
         return run_benchmark(script=script, name=name, title=title, settings=settings, variants=variants,
                              rounds=args.rounds, threads=args.threads, child_args=child_args, work=work,
-                             output=output, before_src=args.before_src)
+                             output=output, before_src=args.before_src, device=args.device,
+                             peak_gflops=args.peak_gflops)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def long_pairs(source: Sequence[str], count: int, words: int, seed: int = 0) -> list[str]:
+    """``count`` JSON lines of synthetic preference pairs whose prompt, chosen and rejected answers each hold
+    about ``words`` words, drawn from the texts of ``source`` (prepare-data pair lines): with max_prompt_length
+    and max_length below the word counts' token counts, every sequence is cut to exactly max_length tokens, so a
+    step's tokens are batch x 2 x max_length (no padding). Harmless labels are kept, so the file serves either
+    stream of Safe-MM-DPO."""
+    import random
+
+    rows = [json.loads(line) for line in source if line.strip()]
+    vocab = [w for r in rows for key in ("prompt", "chosen", "rejected") for w in r[key].split()]
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        base = rows[i % len(rows)]
+        text = {key: " ".join(rng.choice(vocab) for _ in range(words)) for key in ("prompt", "chosen", "rejected")}
+        out.append(json.dumps({**base, **text}))
+    return out
+
+
+def model_name(args: Any, presets: dict[str, str]) -> str:
+    """The model a side-by-side child trains: ``--model-path`` when given, else the preset of ``--model``."""
+    return args.model_path or presets[args.model]
+
+
+def model_dtype(args: Any) -> str:
+    """Both trainers' weights: bf16 with --bf16 (and mixed precision bf16), else fp32."""
+    return "bfloat16" if args.bf16 else "float32"
 
 
 def use_fused_adamw() -> None:
@@ -409,5 +525,6 @@ def set_threads(threads: int) -> None:
 __all__ = [
     "peak_rss_mib", "current_rss_mib", "reset_peak_rss", "matmul_peak_gflops", "flops_per_token", "mfu",
     "StepRecorder", "machine_info", "alternate", "run_child", "run_alternating", "summarize", "format_table",
-    "write_json", "set_threads", "run_benchmark", "run_parent", "use_fused_adamw",
+    "write_json", "set_threads", "run_benchmark", "run_parent", "use_fused_adamw", "long_pairs", "model_name",
+    "model_dtype", "cuda_bf16_matmul_gflops", "gpu_name", "matmul_params",
 ]

@@ -18,6 +18,11 @@ Data: ``tiny`` trains on the demo pairs (``humanalign.data.demo_data`` + prepare
     python benchmarks/dpo_vs_trl.py --model tiny --steps 20
     python benchmarks/dpo_vs_trl.py --model smollm2 --lora --steps 4
     python benchmarks/dpo_vs_trl.py --model smollm2 --steps 4
+    python benchmarks/dpo_vs_trl.py --model-path <folder> --device cuda --bf16 --data-kind long --max-length 1024
+
+On a GPU (``--device cuda --bf16``) both trainers get bf16 weights and bf16 autocast, steps are timed after a
+CUDA synchronize, and the table adds the peak of allocated GPU memory (``torch.cuda.max_memory_allocated``) and
+MFU against a bf16 matmul timed on the same GPU (benchmarks/gpu/run.py drives this at SmolLM2 shapes).
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def prepare_data(args: argparse.Namespace, work: Path) -> Path:
     """The training pairs file both trainers read (prepare-data's pair format)."""
     out = work / "pairs.jsonl"
-    if args.model == "tiny":
+    if args.model == "tiny" or args.data_kind == "long":
         from humanalign.config.base import load_config
         from humanalign.config.data import PrepareDataConfig
         from humanalign.data.demo_data import write_demo_raw
@@ -69,6 +74,8 @@ def prepare_data(args: argparse.Namespace, work: Path) -> Path:
         from humanalign.paths import shared_data_dir
 
         lines = (shared_data_dir() / ULTRAFEEDBACK).read_text(encoding="utf-8").splitlines()
+    if args.data_kind == "long":  # every sequence cut to max_length tokens (a word is one token or more)
+        lines = common.long_pairs(lines, args.pairs, words=args.max_length, seed=args.seed)
     out.write_text("\n".join(lines[: args.pairs]) + "\n", encoding="utf-8")
     return out
 
@@ -107,7 +114,7 @@ def child_ours(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     from humanalign.config.dpo import DPOConfig
     from humanalign.engine import Engine
 
-    recorder = common.StepRecorder(warmup=args.warmup)
+    recorder = common.StepRecorder(warmup=args.warmup, device=args.device)
     facts: dict[str, Any] = {}
     original_loss, original_step = dpo.pair_loss, Engine.optimizer_step
 
@@ -129,11 +136,12 @@ def child_ours(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
 
     dpo.pair_loss, Engine.optimizer_step, Engine.save_model = counting_loss, timed_step, no_save
     cfg = load_config(DPOConfig, values=dict(
-        policy_model_path=MODELS[args.model], train_path=args.data, val_path=None, skip_invalid=True,
+        policy_model_path=common.model_name(args, MODELS), train_path=args.data, val_path=None, skip_invalid=True,
         output_dir=str(run_dir), overwrite_output_dir=True, max_length=args.max_length,
         max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, max_steps=args.warmup + args.steps,
         learning_rate=args.learning_rate, lr_scheduler="constant", logging_steps=1, report_to=["none"],
         progress_bar=False, seed=args.seed, beta=0.1, loss_type="sigmoid", lora=LORA if args.lora else {},
+        mixed_precision="bf16" if args.bf16 else "no", model={"dtype": common.model_dtype(args)},
     ))
     summary = dpo.run(cfg)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -152,13 +160,14 @@ def child_trl(args: argparse.Namespace, run_dir: Path, same_order: bool) -> dict
     from humanalign.config.training import LoraSettings, ModelSettings
     from humanalign.models.load import load_causal_lm, load_tokenizer
 
-    recorder = common.StepRecorder(warmup=args.warmup)
-    tokenizer = load_tokenizer(MODELS[args.model])
+    recorder = common.StepRecorder(warmup=args.warmup, device=args.device)
+    name, settings = common.model_name(args, MODELS), ModelSettings(dtype=common.model_dtype(args))
+    tokenizer = load_tokenizer(name)
     dataset = tokenised_pairs(args, tokenizer)
     transformers.set_seed(args.seed)
     lora = LoraSettings(**LORA) if args.lora else None
-    policy = load_causal_lm(MODELS[args.model], ModelSettings(), lora)
-    reference = None if args.lora else load_causal_lm(MODELS[args.model], ModelSettings(), trainable=False)
+    policy = load_causal_lm(name, settings, lora)
+    reference = None if args.lora else load_causal_lm(name, settings, trainable=False)
     order = our_order(args, dataset, policy) if same_order else list(range(len(dataset)))
     rows = []
     for i in order:
@@ -190,9 +199,9 @@ def child_trl(args: argparse.Namespace, run_dir: Path, same_order: bool) -> dict
     config = DPOConfig(
         output_dir=str(run_dir), per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps,
         learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", bf16=False, fp16=False,
+        max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", bf16=args.bf16, fp16=False,
         gradient_checkpointing=False, beta=0.1, loss_type=["sigmoid"], max_length=None, seed=args.seed,
-        data_seed=args.seed, dataloader_num_workers=0, use_cpu=True, disable_dropout=True,
+        data_seed=args.seed, dataloader_num_workers=0, use_cpu=args.device == "cpu", disable_dropout=True,
         disable_tqdm=True,
     )
     trainer = BenchDPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=train,

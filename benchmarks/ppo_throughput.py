@@ -46,6 +46,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rollouts", type=int, default=3, help="timed rollouts per setting (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rollouts first (default 1)")
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter (reference = adapter disabled)")
+    p.add_argument("--lagrangian", action="store_true",
+                   help="PPO-Lagrangian (train ppo-lag): a rule-based cost (banned_word_cost) beside the reward,\n"
+                        "the cost critic and lambda")
+    p.add_argument("--generation-variants", default=None,
+                   help="instead of the trainer: time HF generate alone, comma-separated variants among\n"
+                        "dynamic (the default KV cache), static (a static cache, not compiled), static-compile\n"
+                        "(a static cache and the torch.compile'd forward transformers uses with it; CUDA only)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--run-dir", default=str(cache_dir() / "benchmarks" / "ppo_throughput"),
                    help="scratch run folder (replaced on every setting)")
@@ -74,7 +81,7 @@ def bench_setting(args: argparse.Namespace, rollout_batch_size: int, prompts: Pa
     import torch
 
     from humanalign.config.base import load_config
-    from humanalign.config.ppo import PPOConfig
+    from humanalign.config.ppo import PPOConfig, PPOLagConfig
     from humanalign.engine import Engine
     from humanalign.trainers.ppo import PPOTrainer
 
@@ -91,7 +98,10 @@ def bench_setting(args: argparse.Namespace, rollout_batch_size: int, prompts: Pa
         values["reward_model_path"] = args.reward_model
     else:
         values.update(reward_fn="length_reward", reward_fn_kwargs={"target_words": 20})
-    cfg = load_config(PPOConfig, values=values)
+    if args.lagrangian:
+        values.update(cost_fn="banned_word_cost", cost_fn_kwargs={"banned": ["you"], "per_word": True},
+                      cost_threshold=0.0, lambda_init=1.0, lambda_lr=0.1)
+    cfg = load_config(PPOLagConfig if args.lagrangian else PPOConfig, values=values)
     rows = []
     with Engine(cfg, name="ppo-bench") as engine:
         trainer = PPOTrainer(cfg, engine)
@@ -134,6 +144,54 @@ def bench_setting(args: argparse.Namespace, rollout_batch_size: int, prompts: Pa
     }
 
 
+def generation_variants(args: argparse.Namespace, prompts: Path) -> list[dict[str, Any]]:
+    """Answer tokens per second of ``model.generate`` (sampling, every answer ``max_new_tokens`` long) for each
+    variant: the first call (compilation, cache allocation) is reported apart, then the median of 3 timed calls.
+    On CUDA the policy is bf16 (``dtype: auto``)."""
+    import statistics
+
+    import torch
+
+    from humanalign.config.training import ModelSettings
+    from humanalign.models.load import load_causal_lm, load_tokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(args.model)
+    model = load_causal_lm(args.model, ModelSettings(), trainable=False).to(device)
+    size = int(args.rollout_batch_sizes.split(",")[0])
+    texts = [json.loads(line)["prompt"] for line in prompts.read_text(encoding="utf-8").splitlines()[:size]]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                      max_length=args.max_prompt_length).to(device)
+    rows = []
+    for variant in [v.strip() for v in args.generation_variants.split(",") if v.strip()]:
+        if variant == "static-compile" and device != "cuda":
+            rows.append({"variant": variant, "skipped": "transformers compiles a static-cache forward on CUDA only"})
+            continue
+        extra: dict[str, Any] = {}
+        if variant.startswith("static"):
+            extra["cache_implementation"] = "static"
+            extra["disable_compile"] = variant == "static"
+        times = []
+        for _ in range(4):
+            torch.manual_seed(0)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = model.generate(**batch, do_sample=True, max_new_tokens=args.max_new_tokens,
+                                 min_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **extra)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        tokens = (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
+        rows.append({"variant": variant, "device": device, "prompts": len(texts), "answer_tokens": tokens,
+                     "first_call_s": times[0], "median_s": statistics.median(times[1:]),
+                     "tokens_per_s": tokens / statistics.median(times[1:])})
+        print(f"[bench] generate {variant}: {rows[-1]['tokens_per_s']:.0f} answer tokens/s (first call "
+              f"{times[0]:.1f}s)", file=sys.stderr, flush=True)
+    return rows
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
     header = (f"{'prompts':>7} {'seqs':>5} {'gen s':>7} {'score s':>8} {'fwd s':>7} {'update s':>9} "
               f"{'gen tok/s':>10} {'upd tok/s':>10} {'seq/s':>7} {'ans len':>8}")
@@ -156,17 +214,24 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)
     prompts = prompts_file(args, run_dir.parent / "ppo_throughput_prompts")
+    output = Path(args.output) if args.output else run_dir / "benchmark.json"
+    if args.generation_variants:
+        rows = generation_variants(args, prompts)
+        atomic_write_json(output, {"benchmark": "generation_variants", "args": vars(args), "results": rows,
+                                   "torch": torch.__version__,
+                                   "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None})
+        print(f"results written to {output}")
+        return 0
     sizes = [int(s) for s in args.rollout_batch_sizes.split(",") if s.strip()]
     results = []
     for size in sizes:
         print(f"[bench] rollout batch {size} ...", file=sys.stderr, flush=True)
         results.append(bench_setting(args, size, prompts))
     table = format_table(results)
-    print(f"PPO throughput: model {args.model}, {args.max_new_tokens} new tokens max, update_iters "
+    print(f"{'PPO-Lagrangian' if args.lagrangian else 'PPO'} throughput: model {args.model}, {args.max_new_tokens} new tokens max, update_iters "
           f"{args.update_iters}, micro-batch {args.batch_size}, {args.rollouts} timed rollouts each "
           f"({results[0]['device']}, {torch.get_num_threads()} CPU threads)")
     print(table)
-    output = Path(args.output) if args.output else run_dir / "benchmark.json"
     atomic_write_json(output, {
         "benchmark": "ppo_throughput", "args": vars(args), "prompts": str(prompts), "results": results,
         "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),

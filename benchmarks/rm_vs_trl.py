@@ -8,11 +8,13 @@ sampler), the same optimiser settings (AdamW, constant learning rate, clipping a
 Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) (our score regularisation and margins off, as TRL's
 defaults). Each run is a fresh subprocess; runs alternate ours, trl, ours, trl. Measured as in
 ``dpo_vs_trl.py``: steps/s, tokens/s (non-pad), peak resident memory while training, the loss after the last
-step, and MFU (6 x params per token; 4 x params with LoRA).
+step, and MFU (6 x params per token; 4 x params with LoRA; params without the input embedding table, a lookup:
+``common.matmul_params``).
 
     python benchmarks/rm_vs_trl.py --model tiny --steps 20
     python benchmarks/rm_vs_trl.py --model smollm2 --lora --steps 4
     python benchmarks/rm_vs_trl.py --model smollm2 --steps 4
+    python benchmarks/rm_vs_trl.py --model-path <folder> --device cuda --bf16 --data-kind long --max-length 1024
 """
 
 from __future__ import annotations
@@ -47,12 +49,13 @@ def rm_config(args: argparse.Namespace, run_dir: Path):
     from humanalign.config.rm import RewardModelConfig
 
     return load_config(RewardModelConfig, values=dict(
-        task="helpful", base_model_path=MODELS[args.model], train_helpful_path=args.data, val_helpful_path=None,
+        task="helpful", base_model_path=common.model_name(args, MODELS), train_helpful_path=args.data, val_helpful_path=None,
         skip_invalid=True, output_dir=str(run_dir), overwrite_output_dir=True, max_length=args.max_length,
         max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, max_steps=args.warmup + args.steps,
         learning_rate=args.learning_rate, lr_scheduler="constant", logging_steps=1, report_to=["none"],
         progress_bar=False, seed=args.seed, eval_at_start=False, regularization=0.0, use_margin=False,
         center_rewards_coefficient=0.0, lora=LORA if args.lora else {},
+        mixed_precision="bf16" if args.bf16 else "no", model={"dtype": common.model_dtype(args)},
     ))
 
 
@@ -64,13 +67,13 @@ def child_ours(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     from humanalign.data.score_pairs import load_pairs
     from humanalign.engine import Engine
 
-    recorder = common.StepRecorder(warmup=args.warmup)
+    recorder = common.StepRecorder(warmup=args.warmup, device=args.device)
     facts: dict[str, Any] = {}
     original_forward, original_step = reward.forward_scores, Engine.optimizer_step
 
     def counting_forward(model, batch):
         if model.training:
-            facts.setdefault("params", sum(p.numel() for p in model.parameters()))
+            facts.setdefault("params", common.matmul_params(model))
             recorder.batch(int(batch["attention_mask"].sum()))
         return original_forward(model, batch)
 
@@ -101,11 +104,12 @@ def child_trl(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     from humanalign.engine.data import StepBatchSampler
     from humanalign.models.score import load_score_model
 
-    recorder = common.StepRecorder(warmup=args.warmup)
+    recorder = common.StepRecorder(warmup=args.warmup, device=args.device)
     cfg = rm_config(args, run_dir)
     pairs, _ = load_pairs(cfg, cfg.train_path, None)
     transformers.set_seed(args.seed)  # as our engine seeds before loading: the same fresh head
-    score_model, tokenizer = load_score_model(MODELS[args.model], ModelSettings(),
+    score_model, tokenizer = load_score_model(common.model_name(args, MODELS),
+                                              ModelSettings(dtype=common.model_dtype(args)),
                                               LoraSettings(**LORA) if args.lora else None, score_type="reward")
     features, _, _ = reward.encode_pairs(tokenizer, pairs, task="helpful", max_length=args.max_length,
                                          max_prompt_length=args.max_prompt_length, encoder=score_model.is_encoder,
@@ -115,7 +119,7 @@ def child_trl(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     rows = [{"chosen_ids": features[i]["chosen_input_ids"], "rejected_ids": features[i]["rejected_input_ids"]}
             for i in order[: (args.warmup + args.steps) * args.batch_size].tolist()]
     model = score_model.model
-    params = sum(p.numel() for p in model.parameters())
+    params = common.matmul_params(model)
 
     class Timing(transformers.TrainerCallback):
         def on_step_end(self, *_, **__):
@@ -133,9 +137,9 @@ def child_trl(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     config = RewardConfig(
         output_dir=str(run_dir), per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps,
         learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", bf16=False, fp16=False,
+        max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", bf16=args.bf16, fp16=False,
         gradient_checkpointing=False, max_length=None, seed=args.seed, data_seed=args.seed,
-        dataloader_num_workers=0, use_cpu=True, disable_dropout=True, disable_tqdm=True,
+        dataloader_num_workers=0, use_cpu=args.device == "cpu", disable_dropout=True, disable_tqdm=True,
     )
     trainer = BenchRewardTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
                                  processing_class=tokenizer, callbacks=[Timing()])

@@ -96,3 +96,27 @@ def test_peak_rss_reads_and_resets():
 
 def test_matmul_peak_is_measured():
     assert common.matmul_peak_gflops(size=128, repeats=2) > 0.01
+
+
+def test_gpu_runs_add_peak_gpu_memory_columns():
+    def run(variant, tokens_per_second, gpu_mib):
+        return {"variant": variant, "steps_per_second": 1.0, "tokens_per_second": tokens_per_second,
+                "tokens_per_cpu_second": tokens_per_second, "peak_rss_mib": 1000, "peak_gpu_mib": gpu_mib,
+                "final_loss": 0.5, "mfu": 0.4, "tokens": 100, "timed_steps": 1}
+
+    rows = common.summarize([run("ours", 300, 20000), run("trl", 200, 25000)], baseline="trl")
+    assert rows[0]["peak_gpu_mib_vs_trl"] == pytest.approx(0.8)
+    table = common.format_table(rows)
+    assert "| peak GPU MiB | x trl | MFU |" in table.splitlines()[0]
+    assert "| 20000 | 0.80 | 40.0% |" in table
+
+
+def test_matmul_params_leave_out_an_untied_embedding_table():
+    from humanalign.models.load import load_causal_lm
+    from humanalign.models.score import load_score_model
+
+    causal = load_causal_lm("tiny", trainable=False)  # tied: the table is the LM head's matmul
+    assert common.matmul_params(causal) == sum(p.numel() for p in causal.parameters())
+    score, _ = load_score_model("tiny")
+    table = score.model.get_input_embeddings().weight.numel()
+    assert common.matmul_params(score) == sum(p.numel() for p in score.parameters()) - table
