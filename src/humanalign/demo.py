@@ -21,6 +21,7 @@ from humanalign.config.data import PrepareDataConfig
 from humanalign.config.demo import DemoConfig
 from humanalign.config.dpo import DPOConfig
 from humanalign.config.evaluation import ArenaConfig
+from humanalign.config.grpo import GRPOLagConfig
 from humanalign.config.ppo import PPOLagConfig
 from humanalign.config.rm import RewardModelConfig
 from humanalign.config.safe_mm_dpo import SafeMMDPOConfig
@@ -37,6 +38,7 @@ from humanalign.models.tiny import tiny_model_path
 from humanalign.paths import PROJECT_ROOT
 from humanalign.report import write_report
 from humanalign.trainers.dpo import run as train_dpo
+from humanalign.trainers.grpo import run as train_grpo
 from humanalign.trainers.ppo import run as train_ppo
 from humanalign.trainers.reward import run as train_rm
 from humanalign.trainers.safe_mm_dpo import run as train_safe_mm_dpo
@@ -162,9 +164,6 @@ def stage_ppo_lag(run: DemoRun) -> dict[str, Any]:
 
 
 def stage_grpo_lag(run: DemoRun) -> dict[str, Any]:
-    from humanalign.config.grpo import GRPOLagConfig
-    from humanalign.trainers.grpo import run as train_grpo
-
     cfg = run.tiny_config(
         GRPOLagConfig, "grpo_lag_tiny", actor_model_path=str(run.path("models", "sft")), seed=run.cfg.seed,
         reward_model_path=str(run.path("models", "helpful_rm")), cost_model_path=str(run.path("models", "harmless_rm")),

@@ -136,3 +136,10 @@ def test_duplicate_yaml_keys_name_file_and_line(tmp_path):
     path.write_text("beta: 0.1\nlora:\n  r: 8\n  alpha: 16\n  r: 4\n")
     with pytest.raises(ConfigError, match=r"dpo.yaml:5: key 'r' given twice \(first on line 3\)"):
         load_config(TrainingConfig, path)
+
+
+def test_yaml_boolean_words_are_given_back_to_word_fields():
+    # YAML 1.1 reads `no` as False: `--mixed-precision no` / `mixed_precision: no` must mean the word "no"
+    assert load_config(DPOConfig, values={"mixed_precision": False}).mixed_precision == "no"
+    assert load_config(DPOConfig, None, ["mixed_precision=no"]).mixed_precision == "no"
+    assert load_config(DPOConfig, values={"disable_dropout": False}).disable_dropout is False  # a real boolean

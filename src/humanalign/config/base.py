@@ -10,11 +10,12 @@ Rules every schema follows (see ``ConfigBase``):
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, ValidationError, model_validator
 
 from humanalign.errors import ConfigError
 from humanalign.fs import atomic_write_text
@@ -52,6 +53,21 @@ class ConfigBase(BaseModel):
         return [(name, str(getattr(self, name)), kind) for name, kind in self.output_fields.items()
                 if getattr(self, name, None) not in (None, "")]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_words_back(cls, data: Any) -> Any:
+        """YAML 1.1 reads `no`, `off`, `yes`, `on` as booleans, so `mixed_precision: no` (or `--mixed-precision
+        no`) arrives as False. For a field whose choices are words, give the word back."""
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            value = data.get(name)
+            if isinstance(value, bool):
+                word = _bool_word(field.annotation, value)
+                if word is not None:
+                    data = {**data, name: word}
+        return data
+
     @classmethod
     def alias_map(cls) -> dict[str, str]:
         """alias -> canonical field name, for this schema's own level."""
@@ -72,6 +88,15 @@ class ConfigBase(BaseModel):
     def save(self, path: str | Path) -> Path:
         """Write the resolved config (every field, defaults included) atomically."""
         return atomic_write_text(path, self.to_yaml())
+
+
+def _bool_word(annotation: Any, value: bool) -> str | None:
+    """The choice of a Literal-of-words field (Optional too) that YAML read as ``value``; None when it has none."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is not Literal:
+        return next((w for a in args if (w := _bool_word(a, value)) is not None), None)
+    words = ("yes", "on", "true") if value else ("no", "off", "false")
+    return next((w for w in words if w in args), None)
 
 
 def lower_default(config: ConfigBase, name: str, limit: int) -> bool:

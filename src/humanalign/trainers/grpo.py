@@ -32,13 +32,17 @@ from accelerate.utils import DistributedType
 
 from humanalign.config.grpo import GRPOConfig, GRPOLagConfig
 from humanalign.data.prompts import load_prompts
+from humanalign.data.tokenize import TruncationStats, encode_prompt
 from humanalign.engine import Engine
 from humanalign.engine.data import StepBatchSampler
 from humanalign.engine.optim import build_param_groups
+from humanalign.engine.progress import Progress
 from humanalign.errors import UserError
 from humanalign.losses.grpo import group_advantages, grpo_token_loss, reduce_grpo_loss, rloo_advantages
 from humanalign.losses.ppo import PPOLagLambda, lagrangian_advantage, masked_mean
 from humanalign.models.actor_critic import ActorGeneration, PolicyAndCritics, disable_dropout
+from humanalign.models.load import load_causal_lm, resolve_model, save_pretrained_model
+from humanalign.models.lora_merge import merged_gathered_weights
 from humanalign.rollout import GenerationSettings, build_rollout_engine
 from humanalign.rollout.batch import RolloutBatch, response_logps, rollout_seed
 from humanalign.rollout.scorers import SequenceScorer
@@ -109,7 +113,6 @@ class GRPOTrainer:
 
     def _load_data(self) -> None:
         """Tokenizer, prompts (encoded once), scorers and evaluation prompts."""
-        from humanalign.data.tokenize import TruncationStats, encode_prompt
         from humanalign.models.load import load_tokenizer
 
         cfg, engine = self.cfg, self.engine
@@ -129,8 +132,6 @@ class GRPOTrainer:
     def _load_models(self) -> PolicyAndCritics:
         """The actor (LoRA when asked) and, with beta > 0, the frozen reference unless the adapter-disabled
         actor serves."""
-        from humanalign.models.load import load_causal_lm
-
         cfg, engine = self.cfg, self.engine
         actor = load_causal_lm(cfg.actor_model_path, cfg.model, cfg.lora,
                                gradient_checkpointing=cfg.gradient_checkpointing)
@@ -303,8 +304,6 @@ class GRPOTrainer:
         """Answer the held-out prompts once each (this rank's share; every rank runs the same number of
         generate calls, as sharded models need) and log their mean reward, cost and length."""
         engine = self.engine
-        from humanalign.data.tokenize import encode_prompt
-
         mine = list(range(engine.process_index, len(self.eval_prompts), engine.num_processes))
         share = math.ceil(len(self.eval_prompts) / engine.num_processes)
         padding = [mine[-1] if mine else 0] * (share - len(mine))  # repeated, not counted
@@ -336,8 +335,6 @@ class GRPOTrainer:
     def _save_final(self, unwrapped: PolicyAndCritics, folder: Path, state_dict: dict | None) -> None:
         """The actor into ``folder``; with lora.merge_on_save also merged into ``<run>/final-merged``.
         ``state_dict``: the module's weights gathered from FSDP / DeepSpeed shards (None: the live weights)."""
-        from humanalign.models.load import save_pretrained_model
-
         run_dir = self.engine.run_dir
         actor_state = None if state_dict is None else {k[len("actor."):]: v for k, v in state_dict.items()
                                                        if k.startswith("actor.")}
@@ -348,8 +345,6 @@ class GRPOTrainer:
             save_pretrained_model(unwrapped.actor, self.tokenizer, folder)
         if self.cfg.lora.enabled and self.cfg.lora.merge_on_save:
             if actor_state is not None:  # the adapter folded into the gathered base weights
-                from humanalign.models.lora_merge import merged_gathered_weights
-
                 merged = merged_gathered_weights(unwrapped.actor, actor_state)
                 self.engine.write_model_folder(unwrapped.actor.get_base_model(), self.tokenizer,
                                                run_dir / "final-merged", merged)
@@ -357,8 +352,6 @@ class GRPOTrainer:
                 save_pretrained_model(unwrapped.actor, self.tokenizer, run_dir / "final-merged", merge_lora=True)
 
     def train(self) -> dict[str, Any]:
-        from humanalign.engine.progress import Progress
-
         cfg, engine = self.cfg, self.engine
         if engine.step % self.steps_per_rollout:
             raise UserError(f"cannot resume at step {engine.step}: GRPO checkpoints lie on rollout boundaries "
@@ -371,6 +364,9 @@ class GRPOTrainer:
             f"{engine.total_steps} steps" + (f" | resuming after rollout {first}" if first else ""))
         engine.progress = Progress(engine.total_steps, initial=engine.step,
                                    enabled=engine.is_main_process and cfg.progress_bar, desc=engine.name)
+        start_eval = None
+        if cfg.eval_on_start and self.eval_prompts and engine.step == 0:  # the baseline, logged at step 0
+            start_eval = self.evaluate()
         for index in range(first, self.total_rollouts):
             self.model.train()
             batch, advantages = self.rollout(index)
@@ -381,7 +377,9 @@ class GRPOTrainer:
                 self.evaluate()
             if self._due(cfg.save_steps, before, engine.step):
                 engine.save_checkpoint()
-        summary: dict[str, Any] = {"rollouts": self.total_rollouts, "last_rollout": self.last_rollout}
+            engine.stop_if_requested()  # SIGINT/SIGTERM: checkpoint here, at a rollout boundary, and exit
+        summary: dict[str, Any] = {"rollouts": self.total_rollouts, "last_rollout": self.last_rollout,
+                                   "eval_on_start": start_eval}
         if self.lam is not None:
             summary["lambda"] = self.lam.value
         final = engine.finish(self.model, self.tokenizer, save_fn=self._save_final, summary=summary)
@@ -390,8 +388,6 @@ class GRPOTrainer:
 
 def check_inputs(cfg: GRPOConfig) -> None:
     """Fail before the run folder is touched when a data file or a local model folder is missing."""
-    from humanalign.models.load import resolve_model
-
     prompts = [cfg.prompts_path] if isinstance(cfg.prompts_path, str) else list(cfg.prompts_path)
     for key, path in [*(("prompts_path", p) for p in prompts), ("eval_prompts_path", cfg.eval_prompts_path)]:
         if path and not Path(path).is_file():
