@@ -32,7 +32,7 @@ from humanalign.data.prepare import run as prepare
 from humanalign.errors import UserError
 from humanalign.eval.arena import run as arena
 from humanalign.models.margins import expected_cost_range
-from humanalign.models.scoring import cached_score_pairs, load_scorer
+from humanalign.models.scorer import cached_score_pairs, load_scorer
 from humanalign.models.tiny import tiny_model_path
 from humanalign.paths import PROJECT_ROOT
 from humanalign.report import write_report

@@ -311,7 +311,7 @@ def _scoring(cfg, engine):
 
 
 def _score_model(root: Path, name: str, score_type: str, scale: float) -> Path:
-    from humanalign.models.score import load_score_model, save_score_model
+    from humanalign.models.score_model import load_score_model, save_score_model
 
     torch.manual_seed(1 if score_type == "reward" else 2)
     model, tok = load_score_model("tiny")
@@ -344,7 +344,7 @@ def score_models(tmp_path_factory):
 
 
 def test_margins_come_from_the_score_models_once(demo_data, tokenizer, score_models, score_cache, monkeypatch):
-    from humanalign.models.scoring import Scorer, load_scorer
+    from humanalign.models.scorer import Scorer, load_scorer
 
     printed: list[str] = []
     engine = SimpleNamespace(print=printed.append, device=torch.device("cpu"), is_main_process=True,
