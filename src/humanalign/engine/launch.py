@@ -23,6 +23,7 @@ from accelerate.utils import (
     FullyShardedDataParallelPlugin,
     GradientAccumulationPlugin,
     InitProcessGroupKwargs,
+    broadcast_object_list,
 )
 from transformers.integrations import unset_hf_deepspeed_config
 
@@ -155,8 +156,6 @@ def prepare_run_dir(accelerator: Accelerator, config: TrainingConfig, name: str)
             error = str(exc) if isinstance(exc, UserError) else f"the main process failed: {exc!r}"
             failure = exc
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         shared = broadcast_object_list([error, str(folder.resume) if folder.resume else None])
         if shared[0] is not None:
             if accelerator.is_main_process:
