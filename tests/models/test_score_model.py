@@ -210,6 +210,16 @@ def test_lora_score_model_saves_merged_weights(decoder_dir, tmp_path):
     torch.testing.assert_close(theirs, before, atol=1e-5, rtol=0)
 
 
+def test_lora_score_adapter_records_an_absolute_base_path(decoder_dir, tmp_path, monkeypatch):
+    """A score model loaded from a relative folder: its adapter names the base by absolute path (loads anywhere)."""
+    monkeypatch.chdir(decoder_dir.parent)
+    lora = LoraSettings(enabled=True, r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model, _ = load_score_model(decoder_dir.name, lora=lora)
+    model.model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(decoder_dir.resolve())
+
+
 def test_gathered_weights_save_as_the_live_model_would(decoder_dir, tmp_path):
     """Under FSDP / DeepSpeed the live parameters are shards, so the engine passes the gathered full state
     (keys of the ScoreModel). Saving from it writes the same file as saving the live model: for a full model,
