@@ -441,7 +441,7 @@ def test_tiny_end_to_end_harmless_accuracy_rises_and_lambda_follows_the_constrai
                       values=_values(demo_data, tmp_path / "run", max_steps=24, eval_steps=None, save_steps=None))
     result = run(cfg)
     before, after = result["before"], result["after"]
-    assert before["harmless_accuracy"] == 0.0 and before["helpful_accuracy"] == 0.0  # policy == reference: ties
+    assert before["harmless_accuracy"] == 0.5 and before["helpful_accuracy"] == 0.5  # policy == reference: ties, 1/2 each
     assert after["harmless_accuracy"] >= 0.9  # measured 1.0 (59 held-out pairs)
     assert after["helpful_accuracy"] >= 0.7  # measured 0.85
     # p = 1/2 on every pair at the start: J = (C_w + C_l) / 2, i.e. -1 (both safe), 0 (one unsafe), +1 (both unsafe)

@@ -29,7 +29,7 @@ import torch
 from humanalign.config.dpo import DPOConfig
 from humanalign.data.preference_dataset import PairCollator, load_pair_dataset
 from humanalign.engine import Engine
-from humanalign.losses.preference import LOSS_SPECS, beta_schedule, compute_preference_loss
+from humanalign.losses.preference import LOSS_SPECS, beta_schedule, compute_preference_loss, pair_accuracy
 from humanalign.models.load import count_parameters, load_causal_lm, load_tokenizer
 from humanalign.models.logprobs import LAYOUT_NOTES, concatenated_forward, pair_layout, shared_layout_possible
 from humanalign.models.pretrained import disable_dropout_outside_lora
@@ -96,7 +96,7 @@ def pair_loss(
         "rewards/chosen": chosen,
         "rewards/rejected": rejected,
         "rewards/margins": chosen - rejected,
-        "rewards/accuracies": (chosen > rejected).float(),  # ties (e.g. at the start of DPO) count as wrong
+        "rewards/accuracies": pair_accuracy(chosen - rejected),  # a tie (every pair at the start) counts 1/2
         "logps/chosen": policy["chosen_logps"].detach(),
         "logps/rejected": policy["rejected_logps"].detach(),
         "logits/chosen": policy["chosen_logits_mean"],

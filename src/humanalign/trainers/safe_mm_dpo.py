@@ -57,6 +57,7 @@ from humanalign.data.tokenize import IGNORE_INDEX
 from humanalign.engine import Engine
 from humanalign.errors import UserError
 from humanalign.eval.generate import generate_responses, read_prompts
+from humanalign.losses.preference import pair_accuracy
 from humanalign.losses.safe_mm_dpo import (
     LambdaState,
     expected_cost_pairwise,
@@ -277,7 +278,7 @@ def stream_metrics(loss, parts, streams: Mapping[str, StreamPairs], settings: St
         metrics[f"reward_{short}_mean"] = (pairs.beta * pairs.h.detach()).mean()  # implicit reward margin
         metrics[f"delta_{short}_mean"] = pairs.delta.float().mean()
         metrics[f"beta_{short}_mean"] = pairs.beta.float().mean()
-        metrics[f"accuracy_{short}"] = (pairs.h.detach() > 0).float().mean()
+        metrics[f"accuracy_{short}"] = pair_accuracy(pairs.h.detach()).mean()  # a tie (h = 0) counts 1/2
     if kl is not None:
         metrics["kl_divergence"] = kl.detach()
     return metrics
