@@ -215,7 +215,7 @@ def run(cfg: DemoConfig) -> DemoRun:
             raise UserError(f"unknown demo stage '{name}' (stages: {', '.join(known)})")
     if "OMP_NUM_THREADS" not in os.environ:
         # The tiny model's matrices are too small to split across threads; on a busy machine OpenMP's threads
-        # then wait on each other (measured: a batch 13x slower with 2 threads than with 1 under load).
+        # then wait on each other (timings in docs/benchmarks/performance.md, "Method").
         torch.set_num_threads(1)
     root = Path(cfg.output_dir) / datetime.now().strftime("%Y%m%d-%H%M%S")
     root.mkdir(parents=True, exist_ok=False)

@@ -288,7 +288,8 @@ def deepspeed_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.
 def without_zero3_init(plugin) -> Iterator[None]:
     """transformers partitions every model it loads while a ZeRO-3 config is registered (``zero.Init``); inside
     this context none is, so models load whole. accelerate's ``zero3_init_context_manager(enable=False)``
-    re-registers the same stage-3 config and so does not stop it (accelerate 1.15, transformers 5)."""
+    re-registers the same stage-3 config and so does not stop it (versions checked: docs/engine.md, "Dated
+    library notes")."""
     unset_hf_deepspeed_config()
     try:
         yield

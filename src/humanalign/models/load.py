@@ -202,7 +202,8 @@ def _lora_config(lora: LoraSettings) -> LoraConfig:
 
 @contextlib.contextmanager
 def _quiet_peft():
-    """peft 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing``: not the user's concern."""
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` (versions: docs/engine.md, "Dated library
+    notes"): the warning is not the user's concern."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         yield

@@ -90,8 +90,8 @@ def is_no_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def portable_tokenizer_config(folder: str | Path) -> None:
-    """Name the generic fast tokenizer class in tokenizer_config.json (transformers 5 writes its backend's
-    name, which transformers 4 cannot load)."""
+    """Name the generic fast tokenizer class in tokenizer_config.json: newer transformers write their backend's
+    name, which older ones cannot load (versions: docs/engine.md, "Dated library notes")."""
     path = Path(folder) / "tokenizer_config.json"
     if not path.is_file():
         return
