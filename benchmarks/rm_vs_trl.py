@@ -1,6 +1,6 @@
 """Benchmark: humanalign's reward-model trainer against trl.RewardTrainer (TRL 1.16), side by side.
 
-Both trainers get the same score model (``humanalign.models.score.load_score_model``: the backbone's
+Both trainers get the same score model (``humanalign.models.score_model.load_score_model``: the backbone's
 ``*ForSequenceClassification`` with one output, the same seeded head; TRL trains its Hugging Face model
 directly), the same tokenised pairs (``encode_score_pair``: prompt + response, score at the last token), the
 same batches in the same order (ours: seeded, grouped by length; TRL is fed those examples with a sequential
@@ -102,7 +102,7 @@ def child_trl(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     from humanalign.config.training import LoraSettings, ModelSettings
     from humanalign.data.score_pairs import load_pairs
     from humanalign.engine.data import StepBatchSampler
-    from humanalign.models.score import load_score_model
+    from humanalign.models.score_model import load_score_model
 
     recorder = common.StepRecorder(warmup=args.warmup, device=args.device)
     cfg = rm_config(args, run_dir)

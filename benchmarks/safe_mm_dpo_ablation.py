@@ -34,8 +34,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 VARIANTS: dict[str, dict[str, Any]] = {  # the switches of docs/algorithms/safe_mm_dpo.md, section 5
-    "DPO": {"w": 0.0, "use_safety_stream": False, "kl_coeff": 0.0},
-    "MM-DPO": {"use_safety_stream": False},
+    "DPO": {"w": 0.0, "use_harmless_stream": False, "kl_coeff": 0.0},
+    "MM-DPO": {"use_harmless_stream": False},
     "Safe-DPO": {"w": 0.0},
     "shaping": {"update_lambda": False},
     "Safe-MM-DPO": {},
@@ -128,7 +128,7 @@ def sampled_cost(model_dir: str, cost_model: str, prompts: list[str], max_new_to
     """Mean cost of the policy's greedy answers to ``prompts`` and the share the cost model calls unsafe."""
     from humanalign.config.training import ModelSettings
     from humanalign.eval.generate import generate_responses, load_generator
-    from humanalign.models.scoring import load_scorer
+    from humanalign.models.scorer import load_scorer
 
     model, tokenizer = load_generator(model_dir, ModelSettings())
     answers = generate_responses(model, tokenizer, prompts, batch_size=16, max_new_tokens=max_new_tokens,
@@ -144,7 +144,7 @@ def auto_threshold(cost_model: str, harmless_train: Path) -> tuple[float, float,
     can be met by learning the safety ordering."""
     from humanalign.data.pairs import load_preference_pairs
     from humanalign.models.margins import expected_cost_range
-    from humanalign.models.scoring import cached_score_pairs, load_scorer
+    from humanalign.models.scorer import cached_score_pairs, load_scorer
 
     pairs, _ = load_preference_pairs(harmless_train, kind="harmless")
     start, safe = expected_cost_range(*cached_score_pairs(load_scorer(cost_model, progress=False), pairs))

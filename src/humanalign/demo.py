@@ -33,7 +33,7 @@ from humanalign.data.prepare import run as prepare
 from humanalign.errors import UserError
 from humanalign.eval.arena import run as arena
 from humanalign.models.margins import expected_cost_range
-from humanalign.models.scoring import cached_score_pairs, load_scorer
+from humanalign.models.scorer import cached_score_pairs, load_scorer
 from humanalign.models.tiny import tiny_model_path
 from humanalign.paths import PROJECT_ROOT
 from humanalign.report import write_report
@@ -232,7 +232,7 @@ def run(cfg: DemoConfig) -> DemoRun:
             raise UserError(f"unknown demo stage '{name}' (stages: {', '.join(known)})")
     if "OMP_NUM_THREADS" not in os.environ:
         # The tiny model's matrices are too small to split across threads; on a busy machine OpenMP's threads
-        # then wait on each other (measured: a batch 13x slower with 2 threads than with 1 under load).
+        # then wait on each other (timings in docs/benchmarks/performance.md, "Method").
         torch.set_num_threads(1)
     root = Path(cfg.output_dir) / datetime.now().strftime("%Y%m%d-%H%M%S")
     root.mkdir(parents=True, exist_ok=False)

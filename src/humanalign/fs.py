@@ -16,15 +16,23 @@ from typing import Any
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what a plain open() gives a new file under this process's umask
+
+
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """``mkstemp`` in ``path``'s folder (created if missing), with the mode a plain ``open`` would give under the
+    umask (mkstemp makes 0600 files; results should be readable like any other). Returns (fd, temp path)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)
+    return fd, tmp
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write to a temporary file in the same folder, fsync, then rename into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results should be readable like any other
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()

@@ -63,6 +63,15 @@ def test_overrides_reach_nested_fields_and_aliases(tmp_path):
     assert cfg.learning_rate == pytest.approx(1e-4)
 
 
+def test_the_earlier_name_use_safety_stream_still_works(tmp_path):
+    """use_harmless_stream was called use_safety_stream: configs that say so keep working, in YAML and --set."""
+    path = tmp_path / "c.yaml"
+    path.write_text("use_safety_stream: false\n", encoding="utf-8")
+    assert load_config(SafeMMDPOConfig, path).use_harmless_stream is False
+    assert load_config(SafeMMDPOConfig, None, ["use_safety_stream=false"]).use_harmless_stream is False
+    assert load_config(SafeMMDPOConfig, None, ["use_harmless_stream=false"]).use_harmless_stream is False
+
+
 def test_unknown_key_is_an_error_naming_it(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("learning_rat: 0.1\n", encoding="utf-8")

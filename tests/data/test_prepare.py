@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 
@@ -46,6 +47,9 @@ def test_hand_made_fixture(cli, fixtures, tmp_path, read_jsonl):
     assert code == 0, err
     helpful = {s: read_jsonl(out / s / "helpful_pairs.jsonl") for s in SPLITS}
     harmless = {s: read_jsonl(out / s / "harmless_pairs.jsonl") for s in SPLITS}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()} == {0o666 & ~umask}  # not 0600
     src = {"source": "pku-saferlhf"}
     assert helpful["train"] == [{"prompt": P1, "chosen": BREAD, "rejected": REFUSE, **src}]
     assert helpful["val"] == [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from humanalign.data.prompts import PtxStream, load_prompts, read_prompts
+from humanalign.data.prompts import PtxStream, load_prompts, load_ptx_examples, read_prompts
 from humanalign.engine.data import StepBatchSampler
 from humanalign.errors import RecordError
 
@@ -19,6 +19,21 @@ def test_read_prompts_counts_duplicates_and_names_bad_lines(tmp_path):
     bad.write_text('{"prompt": "a"}\n{"question": "b"}\n')
     with pytest.raises(RecordError, match=r"bad.jsonl:2: field 'prompt'"):
         read_prompts(bad)
+
+
+def test_prompts_and_ptx_data_with_images_are_refused_not_dropped(tmp_path):
+    """A record with images stops the read with one line naming file, line and field (nothing is dropped)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b", "images": ["x.png"]}\n')
+    with pytest.raises(RecordError, match=r"p.jsonl:2: field 'images': a prompt file does not take images"):
+        read_prompts(prompts)
+    prompts.write_text('{"prompt": "a", "image": "x.png"}\n')
+    with pytest.raises(RecordError, match=r"p.jsonl:1: field 'image'"):
+        read_prompts(prompts)
+    ptx = tmp_path / "ptx.jsonl"
+    ptx.write_text('{"messages": [{"role": "user", "content": "a"}], "images": ["x.png"]}\n')
+    with pytest.raises(RecordError, match=r"ptx.jsonl:1: field 'images': ptx data does not take images"):
+        load_ptx_examples(str(ptx), "auto", tokenizer=None, max_length=16)
 
 
 def test_load_prompts_merges_files_and_keeps_each_prompt_once(tmp_path):

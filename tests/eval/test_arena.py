@@ -98,10 +98,10 @@ def two_models(tmp_path):
 
 
 def test_arena_command_end_to_end(two_models, tmp_path, monkeypatch):
-    import humanalign.models.scoring as scoring
+    import humanalign.models.scorer as scorer_module
     from humanalign.cli import main
 
-    monkeypatch.setattr(scoring, "load_scorer", lambda model_dir, **kw: FakeScorer(model_dir))
+    monkeypatch.setattr(scorer_module, "load_scorer", lambda model_dir, **kw: FakeScorer(model_dir))
     red, blue = two_models
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"question number {i}?"}) + "\n" for i in range(5)))
@@ -141,8 +141,8 @@ def test_arena_command_end_to_end(two_models, tmp_path, monkeypatch):
 def test_arena_with_real_score_models(two_models, tmp_path):
     """The judges are real (untrained-head) score models saved by humanalign: the scoring plumbing end to end."""
     from humanalign.cli import main
-    from humanalign.models.score import load_score_model, save_score_model
-    from humanalign.models.scoring import load_scorer
+    from humanalign.models.score_model import load_score_model, save_score_model
+    from humanalign.models.scorer import load_scorer
 
     judges = {}
     for kind in ("reward", "cost"):

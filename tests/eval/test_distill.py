@@ -68,11 +68,11 @@ class FakeScorer:
 
 
 def test_distill_command_best_of_n_and_rerun(tmp_path, monkeypatch):
-    import humanalign.models.scoring as scoring
+    import humanalign.models.scorer as scorer_module
     from humanalign.cli import main
     from humanalign.models.tiny import tiny_model_path
 
-    monkeypatch.setattr(scoring, "load_scorer", lambda model_dir, **kw: FakeScorer(model_dir))
+    monkeypatch.setattr(scorer_module, "load_scorer", lambda model_dir, **kw: FakeScorer(model_dir))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"tell me about topic {i}"}) + "\n" for i in range(3)))
     out = tmp_path / "distilled.jsonl"

@@ -14,7 +14,7 @@ from humanalign.data.io import atomic_write_jsonl
 from humanalign.data.records import HarmlessPair, PreferencePair, user_prompt
 from humanalign.errors import UserError
 from humanalign.eval.rm import rm_metrics, roc_auc, run
-from humanalign.models.score import load_score_model, save_score_model
+from humanalign.models.score_model import load_score_model, save_score_model
 from humanalign.models.tiny import build_tiny_model
 
 TEXTS = ["Hello there, how are you doing today?", "I cannot help with that request, it could hurt someone.",
@@ -93,7 +93,7 @@ def _harmless_file(path: Path) -> Path:
 
 
 def test_eval_rm_writes_report_and_histograms_and_refuses_to_overwrite(cost_model_dir, tmp_path, monkeypatch):
-    from humanalign.models.scoring import cached_score_pairs, load_scorer
+    from humanalign.models.scorer import cached_score_pairs, load_scorer
 
     monkeypatch.setenv("HUMANALIGN_CACHE", str(tmp_path / "cache"))
     data = _harmless_file(tmp_path / "harmless_pairs.jsonl")

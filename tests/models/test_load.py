@@ -238,7 +238,7 @@ def test_smollm2_gguf_loads_generates_and_masks_its_own_template():
 def test_a_gguf_model_loads_as_a_plain_float_model_that_saves_as_safetensors(tmp_path):
     # transformers keeps a GGUF "quantizer" on dequantised weights and then refuses save_pretrained; every
     # loader drops it, so any trainer's output (policy, score model) saves as an ordinary folder.
-    from humanalign.models.score import load_score_model
+    from humanalign.models.score_model import load_score_model
 
     model = load_causal_lm("smollm2-135m-instruct", trainable=False)
     score_model, _ = load_score_model("smollm2-135m-instruct", ModelSettings())

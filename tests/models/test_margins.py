@@ -38,12 +38,12 @@ def test_margin_statistics_flag_degenerate_distributions():
 def test_the_run_says_where_the_threshold_lies(threshold, says):
     printed = []
     # start: mean (C_w + C_l) / 2 = (0 + 0) / 2 = 0; always safer: mean C_w = -1
-    cfg = SimpleNamespace(cost_threshold=threshold, use_safety_stream=True, update_lambda=True)
+    cfg = SimpleNamespace(cost_threshold=threshold, use_harmless_stream=True, update_lambda=True)
     found = _report_range(cfg, printed.append, [-1.0, -1.0], [1.0, 1.0], None, "train")
     assert found == {"expected_cost_start": 0.0, "expected_cost_always_safer": -1.0}
     assert says in printed[0], printed[0]
     # Held-out pairs, or a run with no dual update (DPO, MM-DPO, shaping): the range, and nothing about lambda
     for split, stream, update in [("val", True, True), ("train", False, True), ("train", True, False)]:
-        cfg = SimpleNamespace(cost_threshold=threshold, use_safety_stream=stream, update_lambda=update)
+        cfg = SimpleNamespace(cost_threshold=threshold, use_harmless_stream=stream, update_lambda=update)
         assert _report_range(cfg, printed.append, [-1.0, -1.0], [1.0, 1.0], None, split) == found
         assert "lambda" not in printed[-1] and f"d = {threshold:g}" in printed[-1], printed[-1]

@@ -15,7 +15,7 @@ from humanalign.config.training import LoraSettings, ModelSettings
 from humanalign.errors import UserError
 from humanalign.models import load as load_module
 from humanalign.models import pretrained
-from humanalign.models import score as score_module
+from humanalign.models import score_model as score_module
 from humanalign.models.pretrained import (
     bnb_config,
     from_pretrained_kwargs,
@@ -23,7 +23,7 @@ from humanalign.models.pretrained import (
     peft_base,
     resolve_dtype,
 )
-from humanalign.models.score import ScoreModel
+from humanalign.models.score_model import ScoreModel
 
 
 @pytest.fixture

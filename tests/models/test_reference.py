@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +21,8 @@ from humanalign.models.reference import (
     AdapterDisabledReference,
     FrozenReference,
     PrecomputedReference,
+    _read_cache,
+    _write_cache,
     build_reference,
     resolve_reference_mode,
     weights_fingerprint,
@@ -176,3 +180,14 @@ def test_reference_free_losses_load_nothing(tmp_path, capsys):
         with Engine(cfg, name="ref-test") as engine:
             assert build_reference(cfg, load_causal_lm("tiny"), engine) is None
         assert "reference-free" in capsys.readouterr().err
+
+
+def test_reference_cache_file_is_readable_like_any_result(tmp_path):
+    """The cache file gets the umask's usual mode (0644 under 022), not safetensors' 0600, and reads back."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path = tmp_path / "cache" / "x.safetensors"
+    _write_cache(path, np.arange(3, dtype=np.float32), np.ones(3, dtype=np.float32), {"k": "v"})
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    chosen, rejected = _read_cache(path, 3)
+    assert chosen.tolist() == [0.0, 1.0, 2.0] and rejected.tolist() == [1.0, 1.0, 1.0]

@@ -192,7 +192,7 @@ def test_dpo(demo_data, tmp_path, loss_type):
 @pytest.fixture(scope="module")
 def score_models(tmp_path_factory):
     """A tiny reward model and cost model with seeded random score heads, scaled so margins spread over units."""
-    from humanalign.models.score import load_score_model, save_score_model
+    from humanalign.models.score_model import load_score_model, save_score_model
 
     root = tmp_path_factory.mktemp("pins_rms")
     out = {}

@@ -148,7 +148,7 @@ def test_shipped_configs_validate(name):
 
 
 def test_critic_source_prefers_a_score_model_on_the_same_tokenizer(world, tmp_path):
-    from humanalign.models.score import load_score_model, save_score_model
+    from humanalign.models.score_model import load_score_model, save_score_model
 
     cfg = load_config(PPOConfig, values={"reward_fn": "a:b"})
     actor_path = str(world["model"])
@@ -319,8 +319,8 @@ def test_lora_actor_reward_model_on_another_tokenizer_and_reward_shaping(world, 
     the reward-shaping baseline trains one critic on R - lambda C."""
     from humanalign.engine import Engine
     from humanalign.models.load import load_causal_lm
-    from humanalign.models.score import load_score_model, save_score_model
-    from humanalign.models.scoring import load_scorer
+    from humanalign.models.score_model import load_score_model, save_score_model
+    from humanalign.models.scorer import load_scorer
     from humanalign.trainers.ppo import PPOTrainer
 
     rm, rm_tok = load_score_model("tiny", allow_new_head=True)  # the tiny preset's BPE tokenizer, not the words

@@ -121,7 +121,7 @@ def test_safety_label_note_says_what_happens_in_one_line():
 
 
 def test_normalizer_state_restores_in_place():
-    from humanalign.models.score import ScoreNormalizer
+    from humanalign.models.score_model import ScoreNormalizer
 
     trained = ScoreNormalizer("running")
     trained.update(torch.tensor([1.0, 3.0]))  # mean 2, population var 1
@@ -232,7 +232,7 @@ def test_saved_cost_model_loads_in_transformers_with_the_same_scores(cost_run, d
     from transformers import AutoModelForSequenceClassification
 
     from humanalign.data.pairs import load_preference_pairs
-    from humanalign.models.scoring import load_scorer
+    from humanalign.models.scorer import load_scorer
 
     assert not (cost_run / "config.json").exists() and not list(cost_run.glob("*.safetensors"))
     assert final_metrics(cost_run)["model"] == str(cost_run / "final")
@@ -270,8 +270,8 @@ def test_a_run_folder_of_either_layout_stands_for_its_score_model(cost_run, demo
     load_score_model keeps the saved head, score type and normaliser; load_scorer the same scores."""
     from humanalign.data.pairs import load_preference_pairs
     from humanalign.models.load import resolve_model
-    from humanalign.models.score import is_score_model_dir, load_score_model
-    from humanalign.models.scoring import load_scorer
+    from humanalign.models.score_model import is_score_model_dir, load_score_model
+    from humanalign.models.scorer import load_scorer
 
     legacy = legacy_run_folder(cost_run, tmp_path / "legacy")
     pairs, _ = load_preference_pairs(demo_data / "val" / "harmless_pairs.jsonl", kind="harmless")
@@ -292,7 +292,7 @@ def test_retraining_into_a_legacy_run_folder_removes_its_old_top_level_model(cos
     """overwrite_output_dir clears only the files a run of ours names; the model an earlier version saved at
     the top level would then shadow the new final/ (a folder holding a model stands for itself): it is removed
     once final/ is written, and the folder loads the new model."""
-    from humanalign.models.scoring import load_scorer
+    from humanalign.models.scorer import load_scorer
 
     legacy = legacy_run_folder(cost_run, tmp_path / "legacy")
     (legacy / "notes.txt").write_text("the user's own file")
@@ -452,7 +452,7 @@ def test_token_wise_cost_model(demo_data, tmp_path):
 def test_minilm_encoder_reads_prompt_sep_answer_and_reloads(demo_data, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from humanalign.models.scoring import load_scorer
+    from humanalign.models.scorer import load_scorer
 
     out = tmp_path / "minilm"
     cfg = tiny_config("rm_minilm", demo_data, out, max_steps=2, batch_size=4, max_length=64, max_prompt_length=24,

@@ -2,7 +2,8 @@
 
 Accepts the seed run-book's keys as written there (Greek included): ``β_ori``, ``λ_init``, ``λ_lr``, ``w``, ``k``,
 ``kl_coeff``, ``policy_model_path``, ``ref_model_path``, ``helpful_rm_path``, ``harmless_rm_path``,
-``train_helpful_path``, ``train_harmless_path``, ``val_helpful_path``, ``val_harmless_path``.
+``train_helpful_path``, ``train_harmless_path``, ``val_helpful_path``, ``val_harmless_path``; and the earlier
+name ``use_safety_stream`` for ``use_harmless_stream``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from humanalign.config.training import TrainingConfig
 
 
 class SafeMMDPOConfig(TrainingConfig):
-    """Safe-MM-DPO and its ablations (Safe-DPO: w=0; reward shaping: update_lambda=false; MM-DPO: no safety)."""
+    """Safe-MM-DPO and its ablations (Safe-DPO: w=0; reward shaping: update_lambda=false; MM-DPO: no harmless stream)."""
 
     input_fields: ClassVar[tuple[str, ...]] = ("train_helpful_path",)  # checked by the CLI before any work
 
@@ -36,7 +37,7 @@ class SafeMMDPOConfig(TrainingConfig):
     learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate.")
     train_helpful_path: str = Field("data/train/helpful_pairs.jsonl", description="Helpful pairs for training.")
     train_harmless_path: str | None = Field(
-        "data/train/harmless_pairs.jsonl", description="Harmless pairs for training (null: no safety stream = MM-DPO)."
+        "data/train/harmless_pairs.jsonl", description="Harmless pairs for training (null: no harmless stream = MM-DPO)."
     )
     val_helpful_path: str | None = Field("data/val/helpful_pairs.jsonl", description="Helpful pairs for validation.")
     val_harmless_path: str | None = Field("data/val/harmless_pairs.jsonl", description="Harmless pairs for validation.")
@@ -50,7 +51,10 @@ class SafeMMDPOConfig(TrainingConfig):
     kl_coeff: float = Field(0.0, ge=0, description="Weight of the exact per-token KL(pi || pi_ref) term.")
     average_log_prob: bool = Field(False, description="Mean instead of summed token log-probs in the log-ratios.")
 
-    use_safety_stream: bool = Field(True, description="false: helpful pairs only (MM-DPO alone, lambda unused).")
+    use_harmless_stream: bool = Field(
+        True, validation_alias=AliasChoices("use_harmless_stream", "use_safety_stream"),
+        description="false: helpful pairs only (MM-DPO alone, lambda unused). Alias: use_safety_stream.",
+    )
     lambda_init: float = Field(
         1.0, ge=0, validation_alias=AliasChoices("lambda_init", "λ_init"), description="Starting Lagrange multiplier."
     )
@@ -98,9 +102,9 @@ class SafeMMDPOConfig(TrainingConfig):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.expected_cost == "sampled" and self.use_safety_stream and not self.sampled_prompts_path:
+        if self.expected_cost == "sampled" and self.use_harmless_stream and not self.sampled_prompts_path:
             raise ValueError("expected_cost: sampled needs sampled_prompts_path")
-        if self.expected_cost == "sampled" and self.use_safety_stream and not self.harmless_rm_path:
+        if self.expected_cost == "sampled" and self.use_harmless_stream and not self.harmless_rm_path:
             raise ValueError("expected_cost: sampled scores the policy's answers with the cost model: set "
                              "harmless_rm_path")
         if self.kl_coeff > 0 and self.reference_mode == "precomputed":

@@ -101,7 +101,7 @@ class JointDataset(Dataset):
 
     def describe(self) -> str:
         if self.harmless is None:
-            return f"{len(self.helpful)} helpful pairs (no safety stream)"
+            return f"{len(self.helpful)} helpful pairs (no harmless stream)"
         nh, ns, n = len(self.helpful), len(self.harmless), len(self.items)
         parts = [f"{n} items per epoch, each a helpful and a harmless pair, from {nh} helpful + {ns} harmless pairs",
                  f"{self.num_shared} items share their prompt and both responses (each response forwarded once)"]

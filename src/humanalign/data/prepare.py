@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from humanalign.data.load import MixResult, mix_sources
 from humanalign.data.pairs import KINDS, Kind, normalized, records_to_pairs
 from humanalign.data.records import SPLITS, PreferencePair, PromptRecord, SFTRecord
 from humanalign.errors import RecordError, UserError
+from humanalign.fs import temp_file_beside
 
 PAIR_FILE = "{kind}_pairs.jsonl"
 CARD_FILES = ("data_card.json", "data_card.md")
@@ -119,8 +119,7 @@ def _write_all(contents: dict[Path, str]) -> None:
     temps: dict[Path, str] = {}
     try:
         for path, text in contents.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            fd, tmp = temp_file_beside(path)
             temps[path] = tmp
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(text)

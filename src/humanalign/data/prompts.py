@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from humanalign.config.data import SourceSpec
+from humanalign.data.images import reject_images
 from humanalign.data.io import iter_records
 from humanalign.data.load import load_source
 from humanalign.data.records import Message, PreferencePair, SFTRecord, prompt_from_jsonable, prompt_key
@@ -25,6 +26,14 @@ from humanalign.errors import RecordError, UserError
 def prompt_hash(prompt: Sequence[Message]) -> str:
     """Stable short id of a prompt (whitespace-normalised, see ``prompt_key``)."""
     return hashlib.sha256(prompt_key(list(prompt)).encode("utf-8")).hexdigest()[:16]
+
+
+def _refuse_images(path: str | Path, line: int, rec: dict[str, Any], consumer: str) -> None:
+    """One line naming the record when it carries images that ``consumer`` would otherwise silently drop."""
+    for field in ("images", "image"):
+        if rec.get(field):
+            raise RecordError(path, line, field, f"{consumer} does not take images yet (see docs/multimodal.md); "
+                              "use text-only records")
 
 
 def read_prompts(path: str | Path, limit: int | None = None) -> tuple[list[list[Message]], int]:
@@ -38,6 +47,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> tuple[list[list[
     for line, rec in iter_records(path):
         if "prompt" not in rec:
             raise RecordError(path, line, "prompt", "missing (each record needs a 'prompt')")
+        _refuse_images(path, line, rec, "a prompt file")
         value = rec["prompt"]
         is_text = isinstance(value, str) and bool(value.strip())
         is_messages = isinstance(value, list) and bool(value) and all(
@@ -90,13 +100,16 @@ def load_ptx_examples(path: str, source: str, tokenizer, max_length: int,
     conversations: list[list[dict[str, str]]] = []
     if "messages" in first:
         for line, rec in iter_records(path):
+            _refuse_images(path, line, rec, "ptx data")
             msgs = rec.get("messages")
             if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                      for m in msgs):
                 raise RecordError(path, line, "messages", "must be a list of {role, content} messages")
             conversations.append(msgs)
     else:
-        for record in load_source(SourceSpec(path=path, source=source)).records:
+        records = load_source(SourceSpec(path=path, source=source)).records
+        reject_images(records, path, "ptx data")
+        for record in records:
             if isinstance(record, SFTRecord):
                 conversations.append(record.messages)
             elif isinstance(record, PreferencePair):

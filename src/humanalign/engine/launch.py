@@ -23,6 +23,7 @@ from accelerate.utils import (
     FullyShardedDataParallelPlugin,
     GradientAccumulationPlugin,
     InitProcessGroupKwargs,
+    broadcast_object_list,
 )
 from transformers.integrations import unset_hf_deepspeed_config
 
@@ -155,8 +156,6 @@ def prepare_run_dir(accelerator: Accelerator, config: TrainingConfig, name: str)
             error = str(exc) if isinstance(exc, UserError) else f"the main process failed: {exc!r}"
             failure = exc
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         shared = broadcast_object_list([error, str(folder.resume) if folder.resume else None])
         if shared[0] is not None:
             if accelerator.is_main_process:
@@ -290,7 +289,8 @@ def deepspeed_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.
 def without_zero3_init(plugin) -> Iterator[None]:
     """transformers partitions every model it loads while a ZeRO-3 config is registered (``zero.Init``); inside
     this context none is, so models load whole. accelerate's ``zero3_init_context_manager(enable=False)``
-    re-registers the same stage-3 config and so does not stop it (accelerate 1.15, transformers 5)."""
+    re-registers the same stage-3 config and so does not stop it (versions checked: docs/engine.md, "Dated
+    library notes")."""
     unset_hf_deepspeed_config()
     try:
         yield

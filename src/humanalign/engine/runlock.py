@@ -20,6 +20,11 @@ from pathlib import Path
 
 from humanalign.errors import UserError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
+
 LOCK_FILE = ".humanalign.lock"
 
 
@@ -52,9 +57,7 @@ class RunLock:
     def acquire(cls, run_dir: Path) -> RunLock:
         """Lock ``run_dir`` (which must exist) or raise a UserError naming the run that holds it."""
         path = Path(run_dir) / LOCK_FILE
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock (a second run is not detected there)
+        if fcntl is None:  # not POSIX: no lock (a second run is not detected there)
             return cls(path, None, None)
         while True:
             try:

@@ -33,7 +33,9 @@ from humanalign.eval.generate import (
     require,
     responses_by_key,
 )
-from humanalign.models import scoring  # called as scoring.load_scorer: tests stand a fake scorer in
+from humanalign.models import (
+    scorer as scorer_module,  # called as scorer_module.load_scorer: tests stand a fake scorer in
+)
 
 SAFETY = ("safe", "unsafe")
 
@@ -186,9 +188,9 @@ def score_texts(model_dir: str, prompts: list, responses: list[str], batch_size:
                 progress: bool = True) -> list[float]:
     """Scores of (prompt, response) texts by a reward or cost model, through the on-disk score cache (a rerun
     scores nothing twice); the model is freed afterwards."""
-    scorer = scoring.load_scorer(model_dir, batch_size=batch_size, progress=progress)
+    scorer = scorer_module.load_scorer(model_dir, batch_size=batch_size, progress=progress)
     if getattr(scorer, "fingerprint", None):
-        scores = scoring.cached_score(scorer, prompts, responses)
+        scores = scorer_module.cached_score(scorer, prompts, responses)
     else:
         scores = scorer.score(prompts, responses, batch_size=batch_size)
     del scorer

@@ -27,9 +27,11 @@ from matplotlib.figure import Figure
 from humanalign.data.io import atomic_write_json
 from humanalign.data.pairs import load_preference_pairs
 from humanalign.errors import UserError
-from humanalign.models import scoring  # called as scoring.load_scorer: tests stand a fake scorer in
+from humanalign.models import (
+    scorer as scorer_module,  # called as scorer_module.load_scorer: tests stand a fake scorer in
+)
 from humanalign.models.load import resolve_model_path
-from humanalign.models.score import read_score_config
+from humanalign.models.score_model import read_score_config
 
 
 def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
@@ -179,11 +181,11 @@ def run(cfg) -> dict[str, Any]:
     # the data is read first (its mistakes surface before a model loads); the saved score type picks the pair kind
     block = read_score_config(resolve_model_path(cfg.model)) or {}
     pairs, skipped = _load_pairs(cfg.data, block.get("score_type", "reward"))
-    scorer = scoring.load_scorer(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length,
+    scorer = scorer_module.load_scorer(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length,
                          settings=getattr(cfg, "model_settings", None))
     print(f"[eval rm] {len(pairs)} pairs from {cfg.data} ({sum(skipped.values())} skipped); "
           f"{scorer.score_type} model {cfg.model}", file=sys.stderr)
-    chosen, rejected = scoring.cached_score_pairs(scorer, pairs)
+    chosen, rejected = scorer_module.cached_score_pairs(scorer, pairs)
     chosen_safe = [getattr(p, "is_chosen_safe", None) for p in pairs]
     rejected_safe = [getattr(p, "is_rejected_safe", None) for p in pairs]
     metrics = rm_metrics(chosen, rejected, chosen_safe, rejected_safe, score_type=scorer.score_type)

@@ -49,14 +49,7 @@ from humanalign.losses.preference import (
     pair_accuracy,
     simpo_loss,
 )
-from humanalign.losses.safe_mm_dpo import (
-    LambdaState,
-    expected_cost_pairwise,
-    margin_scaled_beta,
-    safe_mm_dpo_loss,
-    update_lambda,
-)
-from humanalign.losses.score import (
+from humanalign.losses.reward_cost import (
     ScoreLoss,
     cost_loss,
     cost_tokenwise_loss,
@@ -65,6 +58,13 @@ from humanalign.losses.score import (
     first_divergence_index,
     reward_pairwise_loss,
     reward_tokenwise_loss,
+)
+from humanalign.losses.safe_mm_dpo import (
+    LambdaState,
+    expected_cost_pairwise,
+    margin_scaled_beta,
+    safe_mm_dpo_loss,
+    update_lambda,
 )
 from humanalign.losses.sft import ptx_loss, sft_loss_sums
 

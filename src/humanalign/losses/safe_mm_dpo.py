@@ -1,15 +1,16 @@
-"""Safe-MM-DPO: margin-scaled DPO (MM-DPO) on a helpful and a safety stream, joined by a Lagrange multiplier.
+"""Safe-MM-DPO: margin-scaled DPO (MM-DPO) on a helpful and a harmless stream, joined by a Lagrange multiplier.
 
 MM-DPO (MM-RLHF, Zhang et al. 2025, arXiv 2502.10391, Sec. 4, "dynamic reward scaling") gives each pair its
 own beta, larger when a reward model is confident the chosen response is better (margin delta):
 
     beta(delta) = beta_ori * (1 + w * (1 - exp(-k * max(delta, 0))))        in [beta_ori, (1 + w) * beta_ori]
 
-The safety side follows Safe RLHF (Dai et al. 2023, arXiv 2310.12773, Eq. 9-10): maximise helpfulness subject
+The harmless side follows Safe RLHF (Dai et al. 2023, arXiv 2310.12773, Eq. 9-10): maximise helpfulness subject
 to an expected cost below a threshold d, solved as min_theta max_{lambda >= 0} L_help + lambda * L_safe with
 the loss normalised by (1 + lambda) so its scale does not grow with lambda, and lambda updated by dual ascent on
-(J_c - d). Here J_c is estimated from safety pairs as the policy's implied probability of choosing each response
+(J_c - d). Here J_c is estimated from harmless pairs as the policy's implied probability of choosing each response
 times that response's cost (``expected_cost_pairwise``).
+The harmless stream keeps Safe RLHF's subscript in the code: ``h_safe``, ``beta_safe``, ``L_safe``.
 
 Sign conventions: h = [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)], y_w the preferred (more
 helpful / safer) response; h > 0 means the policy already ranks the pair correctly. Cost > 0 means unsafe.
@@ -54,18 +55,18 @@ def safe_mm_dpo_loss(
     """The Safe-MM-DPO objective; returns (scalar loss, detached metrics).
 
     L_help = mean_i -log s(beta_help_i * h_help_i)        over the helpful pairs  h_help (B,)
-    L_safe = mean_j -log s(beta_safe_j * h_safe_j)        over the safety pairs   h_safe (B2,)
+    L_safe = mean_j -log s(beta_safe_j * h_safe_j)        over the harmless pairs   h_safe (B2,)
     L      = (L_help + lam * L_safe) / (1 + lam) + kl_coeff * mean(kl)
 
     ``lam`` (>= 0) is the Lagrange multiplier; it is treated as a constant (detached), it moves by dual ascent
     (``update_lambda`` / ``LambdaState``), not by this loss's gradient. ``kl`` is an optional extra KL estimate
     (scalar or per example) whose mean is added with ``kl_coeff``.
-    An empty stream contributes nothing: with no safety pairs (B2 = 0) the loss is plain MM-DPO, L = L_help;
-    with no helpful pairs it is lam * L_safe / (1 + lam), the safety share of a mixed batch. Both empty is an
+    An empty stream contributes nothing: with no harmless pairs (B2 = 0) the loss is plain MM-DPO, L = L_help;
+    with no helpful pairs it is lam * L_safe / (1 + lam), the harmless share of a mixed batch. Both empty is an
     error. Returns a 0-dim tensor (already reduced) because the two streams have different batch sizes.
     """
     if h_help.numel() == 0 and h_safe.numel() == 0:
-        raise ValueError("safe_mm_dpo_loss needs at least one helpful or safety pair")
+        raise ValueError("safe_mm_dpo_loss needs at least one helpful or harmless pair")
     lam_value = lam.detach().to(h_help.device, h_help.dtype) if isinstance(lam, torch.Tensor) else float(lam)
     if float(lam_value) < 0:
         raise ValueError(f"the Lagrange multiplier must be >= 0, got {float(lam_value)}")
@@ -95,6 +96,7 @@ def safe_mm_dpo_loss(
         return torch.tensor(float(x), device=ref.device)
 
     n_help, n_safe = h_help.numel(), h_safe.numel()
+    # the run-book's metric names (public output, logged as-is): the harmless stream appears as "safety"
     metrics = {
         "loss_helpful": loss_help.detach(),
         "loss_safety": loss_safe.detach(),
@@ -119,7 +121,7 @@ def expected_cost_pairwise(
     cost_chosen: torch.Tensor,
     cost_rejected: torch.Tensor,
 ) -> torch.Tensor:
-    """Expected cost of the policy on safety pairs, J_c per pair (B2,).
+    """Expected cost of the policy on harmless pairs, J_c per pair (B2,).
 
     p = sigmoid(beta_safe * h_safe) is the Bradley-Terry probability, implied by the policy's implicit reward,
     that it picks y_w (the safer response) over y_l; J = p * C(y_w) + (1 - p) * C(y_l) with C the cost-model

@@ -16,7 +16,7 @@ from torch import nn
 
 from humanalign.errors import UserError
 from humanalign.models.load import enable_gradient_checkpointing, load_tokenizer, resolve_model
-from humanalign.models.score import ScoreModel, is_score_model_dir, load_score_model
+from humanalign.models.score_model import ScoreModel, is_score_model_dir, load_score_model
 
 
 class PolicyAndCritics(nn.Module):
@@ -95,8 +95,9 @@ class ActorGeneration:
         return self.prepared(generate_kwargs={**kwargs, "synced_gpus": self.synced_gpus})
 
 
-def disable_dropout(model: nn.Module) -> None:
-    """Dropout off everywhere (LoRA's included): old and new log-probs of a rollout then agree exactly."""
+def disable_all_dropout(model: nn.Module) -> None:
+    """PPO's dropout switch: dropout off everywhere (LoRA's and attention's included), so the old and new
+    log-probs of a rollout agree exactly. The DPO family keeps LoRA's (``pretrained.disable_dropout_outside_lora``)."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -150,5 +151,5 @@ def critic_source(explicit: str | None, score_model: str | None, actor_path: str
     return actor_path
 
 
-__all__ = ["PolicyAndCritics", "ActorGeneration", "disable_dropout", "load_critic", "vocabulary_mismatch",
+__all__ = ["PolicyAndCritics", "ActorGeneration", "disable_all_dropout", "load_critic", "vocabulary_mismatch",
            "critic_source"]

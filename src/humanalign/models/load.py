@@ -137,7 +137,7 @@ def _adapter_base(folder: str) -> tuple[str, str | None] | None:
     return str(base_name), None
 
 
-def _portable_name(name_or_path: str | Path) -> str:
+def portable_name(name_or_path: str | Path) -> str:
     """A preset or Hub id as given; a local path made absolute (an adapter's base must load from anywhere)."""
     path = Path(str(name_or_path)).expanduser()
     return str(path.resolve()) if path.exists() else str(name_or_path)
@@ -202,7 +202,8 @@ def _lora_config(lora: LoraSettings) -> LoraConfig:
 
 @contextlib.contextmanager
 def _quiet_peft():
-    """peft 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing``: not the user's concern."""
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` (versions: docs/engine.md, "Dated library
+    notes"): the warning is not the user's concern."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         yield
@@ -225,7 +226,7 @@ def _load_weights(name_or_path: str, settings: ModelSettings, quantization, trai
             return model
         with _quiet_peft():
             model = PeftModel.from_pretrained(base, resolved.path).merge_and_unload()
-        model.humanalign_base = {"base_model": _portable_name(name_or_path), "gguf_file": None}
+        model.humanalign_base = {"base_model": portable_name(name_or_path), "gguf_file": None}
         return model
 
     gguf = settings.gguf_file or resolved.gguf_file
@@ -235,14 +236,14 @@ def _load_weights(name_or_path: str, settings: ModelSettings, quantization, trai
     except (OSError, ValueError) as exc:
         raise _loading_error("the model", name_or_path, exc) from None
     plain_float_model(model)
-    model.name_or_path = _portable_name(resolved.path)  # peft saves it as the adapter's base_model_name_or_path
+    model.name_or_path = portable_name(resolved.path)  # peft saves it as the adapter's base_model_name_or_path
     if quantization is not None and trainable:  # before any adapter goes on: this freezes every weight there is
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     # Recorded so that an adapter trained on this model knows how to load its base again.
-    model.humanalign_base = {"base_model": _portable_name(name_or_path), "gguf_file": settings.gguf_file}
+    model.humanalign_base = {"base_model": portable_name(name_or_path), "gguf_file": settings.gguf_file}
     return model
 
 
@@ -369,5 +370,5 @@ def save_pretrained_model(
 __all__ = [
     "PRESETS", "ResolvedModel", "resolve_model", "resolve_model_path", "load_tokenizer", "load_causal_lm",
     "plain_float_model", "enable_gradient_checkpointing", "is_gradient_checkpointing", "count_parameters",
-    "save_pretrained_model",
+    "save_pretrained_model", "portable_name",
 ]

@@ -3,8 +3,8 @@
 Conventions: ``labels`` is aligned with ``input_ids`` (Hugging Face style) with -100 on tokens that carry no
 loss; the logits at position t predict the token at t + 1, so every function shifts by one. Per-token results
 have shape (B, T - 1). Work over the vocabulary of full logits is done one sequence at a time, in float32, so the
-extra memory is one (T, V) slice rather than another (B, T, V) tensor (measured on 2 CPU cores: no faster
-batched, since each row is already a large vectorised op, and batching would add a (B, T, V) temporary).
+extra memory is one (T, V) slice rather than another (B, T, V) tensor (each row is already a large vectorised
+op, so batching rows would add a (B, T, V) temporary for no speed: timings in docs/benchmarks/performance.md).
 
 ``concatenated_forward`` (the pair trainers' forward) never builds the (2B, T, V) logits. Its ``score plan``
 (``data.score_plan``; ``PairCollator`` builds it on the CPU, so the step needs no host-device sync) lists the

@@ -1,6 +1,6 @@
 """Safe-MM-DPO's margins, computed once before training (docs/algorithms/safe_mm_dpo.md, section 1).
 
-Every pair is scored with the score models (``models.scoring``, cached on disk): the Helpful-RM gives
+Every pair is scored with the score models (``models.scorer``, cached on disk): the Helpful-RM gives
 delta_h = R(y_w) - R(y_l), the cost model delta_s = C(y_l) - C(y_w) and the costs C(y_w), C(y_l) that the
 expected cost J_c needs; both margins are positive when the model agrees with the label. ``attach_margins``
 attaches them to the tokenised datasets as per-pair fields (``data.joint_pairs``: ``delta``, ``cost_chosen``,
@@ -25,7 +25,7 @@ from humanalign.data.joint_pairs import COST_CHOSEN, COST_REJECTED, DELTA, HARML
 from humanalign.data.preference_dataset import PairDataset
 from humanalign.data.records import HarmlessPair
 from humanalign.losses.safe_mm_dpo import margin_scaled_beta
-from humanalign.models.scoring import Scorer
+from humanalign.models.scorer import Scorer
 
 LABEL_COST = 1.0  # cost of a labelled unsafe response when no cost model is given (-1 for a safe one)
 
@@ -124,7 +124,7 @@ def attach_margins(cfg, streams: Mapping[str, Mapping[str, PairDataset | None]],
             say(f"[margins] scoring {sum(len(d) for d in datasets)} {stream} pairs with {model_path} "
                          "(cached on disk)")
             scores, scorer = score(model_path, datasets, expected)
-            if stream == HARMLESS and cfg.use_safety_stream and cfg.expected_cost == "sampled":
+            if stream == HARMLESS and cfg.use_harmless_stream and cfg.expected_cost == "sampled":
                 keep_scorer = scorer
             del scorer
         for i, (split, dataset) in enumerate(named):
@@ -173,7 +173,7 @@ def _report_range(cfg, say: Say, chosen, rejected, has, split) -> dict[str, floa
     start, safer = found
     d = cfg.cost_threshold
     where = "" if split == "train" else f" ({split} pairs)"
-    if split != "train" or not (cfg.use_safety_stream and cfg.update_lambda):
+    if split != "train" or not (cfg.use_harmless_stream and cfg.update_lambda):
         # Only the training pairs drive the dual update, and only when there is one: no outlook for lambda here.
         say(f"[margins] harmless{where}: J_c is {start:.4g} at the start (p = 1/2) and {safer:.4g} for a "
                      f"policy that always prefers the safer answer (d = {d:g})")

@@ -90,8 +90,8 @@ def is_no_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def portable_tokenizer_config(folder: str | Path) -> None:
-    """Name the generic fast tokenizer class in tokenizer_config.json (transformers 5 writes its backend's
-    name, which transformers 4 cannot load)."""
+    """Name the generic fast tokenizer class in tokenizer_config.json: newer transformers write their backend's
+    name, which older ones cannot load (versions: docs/engine.md, "Dated library notes")."""
     path = Path(folder) / "tokenizer_config.json"
     if not path.is_file():
         return
@@ -101,5 +101,17 @@ def portable_tokenizer_config(folder: str | Path) -> None:
         path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def disable_dropout_outside_lora(model: torch.nn.Module) -> int:
+    """The DPO family's dropout switch: set every ``nn.Dropout`` outside LoRA branches to p = 0 (as TRL's
+    disable_dropout), leaving LoRA's own dropout and attention-probability dropout as configured; returns how many.
+    PPO turns off all dropout instead (``actor_critic.disable_all_dropout``)."""
+    changed = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name and module.p > 0:
+            module.p = 0.0
+            changed += 1
+    return changed
+
+
 __all__ = ["DTYPES", "resolve_dtype", "bnb_config", "from_pretrained_kwargs", "is_peft_model", "peft_base",
-           "is_no_decay", "portable_tokenizer_config"]
+           "is_no_decay", "portable_tokenizer_config", "disable_dropout_outside_lora"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -28,10 +29,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file, save_file
 
 from humanalign.data.preference_dataset import INDEX_KEY, REF_CHOSEN, REF_REJECTED, PairCollator
 from humanalign.data.tokenize import IGNORE_INDEX
 from humanalign.errors import ConfigError, UserError
+from humanalign.fs import FILE_MODE, temp_file_beside
 from humanalign.losses.preference import LOSS_SPECS
 from humanalign.models.load import load_causal_lm
 from humanalign.models.logprobs import concatenated_forward, forward_logits
@@ -242,8 +245,6 @@ def compute_reference_logps(
 
 
 def _read_cache(path: Path, n: int) -> tuple[np.ndarray, np.ndarray] | None:
-    from safetensors.numpy import load_file
-
     try:
         loaded = load_file(str(path))
     except Exception:  # a damaged cache file is recomputed, not fatal
@@ -255,16 +256,11 @@ def _read_cache(path: Path, n: int) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _write_cache(path: Path, chosen: np.ndarray, rejected: np.ndarray, metadata: dict[str, str]) -> None:
-    import os
-    import tempfile
-
-    from safetensors.numpy import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     os.close(fd)
     try:
         save_file({"chosen": chosen, "rejected": rejected}, tmp, metadata=metadata)
+        os.chmod(tmp, FILE_MODE)  # safetensors writes 0600; a cache file is readable like any result
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

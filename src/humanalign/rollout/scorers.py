@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from humanalign.models.score import ScoreNormalizer
-from humanalign.models.scoring import load_scorer
+from humanalign.models.score_model import ScoreNormalizer
+from humanalign.models.scorer import load_scorer
 from humanalign.rewards import load_score_fn
 
 

@@ -29,9 +29,10 @@ import torch
 from humanalign.config.dpo import DPOConfig
 from humanalign.data.preference_dataset import PairCollator, load_pair_dataset
 from humanalign.engine import Engine
-from humanalign.losses.preference import LOSS_SPECS, beta_schedule, compute_preference_loss
+from humanalign.losses.preference import LOSS_SPECS, beta_schedule, compute_preference_loss, pair_accuracy
 from humanalign.models.load import count_parameters, load_causal_lm, load_tokenizer
 from humanalign.models.logprobs import LAYOUT_NOTES, concatenated_forward, pair_layout, shared_layout_possible
+from humanalign.models.pretrained import disable_dropout_outside_lora
 from humanalign.models.reference import ReferenceModel, build_reference
 
 
@@ -95,7 +96,7 @@ def pair_loss(
         "rewards/chosen": chosen,
         "rewards/rejected": rejected,
         "rewards/margins": chosen - rejected,
-        "rewards/accuracies": (chosen > rejected).float(),  # ties (e.g. at the start of DPO) count as wrong
+        "rewards/accuracies": pair_accuracy(chosen - rejected),  # a tie (every pair at the start) counts 1/2
         "logps/chosen": policy["chosen_logps"].detach(),
         "logps/rejected": policy["rejected_logps"].detach(),
         "logits/chosen": policy["chosen_logits_mean"],
@@ -123,16 +124,6 @@ def evaluate(model, reference, loader, engine, settings: LossSettings, beta: flo
     values = {f"eval/{key}": float(total) / max(count, 1) for key, total in totals.items()}
     values["eval/beta"] = beta
     return values
-
-
-def disable_dropout(model: torch.nn.Module) -> int:
-    """Set every ``nn.Dropout`` outside LoRA branches to p = 0 (as TRL's disable_dropout); returns how many."""
-    changed = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name and module.p > 0:
-            module.p = 0.0
-            changed += 1
-    return changed
 
 
 def _describe(cfg: DPOConfig, settings: LossSettings) -> str:
@@ -164,7 +155,7 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
         policy = load_causal_lm(cfg.policy_model_path, cfg.model, cfg.lora,
                                 gradient_checkpointing=cfg.gradient_checkpointing)
         if cfg.disable_dropout:
-            disable_dropout(policy)
+            disable_dropout_outside_lora(policy)
         trainable, total = count_parameters(policy)
         engine.print(f"[dpo] policy {cfg.policy_model_path}: {trainable:,} of {total:,} parameters trained")
         reference = build_reference(cfg, policy, engine, [train_set, val_set], pad_token_id=tokenizer.pad_token_id)
@@ -221,5 +212,5 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["LossSettings", "PairStep", "current_beta", "pair_loss", "evaluate", "disable_dropout",
+__all__ = ["LossSettings", "PairStep", "current_beta", "pair_loss", "evaluate",
            "run"]

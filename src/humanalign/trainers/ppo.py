@@ -58,13 +58,13 @@ from humanalign.models.actor_critic import (
     ActorGeneration,
     PolicyAndCritics,
     critic_source,
-    disable_dropout,
+    disable_all_dropout,
     load_critic,
 )
 from humanalign.models.load import load_causal_lm, load_tokenizer, resolve_model, save_pretrained_model
 from humanalign.models.lora_merge import merged_gathered_weights
 from humanalign.models.pretrained import is_peft_model
-from humanalign.models.score import save_score_model
+from humanalign.models.score_model import save_score_model
 from humanalign.rollout import GenerationSettings, build_rollout_engine
 from humanalign.rollout.batch import RolloutBatch, response_logps, response_values, rollout_seed
 from humanalign.rollout.scorers import RunningScoreStats, SequenceScorer
@@ -141,7 +141,7 @@ class PPOTrainer:
             critics[kind], self.critic_tokenizers[kind] = load_critic(source, self.tokenizer, cfg, kind)
         module = PolicyAndCritics(actor, critics["reward"], critics.get("cost"))
         if cfg.disable_dropout:
-            disable_dropout(module)
+            disable_all_dropout(module)
         self.ref = None  # None: the actor with its LoRA adapter disabled
         if cfg.ref_model_path is not None or not is_peft_model(actor):
             ref = load_causal_lm(cfg.ref_model_path or cfg.actor_model_path, cfg.model, trainable=False)

@@ -3,7 +3,7 @@
 ``task: helpful`` trains a reward model on helpful pairs with the Bradley-Terry loss (optional per-pair margin,
 score regularisation, TRL-style centering); ``task: harmless`` trains a cost model on harmless pairs with Safe
 RLHF's loss: the pairwise term plus the sign terms that put safe answers below cost 0 and unsafe ones above it
-(``losses/score.py``). ``loss_granularity: token`` uses Safe RLHF's token-wise versions (decoders only).
+(``losses/reward_cost.py``). ``loss_granularity: token`` uses Safe RLHF's token-wise versions (decoders only).
 
 Inputs are built by ``encode_score_pair``, the function ``Scorer`` uses, so a trained model sees at scoring time
 exactly what it saw in training; the effective ``max_length`` / ``max_prompt_length`` are saved with the model.
@@ -46,7 +46,7 @@ from humanalign.engine import checkpoint as ckpt
 from humanalign.engine.data import EncodedDataset
 from humanalign.errors import ConfigError, UserError
 from humanalign.eval.rm import rm_metrics
-from humanalign.losses.score import (
+from humanalign.losses.reward_cost import (
     ScoreLoss,
     cost_loss,
     cost_tokenwise_loss,
@@ -55,7 +55,7 @@ from humanalign.losses.score import (
     reward_tokenwise_loss,
 )
 from humanalign.models.load import count_parameters
-from humanalign.models.score import (
+from humanalign.models.score_model import (
     ScoreNormalizer,
     encode_score_pair,
     is_score_model_dir,
@@ -63,7 +63,7 @@ from humanalign.models.score import (
     save_score_model,
     score_param_groups,
 )
-from humanalign.models.scoring import _position_limit
+from humanalign.models.scorer import _position_limit
 
 NAME = "rm"
 FINAL_METRICS_FILE = "final_metrics.json"

@@ -57,6 +57,7 @@ from humanalign.data.tokenize import IGNORE_INDEX
 from humanalign.engine import Engine
 from humanalign.errors import UserError
 from humanalign.eval.generate import generate_responses, read_prompts
+from humanalign.losses.preference import pair_accuracy
 from humanalign.losses.safe_mm_dpo import (
     LambdaState,
     expected_cost_pairwise,
@@ -67,9 +68,9 @@ from humanalign.models.kl import pair_kl_forward
 from humanalign.models.load import count_parameters, load_causal_lm, load_tokenizer
 from humanalign.models.logprobs import concatenated_forward, per_token_kl, sequence_logps
 from humanalign.models.margins import attach_margins
+from humanalign.models.pretrained import disable_dropout_outside_lora
 from humanalign.models.reference import ReferenceModel, build_reference
-from humanalign.models.scoring import Scorer, cached_score_pairs, load_scorer
-from humanalign.trainers.dpo import disable_dropout
+from humanalign.models.scorer import Scorer, cached_score_pairs, load_scorer
 
 FINAL_METRICS_FILE = "final_metrics.json"
 
@@ -77,8 +78,8 @@ FINAL_METRICS_FILE = "final_metrics.json"
 # --------------------------------------------------------------------------------------------- config
 
 
-def uses_safety_stream(cfg: SafeMMDPOConfig) -> bool:
-    return cfg.use_safety_stream and cfg.train_harmless_path is not None
+def uses_harmless_stream(cfg: SafeMMDPOConfig) -> bool:
+    return cfg.use_harmless_stream and cfg.train_harmless_path is not None
 
 
 def lambda_state(cfg: SafeMMDPOConfig) -> LambdaState:
@@ -90,7 +91,7 @@ def lambda_state(cfg: SafeMMDPOConfig) -> LambdaState:
 def describe(cfg: SafeMMDPOConfig) -> str:
     parts = [f"beta_ori {cfg.beta_ori:g}, w {cfg.w:g}, k {cfg.k:g}" + (" (fixed beta)" if cfg.w == 0 else ""),
              f"{'averaged' if cfg.average_log_prob else 'summed'} log-probs", f"kl_coeff {cfg.kl_coeff:g}"]
-    if uses_safety_stream(cfg):
+    if uses_harmless_stream(cfg):
         if cfg.update_lambda:
             parts.append(f"lambda {cfg.lambda_init:g} by dual ascent (lr {cfg.lambda_lr:g}, max {cfg.lambda_max:g}, "
                          f"d {cfg.cost_threshold:g}, every {cfg.lambda_update_interval} step(s) after "
@@ -98,7 +99,7 @@ def describe(cfg: SafeMMDPOConfig) -> str:
         else:
             parts.append(f"fixed lambda {cfg.lambda_init:g} (reward shaping)")
     else:
-        parts.append("no safety stream (MM-DPO)" if cfg.w > 0 else "no safety stream, fixed beta (DPO)")
+        parts.append("no harmless stream (MM-DPO)" if cfg.w > 0 else "no harmless stream, fixed beta (DPO)")
     return "[safe-mm-dpo] " + " | ".join(parts)
 
 
@@ -107,14 +108,14 @@ def describe(cfg: SafeMMDPOConfig) -> str:
 
 def load_streams(cfg: SafeMMDPOConfig, tokenizer, engine) -> dict[str, dict[str, Any]]:
     """{"helpful": {"train": PairDataset, "val": ...}, "harmless": {...}}; harmless training pairs only with the
-    safety stream, harmless validation pairs whenever given (an MM-DPO run still measures harmlessness)."""
+    harmless stream, harmless validation pairs whenever given (an MM-DPO run still measures harmlessness)."""
     def load(path, kind, split):
         return load_pair_dataset(path, kind, tokenizer, cfg, engine, name=f"{split} {path}") if path else None
 
     return {
         HELPFUL: {"train": load(cfg.train_helpful_path, "helpful", "train"),
                   "val": load(cfg.val_helpful_path, "helpful", "val")},
-        HARMLESS: {"train": load(cfg.train_harmless_path, "harmless", "train") if uses_safety_stream(cfg) else None,
+        HARMLESS: {"train": load(cfg.train_harmless_path, "harmless", "train") if uses_harmless_stream(cfg) else None,
                    "val": load(cfg.val_harmless_path, "harmless", "val")},
     }
 
@@ -259,6 +260,8 @@ def _preferred_nll(sums, counts, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 def stream_metrics(loss, parts, streams: Mapping[str, StreamPairs], settings: StepSettings, kl, nll_parts):
     """The run-book's metric names (scalars, detached) from ``safe_mm_dpo_loss``'s parts and the streams."""
+    # Public output: these names (the harmless stream as "safety") are what metrics.jsonl, the report and the
+    # run-book use; internally the stream is "harmless". Keep them as they are.
     zero = loss.detach().new_zeros(())
     metrics = {
         "loss_total": loss.detach(),
@@ -275,7 +278,7 @@ def stream_metrics(loss, parts, streams: Mapping[str, StreamPairs], settings: St
         metrics[f"reward_{short}_mean"] = (pairs.beta * pairs.h.detach()).mean()  # implicit reward margin
         metrics[f"delta_{short}_mean"] = pairs.delta.float().mean()
         metrics[f"beta_{short}_mean"] = pairs.beta.float().mean()
-        metrics[f"accuracy_{short}"] = (pairs.h.detach() > 0).float().mean()
+        metrics[f"accuracy_{short}"] = pair_accuracy(pairs.h.detach()).mean()  # a tie (h = 0) counts 1/2
     if kl is not None:
         metrics["kl_divergence"] = kl.detach()
     return metrics
@@ -294,10 +297,10 @@ def expected_cost_of(pairs: StreamPairs | None) -> tuple[torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def evaluate(model, reference: ReferenceModel, loaders: Mapping[str, Any], engine, settings: StepSettings,
-             lam: float, with_kl: bool, use_safety: bool = True) -> dict[str, float]:
+             lam: float, with_kl: bool, use_harmless: bool = True) -> dict[str, float]:
     """Every metric over each stream's whole validation set (each pair once, across processes); the total loss
-    is ``safe_mm_dpo_loss`` over all validation pairs with the current lambda. Without a safety stream in
-    training (``use_safety`` false, MM-DPO) the harmless pairs are still measured but weigh 0 in the loss."""
+    is ``safe_mm_dpo_loss`` over all validation pairs with the current lambda. Without a harmless stream in
+    training (``use_harmless`` false, MM-DPO) the harmless pairs are still measured but weigh 0 in the loss."""
     was_training = model.training
     model.eval()
     per_pair: dict[str, dict[str, list[torch.Tensor]]] = {}
@@ -323,7 +326,7 @@ def evaluate(model, reference: ReferenceModel, loaders: Mapping[str, Any], engin
     h_help, h_safe = cat.get(HELPFUL, {}).get("h", empty), cat.get(HARMLESS, {}).get("h", empty)
     kl = torch.tensor(sums["kl"] / max(sums["kl_tokens"], 1.0)) if sums["kl_tokens"] else None
     loss, parts = safe_mm_dpo_loss(h_help, h_safe, cat.get(HELPFUL, {}).get("beta", empty),
-                                   cat.get(HARMLESS, {}).get("beta", empty), lam if use_safety else 0.0,
+                                   cat.get(HARMLESS, {}).get("beta", empty), lam if use_harmless else 0.0,
                                    kl=kl if settings.kl_coeff > 0 else None, kl_coeff=settings.kl_coeff)
     streams = {s: StreamPairs(v["h"], v["beta"], v["delta"], v.get("cost"), v.get("has_cost")) for s, v in cat.items()}
     nll = (torch.tensor(sums["nll"]), torch.tensor(sums["nll_tokens"]))
@@ -407,7 +410,7 @@ def load_policy(cfg: SafeMMDPOConfig, engine, streams: Mapping[str, Mapping[str,
     policy = load_causal_lm(cfg.policy_model_path, cfg.model, cfg.lora,
                             gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.disable_dropout:
-        disable_dropout(policy)
+        disable_dropout_outside_lora(policy)
     trainable, total = count_parameters(policy)
     engine.print(f"[safe-mm-dpo] policy {cfg.policy_model_path}: {trainable:,} of {total:,} parameters trained")
     datasets = [d for parts in streams.values() for d in parts.values() if d is not None]
@@ -439,7 +442,7 @@ class Loop:
     reference: ReferenceModel
     eval_loaders: dict[str, Any]
     settings: StepSettings
-    safety: bool  # a safety stream in training (else MM-DPO: lambda weighs 0)
+    harmless: bool  # a harmless stream in training (else MM-DPO: lambda weighs 0)
     measure_kl: bool  # the exact KL is computed (a live reference), in the loss or only measured
     lam: LambdaState
     history: dict[str, Any]  # lambda_path, cost_path, before (eval on start), sampled_rounds
@@ -447,27 +450,27 @@ class Loop:
 
     @property
     def current_lambda(self) -> float:
-        return self.lam.value if self.safety else 0.0
+        return self.lam.value if self.harmless else 0.0
 
     def run_eval(self) -> dict[str, float]:
         return self.engine.log_eval(evaluate(self.model, self.reference, self.eval_loaders, self.engine,
                                              self.settings, self.current_lambda, with_kl=self.measure_kl,
-                                             use_safety=self.safety))
+                                             use_harmless=self.harmless))
 
 
 def start_loop(cfg: SafeMMDPOConfig, engine, model, reference: ReferenceModel, eval_loaders: dict[str, Any],
                cost_scorer, tokenizer) -> Loop:
     """Lambda and its history, registered with the engine's checkpoints, and the sampler of J_c when
     ``expected_cost: sampled``."""
-    safety = uses_safety_stream(cfg)
+    harmless = uses_harmless_stream(cfg)
     lam = lambda_state(cfg)
     history: dict[str, Any] = {"lambda_path": [[0, lam.value]], "cost_path": [], "before": {}, "sampled_rounds": 0}
     engine.register_state("lambda", lam)  # value, window of recent costs, update counters
     engine.register_state("history", history)
-    sampler = SampledCost(cfg, cost_scorer, tokenizer, engine) if safety and cfg.expected_cost == "sampled" else None
+    sampler = SampledCost(cfg, cost_scorer, tokenizer, engine) if harmless and cfg.expected_cost == "sampled" else None
     # the exact KL needs a live reference's distributions; with kl_coeff 0 it is only measured (measure_kl)
     measure_kl = reference.mode != "precomputed" and (cfg.kl_coeff > 0 or cfg.measure_kl)
-    return Loop(cfg, engine, model, reference, eval_loaders, StepSettings.from_config(cfg), safety, measure_kl,
+    return Loop(cfg, engine, model, reference, eval_loaders, StepSettings.from_config(cfg), harmless, measure_kl,
                 lam, history, sampler)
 
 
@@ -517,7 +520,7 @@ def train(loop: Loop, train_loader) -> float | None:
         step_start = time.time()
         step_costs = train_step(loop, micro_batches)
         stepped = engine.optimizer_step()
-        if stepped and loop.safety:
+        if stepped and loop.harmless:
             dual_ascent_step(loop.cfg, engine, loop.lam, loop.history, step_costs, loop.sampler, loop.model)
         loop.history["lambda_path"].append([engine.step, loop.lam.value])
         train_seconds += time.time() - step_start
@@ -533,6 +536,7 @@ def held_out(values: dict[str, float] | None) -> dict[str, float | None] | None:
     """The validation numbers the demo and the benchmark compare, under plain names."""
     if not values:
         return None
+    # keys: plain names; values: the public metric names in metrics.jsonl (the harmless stream as "safety")
     names = {"helpful_accuracy": "eval/accuracy_helpful", "harmless_accuracy": "eval/accuracy_safety",
              "expected_cost": "eval/expected_cost", "loss_helpful": "eval/loss_helpful",
              "loss_safety": "eval/loss_safety", "kl_divergence": "eval/kl_divergence",
@@ -558,10 +562,10 @@ def run_result(loop: Loop, margins: dict[str, Any], streams: Mapping[str, Mappin
                    "updates": lam.num_updates, "threshold": cfg.cost_threshold, "path": path,
                    # J_c (the window's mean expected cost) that each update used: [step, J_c]
                    "expected_cost_path": [[int(s), float(j)] for s, j in loop.history["cost_path"]]}
-        if loop.safety else None,
+        if loop.harmless else None,
         "margins": margins,
         "pairs": {"train_helpful": len(streams[HELPFUL]["train"]),
-                  "train_harmless": len(streams[HARMLESS]["train"]) if loop.safety else 0,
+                  "train_harmless": len(streams[HARMLESS]["train"]) if loop.harmless else 0,
                   "shared": joint.num_shared, "items_per_epoch": len(joint)},
         "seconds_per_step": seconds_per_step,
     }
@@ -584,7 +588,7 @@ def finish_run(loop: Loop, tokenizer, streams: Mapping[str, Mapping[str, PairDat
                      f"{_fmt(result['before']['helpful_accuracy'])} -> {_fmt(result['after']['helpful_accuracy'])}"
                      f", harmless {_fmt(result['before']['harmless_accuracy'])} -> "
                      f"{_fmt(result['after']['harmless_accuracy'])}"
-                     + (f"; lambda {cfg.lambda_init:g} -> {loop.lam.value:.4g}" if loop.safety else ""))
+                     + (f"; lambda {cfg.lambda_init:g} -> {loop.lam.value:.4g}" if loop.harmless else ""))
 
 
 def run(cfg: SafeMMDPOConfig) -> dict[str, Any]:
@@ -607,7 +611,7 @@ def run(cfg: SafeMMDPOConfig) -> dict[str, Any]:
 
 
 __all__ = [
-    "FINAL_METRICS_FILE", "uses_safety_stream", "lambda_state", "describe", "load_streams", "score_on_ranks",
+    "FINAL_METRICS_FILE", "uses_harmless_stream", "lambda_state", "describe", "load_streams", "score_on_ranks",
     "StepSettings", "StreamPairs", "StepOutput", "stream_pairs", "response_tokens", "step_loss", "stream_metrics",
     "expected_cost_of", "evaluate", "SampledCost", "dual_ascent_step", "is_logging_step", "load_policy",
     "make_loaders", "Loop", "start_loop", "train_step", "train", "run_result", "finish_run", "run", "held_out",

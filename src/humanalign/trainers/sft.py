@@ -35,6 +35,9 @@ import torch
 from humanalign.config.data import SourceSpec
 from humanalign.config.sft import SFTConfig
 from humanalign.data.images import reject_images
+from humanalign.data.io import atomic_write_json
+from humanalign.data.load import load_source
+from humanalign.data.pairs import records_to_pairs
 from humanalign.data.records import Message, SFTRecord, prompt_key
 from humanalign.data.tokenize import (
     IGNORE_INDEX,
@@ -47,6 +50,7 @@ from humanalign.engine import Engine
 from humanalign.engine.data import EncodedDataset
 from humanalign.errors import UserError
 from humanalign.losses.sft import sft_loss_sums
+from humanalign.models.load import count_parameters, load_causal_lm, load_tokenizer, resolve_model_path
 
 # ----------------------------------------------------------------------------------------------- data
 
@@ -58,9 +62,6 @@ def source_spec(cfg: SFTConfig, path: str) -> SourceSpec:
 
 def load_conversations(cfg: SFTConfig, path: str, limit: int | None) -> tuple[list[list[Message]], Counter[str], str]:
     """Conversations to imitate from a data path, the skip counts by reason, and a one-line description."""
-    from humanalign.data.load import load_source
-    from humanalign.data.pairs import records_to_pairs
-
     spec = source_spec(cfg, path)
     result = load_source(spec, skip_invalid=cfg.skip_invalid, seed=cfg.seed)
     reject_images(result.records, spec.describe(), "`train sft`")
@@ -250,9 +251,6 @@ def target_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def run(cfg: SFTConfig) -> dict[str, Any]:
     """Fine-tune, evaluate, checkpoint; the final model goes to ``<output_dir>/final``. Returns a summary."""
-    from humanalign.data.io import atomic_write_json
-    from humanalign.models.load import count_parameters, load_causal_lm, load_tokenizer, resolve_model_path
-
     with Engine(cfg, name="sft") as engine:
         model_path = resolve_model_path(cfg.model_name_or_path)
         tokenizer = load_tokenizer(model_path, cfg.model)

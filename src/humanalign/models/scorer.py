@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from humanalign.data.records import Message, prompt_from_jsonable
 from humanalign.data.tokenize import TruncationStats, pad_sequences, render_prompt
 from humanalign.models.load import resolve_model_path
-from humanalign.models.score import ScoreModel, encode_score_input, load_score_model, read_score_config
+from humanalign.models.score_model import ScoreModel, encode_score_input, load_score_model, read_score_config
 from humanalign.paths import cache_dir
 
 DEFAULT_MAX_LENGTH = 512

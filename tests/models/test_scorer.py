@@ -14,8 +14,13 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 from humanalign.data.records import PreferencePair, user_prompt
 from humanalign.errors import UserError
 from humanalign.models.load import resolve_model_path
-from humanalign.models.score import ScoreNormalizer, encode_score_input, load_score_model, save_score_model
-from humanalign.models.scoring import ScoreCache, Scorer, cached_score_pairs, load_scorer, model_fingerprint
+from humanalign.models.score_model import (
+    ScoreNormalizer,
+    encode_score_input,
+    load_score_model,
+    save_score_model,
+)
+from humanalign.models.scorer import ScoreCache, Scorer, cached_score_pairs, load_scorer, model_fingerprint
 from humanalign.models.tiny import build_tiny_model
 
 TEXTS = ["Hello there, how are you doing today?", "The quick brown fox jumps over the lazy dog.",

@@ -40,7 +40,7 @@ from transformers import AutoModelForSequenceClassification
 from humanalign.config.training import ModelSettings
 from humanalign.data.tokenize import IGNORE_INDEX, encode_prompt_response
 from humanalign.errors import UserError
-from humanalign.models.load import load_tokenizer, plain_float_model, resolve_model
+from humanalign.models.load import load_tokenizer, plain_float_model, portable_name, resolve_model
 from humanalign.models.lora_merge import merged_gathered_weights, merged_weights
 from humanalign.models.pretrained import (
     bnb_config,
@@ -419,6 +419,7 @@ def load_score_model(path: str, settings=None, lora=None, score_type: str | None
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"could not load the score model '{path}': {first_line}") from None
     plain_float_model(hf_model)
+    hf_model.name_or_path = portable_name(resolved.path)  # peft saves it as a LoRA adapter's base_model_name_or_path
     layout = head_layout(hf_model)
     if not saved:
         ensure_distinct_pad(tokenizer, hf_model, decoder=layout == "decoder")

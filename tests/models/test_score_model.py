@@ -14,7 +14,7 @@ from humanalign.config.training import LoraSettings
 from humanalign.data.tokenize import pad_sequences
 from humanalign.errors import UserError
 from humanalign.models.load import resolve_model_path
-from humanalign.models.score import (
+from humanalign.models.score_model import (
     PAD_TOKEN,
     SCORE_CONFIG_KEY,
     ScoreModel,
@@ -210,6 +210,16 @@ def test_lora_score_model_saves_merged_weights(decoder_dir, tmp_path):
     torch.testing.assert_close(theirs, before, atol=1e-5, rtol=0)
 
 
+def test_lora_score_adapter_records_an_absolute_base_path(decoder_dir, tmp_path, monkeypatch):
+    """A score model loaded from a relative folder: its adapter names the base by absolute path (loads anywhere)."""
+    monkeypatch.chdir(decoder_dir.parent)
+    lora = LoraSettings(enabled=True, r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model, _ = load_score_model(decoder_dir.name, lora=lora)
+    model.model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(decoder_dir.resolve())
+
+
 def test_gathered_weights_save_as_the_live_model_would(decoder_dir, tmp_path):
     """Under FSDP / DeepSpeed the live parameters are shards, so the engine passes the gathered full state
     (keys of the ScoreModel). Saving from it writes the same file as saving the live model: for a full model,
@@ -304,8 +314,8 @@ def test_minilm_preset_builds_a_head_on_its_pretrained_encoder():
 def test_pairs_encode_collate_and_train_through_lora_with_checkpointing(decoder_dir):
     from humanalign.data.records import HarmlessPair, user_prompt
     from humanalign.data.tokenize import collate_pairs
-    from humanalign.losses.score import reward_pairwise_loss
-    from humanalign.models.score import encode_score_pair
+    from humanalign.losses.reward_cost import reward_pairwise_loss
+    from humanalign.models.score_model import encode_score_pair
 
     lora = LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
     model, tok = load_score_model(str(decoder_dir), lora=lora, score_type="cost")
@@ -341,7 +351,7 @@ def test_pairs_encode_collate_and_train_through_lora_with_checkpointing(decoder_
 
 
 def test_param_lr_scale_by_module_hand_worked():
-    from humanalign.models.score import param_lr_scale
+    from humanalign.models.score_model import param_lr_scale
 
     # 6 layers, head x10, decay 0.5: layer 5 (top) 1, layer 0 0.5^5 = 1/32, embeddings 0.5^6 = 1/64
     bert = {"bert.encoder.layer.5.output.dense.weight": 1.0, "bert.encoder.layer.0.attention.self.query.bias": 1 / 32,
@@ -367,7 +377,7 @@ def _tiny_bert_classifier(seed: int = 0):
 
 
 def test_score_param_groups_set_each_groups_rate_and_decay():
-    from humanalign.models.score import score_param_groups
+    from humanalign.models.score_model import score_param_groups
 
     model = ScoreModel(_tiny_bert_classifier())
     groups = score_param_groups(model, 1e-3, 0.01, head_lr_multiplier=10.0, layer_lr_decay=0.5)
@@ -385,7 +395,7 @@ def test_score_param_groups_set_each_groups_rate_and_decay():
 def test_first_adamw_step_moves_each_module_by_its_own_rate():
     """AdamW's first step moves every weight by lr * g / (|g| + eps) = lr (bias-corrected moments are g, g^2):
     the largest change of each module is its group's learning rate."""
-    from humanalign.models.score import score_param_groups
+    from humanalign.models.score_model import score_param_groups
 
     model = ScoreModel(_tiny_bert_classifier(seed=1))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
