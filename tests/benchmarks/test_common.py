@@ -113,7 +113,7 @@ def test_gpu_runs_add_peak_gpu_memory_columns():
 
 def test_matmul_params_leave_out_an_untied_embedding_table():
     from humanalign.models.load import load_causal_lm
-    from humanalign.models.score import load_score_model
+    from humanalign.models.score_model import load_score_model
 
     causal = load_causal_lm("tiny", trainable=False)  # tied: the table is the LM head's matmul
     assert common.matmul_params(causal) == sum(p.numel() for p in causal.parameters())

@@ -123,7 +123,7 @@ def prompts(root: Path) -> Path:
 
 def score_models(root: Path) -> dict[str, Path]:
     """A tiny reward model and cost model with seeded random heads scaled x50 (margins spread over units)."""
-    from humanalign.models.score import load_score_model, save_score_model
+    from humanalign.models.score_model import load_score_model, save_score_model
 
     out = {"helpful": root / "rms" / "helpful", "harmless": root / "rms" / "harmless"}
     if all((p / "config.json").is_file() for p in out.values()):

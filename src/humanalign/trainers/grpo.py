@@ -40,8 +40,8 @@ from humanalign.engine.progress import Progress
 from humanalign.errors import UserError
 from humanalign.losses.grpo import group_advantages, grpo_token_loss, reduce_grpo_loss, rloo_advantages
 from humanalign.losses.ppo import PPOLagLambda, lagrangian_advantage, masked_mean
-from humanalign.models.actor_critic import ActorGeneration, PolicyAndCritics, disable_dropout
-from humanalign.models.load import load_causal_lm, resolve_model, save_pretrained_model
+from humanalign.models.actor_critic import ActorGeneration, PolicyAndCritics, disable_all_dropout
+from humanalign.models.load import load_causal_lm, load_tokenizer, resolve_model, save_pretrained_model
 from humanalign.models.lora_merge import merged_gathered_weights
 from humanalign.rollout import GenerationSettings, build_rollout_engine
 from humanalign.rollout.batch import RolloutBatch, response_logps, rollout_seed
@@ -113,7 +113,6 @@ class GRPOTrainer:
 
     def _load_data(self) -> None:
         """Tokenizer, prompts (encoded once), scorers and evaluation prompts."""
-        from humanalign.models.load import load_tokenizer
 
         cfg, engine = self.cfg, self.engine
         self.tokenizer = load_tokenizer(cfg.actor_model_path, cfg.model)
@@ -137,7 +136,7 @@ class GRPOTrainer:
                                gradient_checkpointing=cfg.gradient_checkpointing)
         module = PolicyAndCritics(actor, None)
         if cfg.disable_dropout:
-            disable_dropout(module)
+            disable_all_dropout(module)
         self.ref = None  # None: the actor with its LoRA adapter disabled (or no KL term at all)
         if cfg.beta > 0 and (cfg.ref_model_path is not None or not hasattr(actor, "peft_config")):
             ref = load_causal_lm(cfg.ref_model_path or cfg.actor_model_path, cfg.model, trainable=False)
