@@ -113,7 +113,6 @@ class GRPOTrainer:
 
     def _load_data(self) -> None:
         """Tokenizer, prompts (encoded once), scorers and evaluation prompts."""
-
         cfg, engine = self.cfg, self.engine
         self.tokenizer = load_tokenizer(cfg.actor_model_path, cfg.model)
         self.pad_id = self.tokenizer.pad_token_id
