@@ -137,20 +137,27 @@ def image_demo_records(n: int, seed: int = 0, size: int = 64, kinds: tuple[str, 
 
 
 def write_image_demo(output_dir: str | Path, n: int = 200, seed: int = 0, size: int = 64,
-                     kinds: tuple[str, ...] | None = None, blank: bool = False) -> Path:
+                     kinds: tuple[str, ...] | None = None) -> Path:
     """Write ``n`` records to ``output_dir/image_pairs.jsonl`` and their PNGs to ``output_dir/images/``;
-    returns the JSONL path. ``blank``: every picture replaced by a plain white one (a control set whose
-    answers the pixels cannot tell apart)."""
+    returns the JSONL path."""
     out = Path(output_dir)
     (out / IMAGE_SUBDIR).mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (record, picture) in enumerate(image_demo_records(n, seed, size, kinds)):
         name = f"{IMAGE_SUBDIR}/{i:05d}.png"
-        if blank:
-            picture = Image.new("RGB", picture.size, (255, 255, 255))
         picture.save(out / name, format="PNG")
         rows.append({**record, "images": [name]})
     return atomic_write_jsonl(out / JSONL_NAME, rows)
+
+
+def blank_pictures(pairs_path: str | Path, blank_png: str | Path, size: int = 64) -> Path:
+    """The control set: rewrite a prepared pairs file so that every image is one plain white picture
+    (``blank_png``, written here). The pairs and their split stay the same; only the pixels are gone."""
+    Image.new("RGB", (size, size), (255, 255, 255)).save(blank_png, format="PNG")
+    rows = [json.loads(line) for line in Path(pairs_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    for row in rows:
+        row["images"] = [str(Path(blank_png).resolve())] * len(row.get("images", []))
+    return atomic_write_jsonl(pairs_path, rows)
 
 
 def describe(path: str | Path) -> dict[str, int]:
@@ -162,4 +169,5 @@ def describe(path: str | Path) -> dict[str, int]:
     return counts
 
 
-__all__ = ["write_image_demo", "image_demo_records", "draw", "COLOURS", "SHAPES", "QUESTIONS", "ANSWERS", "JSONL_NAME"]
+__all__ = ["write_image_demo", "image_demo_records", "draw", "COLOURS", "SHAPES", "QUESTIONS", "ANSWERS", "JSONL_NAME",
+           "blank_pictures"]
