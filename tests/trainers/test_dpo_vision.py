@@ -22,7 +22,12 @@ from humanalign.data.vision_pairs import VisionPairCollator, load_vision_pair_da
 from humanalign.errors import ConfigError, UserError
 from humanalign.models import logprobs
 from humanalign.models.load import load_tokenizer
-from humanalign.models.logprobs import concatenated_forward, pair_layout, sequence_logps, shared_layout_possible
+from humanalign.models.logprobs import (
+    concatenated_forward,
+    pair_layout,
+    sequence_logps,
+    shared_layout_possible,
+)
 from humanalign.models.reference import FrozenReference
 from humanalign.models.tiny_vision import build_tiny_vision_model
 from humanalign.models.vision import is_vision_model, load_processor, load_vision_lm, model_part
