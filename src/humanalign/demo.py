@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from humanalign.config.base import load_config
@@ -106,7 +107,8 @@ def held_out_accuracy(policy_dir: str | Path, reference_dir: str | Path, pairs_p
     from humanalign.models.vision import load_processor, load_vision_lm
 
     processor = load_processor(policy_dir)
-    dataset = load_vision_pair_dataset(pairs_path, "helpful", processor, _Lengths(), name=str(pairs_path))
+    dataset = load_vision_pair_dataset(pairs_path, "helpful", processor, SimpleNamespace(max_length=512),
+                                       name=str(pairs_path))
     collate = VisionPairCollator(processor.tokenizer.pad_token_id)
     margins = []
     with torch.no_grad():
@@ -117,10 +119,6 @@ def held_out_accuracy(policy_dir: str | Path, reference_dir: str | Path, pairs_p
             margins.append((pol["chosen_logps"] - ref["chosen_logps"]) - (pol["rejected_logps"] - ref["rejected_logps"]))
     h = torch.cat(margins)
     return float(((h > 0).float() + 0.5 * (h == 0).float()).mean())
-
-
-class _Lengths:
-    max_length = 512
 
 
 def vision_dpo(root: Path, *, seed: int = 0, blank: bool = False, recipe: dict | None = None) -> dict[str, Any]:
