@@ -5,6 +5,7 @@ AutoModelForImageTextToText, and the refusals (precomputed reference; text consu
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from humanalign.config.training import LoraSettings
 from humanalign.data.image_demo import write_image_demo
 from humanalign.data.preference_dataset import load_pair_dataset
 from humanalign.data.prepare import run as prepare
+from humanalign.data.vision_collate import tokenize_vision_pairs
 from humanalign.data.vision_pairs import VisionPairCollator, load_vision_pair_dataset
 from humanalign.errors import ConfigError, UserError
 from humanalign.models import logprobs
@@ -29,8 +31,14 @@ from humanalign.models.logprobs import (
     shared_layout_possible,
 )
 from humanalign.models.reference import FrozenReference
-from humanalign.models.tiny_vision import build_tiny_vision_model
-from humanalign.models.vision import is_vision_model, load_processor, load_vision_lm, model_part
+from humanalign.models.tiny_vision import build_tiny_vision_model, tiny_qwen2_vl
+from humanalign.models.vision import (
+    is_vision_model,
+    load_processor,
+    load_vision_lm,
+    model_part,
+    set_trainable_parts,
+)
 from humanalign.trainers.dpo import LossSettings, pair_loss
 from humanalign.trainers.dpo import run as train_dpo
 
@@ -155,3 +163,29 @@ def test_text_consumers_still_refuse_image_pairs_and_say_who_takes_them(vision_r
     cfg = type("Cfg", (), {"max_length": 64, "max_prompt_length": 32})()
     with pytest.raises(UserError, match=r"carry images, .*taken by `train dpo` with a vision-language policy"):
         load_pair_dataset(vision_run["train"], "helpful", load_tokenizer("tiny"), cfg)
+
+
+def test_a_qwen2_vl_policy_takes_the_same_step(vision_run):
+    """The second family (patch-sequence pixel values, image_grid_thw, multimodal RoPE): plain forward, the
+    sigmoid loss at ln 2 against a frozen copy, its merger counted as the projector and trained, the tower not."""
+    import copy
+
+    from humanalign.data.load import load_source
+    from humanalign.data.pairs import records_to_pairs
+
+    model, processor = tiny_qwen2_vl()
+    reference = FrozenReference(copy.deepcopy(model).eval().requires_grad_(False))
+    counts = set_trainable_parts(model, freeze_vision_tower=True, freeze_projector=False)
+    assert counts["vision"] == 0 and counts["projector"] > 0
+    pairs = records_to_pairs(load_source(str(vision_run["train"])).records, "helpful", Counter())[:3]
+    examples, skipped = tokenize_vision_pairs(pairs, processor, 256)
+    assert not skipped
+    batch = VisionPairCollator(processor.tokenizer.pad_token_id)(examples)
+    assert "image_grid_thw" in batch and pair_layout(model, batch) == "plain"
+    settings = LossSettings.from_config(load_config(DPOConfig, values={}))
+    step = pair_loss(model, reference, batch, settings, 0.1)
+    assert step.loss.item() == pytest.approx(0.6931, abs=1e-3)
+    step.loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if model_part(n) == "vision")
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if model_part(n) == "projector")
