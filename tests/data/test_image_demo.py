@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
+from collections import Counter
 
-from humanalign.data.image_demo import COLOURS, QUESTIONS, image_demo_records, write_image_demo
+from humanalign.data.image_demo import ANSWERS, COLOURS, QUESTIONS, image_demo_records, write_image_demo
 from humanalign.data.load import load_source
 
 
@@ -82,3 +84,38 @@ def test_the_swift_adapter_reads_it_with_resolved_images(tmp_path):
         assert rec.prompt[-1]["content"].startswith("<image>\n") and rec.chosen == raw["response"]
     assert any(len(rec.prompt) == 3 for rec in res.records)  # history records
     assert any(rec.prompt[0]["role"] == "system" for rec in res.records)
+
+
+def test_text_alone_cannot_tell_the_answers_apart():
+    """Per question, each candidate answer is chosen as often as rejected, and each ordered (chosen, rejected)
+    pair of answers as often as its reverse: only the picture says which answer is right."""
+    records = image_demo_records(len(QUESTIONS) * 120, seed=3)
+    for kind, answers in ANSWERS.items():
+        pairs = Counter()
+        for record, _ in records:
+            if record["query"] == f"<image>\n{QUESTIONS[kind](random.Random(0), 64, 8, *answers[:2])[1]}":
+                pairs[(answer_word(record["response"], answers), answer_word(record["rejected_response"], answers))] += 1
+        assert sum(pairs.values()) == 120
+        chosen = Counter(c for (c, _), n in pairs.items() for _ in range(n))
+        rejected = Counter(r for (_, r), n in pairs.items() for _ in range(n))
+        assert chosen == rejected and len(set(chosen.values())) == 1, kind
+        assert all(pairs[(a, b)] == pairs[(b, a)] for a, b in pairs), kind
+
+
+def answer_word(text: str, answers) -> str:
+    found = [a for a in answers if re.search(rf"\b{a}\b", text)]
+    return found[-1]
+
+
+def test_blank_control_keeps_the_pairs_and_whitens_the_pictures(tmp_path):
+    from PIL import Image
+
+    from humanalign.data.image_demo import blank_pictures
+
+    path = write_image_demo(tmp_path / "set", n=8, seed=0)
+    before = [json.loads(line) for line in path.read_text().splitlines()]
+    blank_pictures(path, tmp_path / "blank.png", 32)
+    after = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [{**r, "images": None} for r in after] == [{**r, "images": None} for r in before]
+    assert {img for r in after for img in r["images"]} == {str((tmp_path / "blank.png").resolve())}
+    assert set(Image.open(tmp_path / "blank.png").getdata()) == {(255, 255, 255)}

@@ -51,63 +51,81 @@ def _spot(rng: random.Random, size: int, radius: int, x_range: tuple[float, floa
     return rng.randint(lo, max(lo, hi)), rng.randint(radius, size - radius - 1)
 
 
-def _other(rng: random.Random, options: tuple[str, ...] | list[str], right: str) -> str:
-    return rng.choice([o for o in options if o != right])
+Question = Callable[[random.Random, int, int, str, str], tuple[list[Shape], str, str, str]]
 
 
-def _colour_question(rng: random.Random, size: int, radius: int) -> tuple[list[Shape], str, str, str]:
-    shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
-    wrong = _other(rng, list(COLOURS), colour)
+def _colour_question(rng: random.Random, size: int, radius: int, colour: str, wrong: str):
+    shape = rng.choice(SHAPES)
     return ([(shape, colour, *_spot(rng, size, radius))], "What colour is the shape?",
             f"The {shape} is {colour}.", f"The {shape} is {wrong}.")
 
 
-def _count_question(rng: random.Random, size: int, radius: int) -> tuple[list[Shape], str, str, str]:
-    n = rng.randint(1, 4)
+def _count_question(rng: random.Random, size: int, radius: int, right: str, wrong: str):
+    n = int(right)
     colour = rng.choice(list(COLOURS))
     cells = rng.sample([(cx, cy) for cx in range(3) for cy in range(3)], n + 1)  # no overlaps: one per cell
     step = size // 3
     shapes = [("circle", colour, cx * step + step // 2, cy * step + step // 2) for cx, cy in cells[:n]]
     cx, cy = cells[n]
-    shapes.append(("square", _other(rng, list(COLOURS), colour), cx * step + step // 2, cy * step + step // 2))
-    wrong = int(_other(rng, ("1", "2", "3", "4", "5"), str(n)))
-    return shapes, "How many circles are there?", _circles(n), _circles(wrong)
+    shapes.append(("square", rng.choice([c for c in COLOURS if c != colour]), cx * step + step // 2,
+                   cy * step + step // 2))
+    return shapes, "How many circles are there?", _circles(n), _circles(int(wrong))
 
 
 def _circles(k: int) -> str:
     return "There is 1 circle." if k == 1 else f"There are {k} circles."
 
 
-def _side_question(rng: random.Random, size: int, radius: int) -> tuple[list[Shape], str, str, str]:
-    side = rng.choice(("left", "right"))
+def _side_question(rng: random.Random, size: int, radius: int, side: str, wrong: str):
     span = (0.0, 0.5) if side == "left" else (0.5, 1.0)
     other = (0.5, 1.0) if side == "left" else (0.0, 0.5)
     shapes = [("square", rng.choice(list(COLOURS)), *_spot(rng, size, radius, span)),
               ("circle", rng.choice(list(COLOURS)), *_spot(rng, size, radius, other))]
-    wrong = "right" if side == "left" else "left"
     return shapes, "Is the square on the left or on the right?", f"The square is on the {side}.", \
         f"The square is on the {wrong}."
 
 
-def _shape_question(rng: random.Random, size: int, radius: int) -> tuple[list[Shape], str, str, str]:
-    shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+def _shape_question(rng: random.Random, size: int, radius: int, shape: str, wrong: str):
+    colour = rng.choice(list(COLOURS))
     return ([(shape, colour, *_spot(rng, size, radius))], "What shape is in the picture?",
-            f"It is a {colour} {shape}.", f"It is a {colour} {_other(rng, SHAPES, shape)}.")
+            f"It is a {colour} {shape}.", f"It is a {colour} {wrong}.")
 
 
-QUESTIONS: dict[str, Callable[[random.Random, int, int], tuple[list[Shape], str, str, str]]] = {
+QUESTIONS: dict[str, Question] = {
     "colour": _colour_question, "count": _count_question, "side": _side_question, "shape": _shape_question,
 }
+# Each question's candidate answers: the right one and the wrong one are an ordered pair of these
+ANSWERS: dict[str, tuple[str, ...]] = {"colour": tuple(COLOURS), "count": ("1", "2", "3", "4"),
+                                       "side": ("left", "right"), "shape": SHAPES}
 
 
-def image_demo_records(n: int, seed: int = 0, size: int = 64) -> list[tuple[dict[str, Any], Image.Image]]:
-    """``n`` (ms-swift record, picture) pairs; the record's ``images`` is filled in when written."""
+class _Deck:
+    """Every ordered (right, wrong) pair of a question's answers once per round, in a seeded order: so each answer
+    is right (and wrong) equally often, and (a, b) is (chosen, rejected) as often as (b, a). The text alone
+    then predicts nothing; only the picture tells the answers apart."""
+
+    def __init__(self, answers: tuple[str, ...], rng: random.Random):
+        self.answers, self.rng, self.left = answers, rng, []
+
+    def draw(self) -> tuple[str, str]:
+        if not self.left:
+            self.left = [(a, b) for a in self.answers for b in self.answers if a != b]
+            self.rng.shuffle(self.left)
+        return self.left.pop()
+
+
+def image_demo_records(n: int, seed: int = 0, size: int = 64, kinds: tuple[str, ...] | None = None,
+                       ) -> list[tuple[dict[str, Any], Image.Image]]:
+    """``n`` (ms-swift record, picture) pairs, the question kinds (``kinds``, default all of ``QUESTIONS``) in
+    turn; the record's ``images`` is filled in when written."""
     rng = random.Random(seed)
     radius = max(3, size // 8)
+    kinds = tuple(kinds or QUESTIONS)
+    decks = {kind: _Deck(ANSWERS[kind], rng) for kind in kinds}
     out = []
     for i in range(n):
-        kind = list(QUESTIONS)[i % len(QUESTIONS)]
-        shapes, question, right, wrong = QUESTIONS[kind](rng, size, radius)
+        kind = kinds[i % len(kinds)]
+        shapes, question, right, wrong = QUESTIONS[kind](rng, size, radius, *decks[kind].draw())
         record: dict[str, Any] = {"query": f"{IMAGE_PLACEHOLDER}\n{question}", "response": right,
                                   "rejected_response": wrong}
         if i % 5 == 1:
@@ -118,17 +136,28 @@ def image_demo_records(n: int, seed: int = 0, size: int = 64) -> list[tuple[dict
     return out
 
 
-def write_image_demo(output_dir: str | Path, n: int = 200, seed: int = 0, size: int = 64) -> Path:
+def write_image_demo(output_dir: str | Path, n: int = 200, seed: int = 0, size: int = 64,
+                     kinds: tuple[str, ...] | None = None) -> Path:
     """Write ``n`` records to ``output_dir/image_pairs.jsonl`` and their PNGs to ``output_dir/images/``;
     returns the JSONL path."""
     out = Path(output_dir)
     (out / IMAGE_SUBDIR).mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, (record, picture) in enumerate(image_demo_records(n, seed, size)):
+    for i, (record, picture) in enumerate(image_demo_records(n, seed, size, kinds)):
         name = f"{IMAGE_SUBDIR}/{i:05d}.png"
         picture.save(out / name, format="PNG")
         rows.append({**record, "images": [name]})
     return atomic_write_jsonl(out / JSONL_NAME, rows)
+
+
+def blank_pictures(pairs_path: str | Path, blank_png: str | Path, size: int = 64) -> Path:
+    """The control set: rewrite a prepared pairs file so that every image is one plain white picture
+    (``blank_png``, written here). The pairs and their split stay the same; only the pixels are gone."""
+    Image.new("RGB", (size, size), (255, 255, 255)).save(blank_png, format="PNG")
+    rows = [json.loads(line) for line in Path(pairs_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    for row in rows:
+        row["images"] = [str(Path(blank_png).resolve())] * len(row.get("images", []))
+    return atomic_write_jsonl(pairs_path, rows)
 
 
 def describe(path: str | Path) -> dict[str, int]:
@@ -140,4 +169,5 @@ def describe(path: str | Path) -> dict[str, int]:
     return counts
 
 
-__all__ = ["write_image_demo", "image_demo_records", "draw", "COLOURS", "SHAPES", "QUESTIONS", "JSONL_NAME"]
+__all__ = ["write_image_demo", "image_demo_records", "draw", "COLOURS", "SHAPES", "QUESTIONS", "ANSWERS", "JSONL_NAME",
+           "blank_pictures"]

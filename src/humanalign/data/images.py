@@ -29,6 +29,8 @@ from humanalign.paths import cache_dir
 if TYPE_CHECKING:  # type hints only: data.sources imports this module for its adapters
     from humanalign.data.sources import SourceContext
 
+# Who takes images today (named in the refusal of every consumer that does not)
+IMAGE_TRAINERS = "images are taken by `train dpo` with a vision-language policy only"
 IMAGE_DIR_OPTION = "image_dir"  # adapter option: where image objects are written (default: the cache)
 
 
@@ -188,7 +190,7 @@ def reject_images(records: list, where: str, consumer: str) -> None:
     with_images = sum(1 for rec in records if getattr(rec, "images", None))
     if with_images:
         raise UserError(f"{where}: {with_images} of {len(records)} records carry images, which {consumer} does not "
-                        "take yet (see docs/multimodal.md); use text-only data")
+                        f"take yet ({IMAGE_TRAINERS}; see docs/multimodal.md); use text-only data")
 
 
 __all__ = ["IMAGE_DIR_OPTION", "check_images_kept", "reject_images", "image_ref", "images", "check_placeholders", "image_digest", "load_image",

@@ -141,12 +141,14 @@ def has_safety_labels(pairs: Iterable[PreferencePair]) -> bool:
 
 def load_preference_pairs(
     path: str | Path | SourceSpec, *, kind: Kind = "helpful", skip_invalid: bool = False, allow_empty: bool = False,
+    allow_images: bool = False,
 ) -> tuple[list[PreferencePair], Counter[str]]:
     """Pairs of ``kind`` from a prepared *_pairs.jsonl (or any source a SourceSpec names), plus skip counts.
 
     Pairs whose responses are empty or identical are skipped and counted; bad records raise RecordError
     (file, line, field) unless ``skip_invalid``, contradictory safety labels included. Harmless pairs from a
-    source without is_safe labels come back with None labels (see ``has_safety_labels``).
+    source without is_safe labels come back with None labels (see ``has_safety_labels``). Pairs with images are
+    refused unless ``allow_images`` (a consumer that feeds them to a vision-language model: `train dpo`).
     """
     if kind not in KINDS:
         raise UserError(f"unknown pair kind '{kind}' (helpful or harmless)")
@@ -155,7 +157,8 @@ def load_preference_pairs(
     skipped: Counter[str] = Counter(result.skipped)
     plain_kind: Kind = kind if spec.pair_kind == "auto" else spec.pair_kind
     pairs = records_to_pairs(result.records, kind, skipped, plain_kind=plain_kind)
-    reject_images(pairs, spec.describe(), "training and evaluation on pairs")
+    if not allow_images:
+        reject_images(pairs, spec.describe(), "training and evaluation on pairs with a text model")
     if not pairs and not allow_empty:
         why = ", ".join(f"{reason}: {n}" for reason, n in skipped.most_common()) or "no records"
         raise UserError(f"{spec.describe()}: no usable {kind} pairs ({why})")

@@ -22,7 +22,10 @@ layouts of the backbone's input:
 
 Both give the full forward's numbers up to float round-off. ``pair_layout`` picks one per model, once, after a
 self-check against the plain full-logits forward on two pairs of the first batch (``plain`` if neither agrees,
-e.g. for a model whose forward post-processes its logits). ``scored_forward`` takes another scorer for the
+e.g. for a model whose forward post-processes its logits). A vision-language model always takes the plain
+forward (``IMAGE_KEYS`` of the batch passed through): the fast layouts rebuild the rows from ``input_ids`` alone
+(the shared layout's one-row-per-pair positions and 4-D mask would misplace the image tokens and multimodal
+position ids, and the self-check would need the pixels too), so they are not tried. ``scored_forward`` takes another scorer for the
 head: ``models/kl.py`` computes the exact KL between a policy and its reference that way (``per_token_kl``
 below is the plain forward's).
 """
@@ -46,6 +49,8 @@ LAYOUT_NOTES = {
     "padded": "chosen and rejected rows, LM head on response tokens only",
     "plain": "chosen and rejected rows, full logits",
 }
+# Per-image and extra per-token inputs of a vision-language batch (``data.vision_collate``), passed to the model
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask", "mm_token_type_ids")
 _LAYOUT_ATTR = "_humanalign_pair_layout"  # the self-check's decision, kept on the Hugging Face model
 HEAD_CHUNK_ELEMENTS = 1 << 24  # tokens x vocabulary per head chunk: 64 MiB of float32 logits
 PROBS_ELEMENTS = 1 << 26  # a trained head keeps the softmax for its backward up to this size (256 MiB float32)
@@ -91,9 +96,15 @@ def sequence_logps(
     return total, counts
 
 
-def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The model's logits (B, T, V) for a right-padded batch (no KV cache kept)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+def image_inputs(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The batch's image inputs (``IMAGE_KEYS`` present), to pass to a vision-language model's forward."""
+    return {key: batch[key] for key in IMAGE_KEYS if batch.get(key) is not None}
+
+
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   **images: torch.Tensor) -> torch.Tensor:
+    """The model's logits (B, T, V) for a right-padded batch (no KV cache kept); ``images``: ``image_inputs``."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **images)
     return out.logits
 
 
@@ -284,7 +295,12 @@ def shared_layout_possible(model) -> bool:
     """Whether ``model`` can take the shared-prompt layout, judged from its type and config alone (the
     self-check of ``pair_layout`` still has the last word): picks the lengths to group batches by."""
     hf, supported = _unwrap(model)
-    return supported and _shared_supported(hf)
+    return supported and _shared_supported(hf) and not is_vision_language(hf)
+
+
+def is_vision_language(hf) -> bool:
+    """Whether a (unwrapped) Hugging Face model takes images: its config has a vision config."""
+    return getattr(getattr(hf, "config", None), "vision_config", None) is not None
 
 
 def _shared_supported(hf) -> bool:
@@ -390,8 +406,8 @@ def pair_layout(model, batch: Mapping[str, Any]) -> str:
     fast layouts with the plain full-logits forward on two pairs of ``batch``, in eval mode (no dropout, so no
     random numbers are drawn)."""
     hf, supported = _unwrap(model)
-    if not supported:
-        return "plain"
+    if not supported or is_vision_language(hf) or image_inputs(batch):
+        return "plain"  # images: the fast layouts do not apply (see the module docstring)
     decided = hf.__dict__.get(_LAYOUT_ATTR)
     if decided is not None:
         return decided
@@ -439,8 +455,10 @@ def concatenated_forward(
         layout = pair_layout(model, batch)
     counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1)  # (2B,)
     logits = None
+    if image_inputs(batch) and layout != "plain":
+        raise ValueError(f"a batch with images takes the plain layout, not {layout!r}")
     if layout == "plain":
-        logits = forward_logits(model, input_ids, batch.get("attention_mask"))  # (2B, T, V)
+        logits = forward_logits(model, input_ids, batch.get("attention_mask"), **image_inputs(batch))  # (2B, T, V)
         sums, _ = sequence_logps(logits, labels)  # (2B,)
         with torch.no_grad():
             response = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)  # (2B, T-1, 1)
@@ -483,7 +501,7 @@ def per_token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: 
 
 
 __all__ = [
-    "LAYOUTS", "LAYOUT_NOTES", "token_logps", "sequence_logps", "forward_logits", "batch_logps",
+    "LAYOUTS", "LAYOUT_NOTES", "IMAGE_KEYS", "image_inputs", "is_vision_language", "token_logps", "sequence_logps", "forward_logits", "batch_logps",
     "head_logps", "scored_forward", "row_sums", "scored_logps", "pair_layout", "shared_layout_possible",
     "concatenated_forward", "per_token_kl",
 ]

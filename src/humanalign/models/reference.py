@@ -37,8 +37,9 @@ from humanalign.errors import ConfigError, UserError
 from humanalign.fs import FILE_MODE, temp_file_beside
 from humanalign.losses.preference import LOSS_SPECS
 from humanalign.models.load import load_causal_lm
-from humanalign.models.logprobs import concatenated_forward, forward_logits
+from humanalign.models.logprobs import concatenated_forward, forward_logits, image_inputs
 from humanalign.models.pretrained import is_peft_model
+from humanalign.models.vision import is_vision_model, load_vision_lm
 from humanalign.paths import cache_dir
 
 CACHE_VERSION = "ref-logps-v1"  # bump when what the cache holds, or how it is computed, changes
@@ -89,7 +90,7 @@ class FrozenReference(ReferenceModel):
 
     @torch.no_grad()
     def forward_logits(self, batch):
-        return forward_logits(self.model, batch["input_ids"], batch.get("attention_mask"))
+        return forward_logits(self.model, batch["input_ids"], batch.get("attention_mask"), **image_inputs(batch))
 
     def describe(self) -> str:
         return f"model ({self.source})" if self.source else "model"
@@ -133,7 +134,7 @@ class AdapterDisabledReference(ReferenceModel):
 
     def forward_logits(self, batch):
         with self.base_model() as base:
-            return forward_logits(base, batch["input_ids"], batch.get("attention_mask"))
+            return forward_logits(base, batch["input_ids"], batch.get("attention_mask"), **image_inputs(batch))
 
 
 class PrecomputedReference(ReferenceModel):
@@ -184,6 +185,8 @@ def load_reference_model(cfg, engine) -> tuple[torch.nn.Module, str]:
     """The frozen reference on the CPU, not yet prepared: ``ref_model_path``, else the policy's start."""
     source = getattr(cfg, "ref_model_path", None) or cfg.policy_model_path
     engine.print(f"[reference] loading the frozen reference model from {source}")
+    if is_vision_model(source, cfg.model):
+        return load_vision_lm(source, cfg.model, trainable=False), source
     return load_causal_lm(source, cfg.model, trainable=False), source
 
 

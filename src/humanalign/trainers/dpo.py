@@ -15,12 +15,20 @@ step under train/ and on the validation pairs every ``eval_steps`` under eval/: 
 rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen, logps/rejected, logits/chosen,
 logits/rejected, nll (when the loss has an NLL term) and beta. The final policy is saved to
 ``<output_dir>/final`` as a Hugging Face folder (a PEFT adapter folder for LoRA).
+
+A vision-language policy (``models.vision.is_vision_model``: its config has a vision config) trains on pairs
+with images: its processor tokenises them (``data.vision_pairs``), the vision tower stays frozen
+(``freeze_vision_tower``), the projector trains (``freeze_projector``), LoRA adapts the language model only, and
+every forward, policy and reference, is the plain concatenated one with the pixel values passed through: the
+shared-prompt row and the response-only LM head are text-only fast paths (docs/multimodal.md). Precomputed
+reference log-probs are refused with images; the final folder holds the processor and loads with
+``AutoProcessor`` / ``AutoModelForImageTextToText``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -28,12 +36,15 @@ import torch
 
 from humanalign.config.dpo import DPOConfig
 from humanalign.data.preference_dataset import PairCollator, load_pair_dataset
+from humanalign.data.vision_pairs import VisionPairCollator, load_vision_pair_dataset
 from humanalign.engine import Engine
+from humanalign.errors import ConfigError
 from humanalign.losses.preference import LOSS_SPECS, beta_schedule, compute_preference_loss, pair_accuracy
 from humanalign.models.load import count_parameters, load_causal_lm, load_tokenizer
 from humanalign.models.logprobs import LAYOUT_NOTES, concatenated_forward, pair_layout, shared_layout_possible
 from humanalign.models.pretrained import disable_dropout_outside_lora
 from humanalign.models.reference import ReferenceModel, build_reference
+from humanalign.models.vision import is_vision_model, load_processor, load_vision_lm
 
 
 @dataclass(frozen=True)
@@ -141,39 +152,74 @@ def _describe(cfg: DPOConfig, settings: LossSettings) -> str:
     return "[dpo] " + " | ".join(parts)
 
 
+class RunInputs(NamedTuple):
+    """What ``run`` trains on, text or vision-language alike."""
+
+    policy: torch.nn.Module
+    saver: Any  # the tokenizer (text) or processor (vision-language), saved beside the final model
+    train_set: Any  # PairDataset or VisionPairDataset
+    val_set: Any
+    collate: Any
+    lengths: Callable[[Any], list[int]]  # tokens per example, for length-grouped batches
+    pad_token_id: int
+
+
+def _text_inputs(cfg: DPOConfig, engine) -> RunInputs:
+    tokenizer = load_tokenizer(cfg.policy_model_path, cfg.model)
+    train_set = load_pair_dataset(cfg.train_path, cfg.pair_kind, tokenizer, cfg, engine, name=f"train {cfg.train_path}")
+    val_set = (load_pair_dataset(cfg.val_path, cfg.pair_kind, tokenizer, cfg, engine, name=f"val {cfg.val_path}")
+               if cfg.val_path else None)
+    policy = load_causal_lm(cfg.policy_model_path, cfg.model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
+    # group batches by the length of the rows the model will compute: one row per pair (prompt once) or two
+    shared = shared_layout_possible(policy)
+    return RunInputs(policy, tokenizer, train_set, val_set, PairCollator(tokenizer.pad_token_id),
+                     lambda d: d.shared_lengths if shared else d.lengths, tokenizer.pad_token_id)
+
+
+def _vision_inputs(cfg: DPOConfig, engine) -> RunInputs:
+    """A vision-language policy: its processor tokenises the pairs with their images; every forward is the plain
+    concatenated one with the pixel values (``models.logprobs``: the text fast paths do not apply)."""
+    if cfg.reference_mode == "precomputed" and LOSS_SPECS[cfg.loss_type].needs_reference:
+        raise ConfigError("reference_mode precomputed is not supported with a vision-language policy yet (the "
+                          "reference log-prob cache is keyed on token ids, not pixels): use model or adapter-disabled")
+    processor = load_processor(cfg.policy_model_path, cfg.model)
+    train_set = load_vision_pair_dataset(cfg.train_path, cfg.pair_kind, processor, cfg, engine,
+                                         name=f"train {cfg.train_path}")
+    val_set = (load_vision_pair_dataset(cfg.val_path, cfg.pair_kind, processor, cfg, engine, name=f"val {cfg.val_path}")
+               if cfg.val_path else None)
+    policy = load_vision_lm(cfg.policy_model_path, cfg.model, cfg.lora, freeze_vision_tower=cfg.freeze_vision_tower,
+                            freeze_projector=cfg.freeze_projector, gradient_checkpointing=cfg.gradient_checkpointing)
+    pad = processor.tokenizer.pad_token_id
+    return RunInputs(policy, processor, train_set, val_set, VisionPairCollator(pad), lambda d: d.lengths, pad)
+
+
 def run(cfg: DPOConfig) -> dict[str, Any]:
     """Train the policy on preference pairs; returns the run summary (also in run_summary.json)."""
     settings = LossSettings.from_config(cfg)
     start = time.time()
     with Engine(cfg, name="dpo") as engine:
         engine.print(_describe(cfg, settings))
-        tokenizer = load_tokenizer(cfg.policy_model_path, cfg.model)
-        train_set = load_pair_dataset(cfg.train_path, cfg.pair_kind, tokenizer, cfg, engine,
-                                      name=f"train {cfg.train_path}")
-        val_set = (load_pair_dataset(cfg.val_path, cfg.pair_kind, tokenizer, cfg, engine, name=f"val {cfg.val_path}")
-                   if cfg.val_path else None)
-        policy = load_causal_lm(cfg.policy_model_path, cfg.model, cfg.lora,
-                                gradient_checkpointing=cfg.gradient_checkpointing)
+        vision = is_vision_model(cfg.policy_model_path, cfg.model)
+        inputs = _vision_inputs(cfg, engine) if vision else _text_inputs(cfg, engine)
+        policy, train_set, val_set, collate = inputs.policy, inputs.train_set, inputs.val_set, inputs.collate
         if cfg.disable_dropout:
             disable_dropout_outside_lora(policy)
         trainable, total = count_parameters(policy)
-        engine.print(f"[dpo] policy {cfg.policy_model_path}: {trainable:,} of {total:,} parameters trained")
-        reference = build_reference(cfg, policy, engine, [train_set, val_set], pad_token_id=tokenizer.pad_token_id)
+        engine.print(f"[dpo] {'vision-language ' if vision else ''}policy {cfg.policy_model_path}: {trainable:,} of "
+                     f"{total:,} parameters trained")
+        reference = build_reference(cfg, policy, engine, [train_set, val_set], pad_token_id=inputs.pad_token_id)
         engine.print(f"[dpo] reference: {reference.describe() if reference else 'none (reference-free loss)'}")
 
-        collate = PairCollator(tokenizer.pad_token_id)
-        # group batches by the length of the rows the model will compute: one row per pair (prompt once) or two
-        shared = shared_layout_possible(policy)
-        train_loader = engine.train_loader(train_set, collate,
-                                           lengths=train_set.shared_lengths if shared else train_set.lengths)
-        eval_loader = (engine.eval_loader(val_set, collate, lengths=val_set.shared_lengths if shared else val_set.lengths)
-                       if val_set else None)
+        train_loader = engine.train_loader(train_set, collate, lengths=inputs.lengths(train_set))
+        eval_loader = engine.eval_loader(val_set, collate, lengths=inputs.lengths(val_set)) if val_set else None
         model, _, _ = engine.prepare(policy, train_loader)
         model.train()  # from_pretrained leaves models in eval mode; LoRA dropout needs train mode
         if reference is not None:
             reference.attach(model)
         probe = engine.to_device(collate([train_set[i] for i in range(min(2, len(train_set)))]))
-        engine.print(f"[dpo] pair forward: {LAYOUT_NOTES[pair_layout(model, probe)]}")
+        layout = pair_layout(model, probe)
+        engine.print(f"[dpo] pair forward: {LAYOUT_NOTES[layout]}"
+                     + (" (images: the text fast paths do not apply)" if vision else ""))
 
         first_eval = None
         if cfg.eval_on_start and eval_loader is not None and engine.step == 0:
@@ -206,11 +252,14 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
                            "val": val_set.truncation.as_dict() if val_set else {}},
             "eval_on_start": first_eval,
         }
-        final = engine.finish(model, tokenizer, summary=summary)
+        if vision:
+            summary["vision"] = {"pair_forward": layout, "images": {"train": train_set.images,
+                                                                    "val": val_set.images if val_set else 0}}
+        final = engine.finish(model, inputs.saver, summary=summary)
         summary.update({"final_model": str(final), "steps": engine.step, "seconds": round(time.time() - start, 1),
                         "eval": engine.last_eval[1] if engine.last_eval else None})
     return summary
 
 
-__all__ = ["LossSettings", "PairStep", "current_beta", "pair_loss", "evaluate",
+__all__ = ["LossSettings", "PairStep", "RunInputs", "current_beta", "pair_loss", "evaluate",
            "run"]
