@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results-dir", default=None, help="default: benchmarks/results/alignment_real_<model>")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machine)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--timing", type=int, default=0, metavar="STEPS", help="only time STEPS training steps of "
+                   "DPO-helpful and Safe-MM-DPO (no reward models: margins 0, label costs) and extrapolate the full "
+                   "run; writes <results-dir>/timing.json")
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 variants' worth of tiny sizes, 1 seed")
     args = p.parse_args(argv)
     if args.quick:
@@ -374,7 +377,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], resamples: int) -> dict[str
     return summary
 
 
-LABELS = {"helpful_acc": "helpful acc (UltraFeedback)", "harmless_acc": "harmless acc (PKU held out)",
+LABELS = {"helpful_acc": "helpful acc (held out)", "harmless_acc": "harmless acc (held out)",
           "hh_acc": "harmless acc (HH-RLHF, never trained on)", "refusal_rate": "refusal rate (BeaverTails)",
           "mean_cost": "mean cost of answers", "unsafe_rate": "unsafe rate (cost > 0)",
           "kl": "KL to reference (nats/answer)"}
@@ -455,6 +458,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     began = time.time()
     files = prepare_data(args, root / "work")
+    if args.timing:
+        return timing(args, root, files)
     helpful_rm, cost_model = score_models(args, root / "work", files)
     d, j_start, j_safe = auto_threshold(cost_model, files["policy_harmless"])
     print(f"[bench] cost threshold d = {d:.3f} (J_c at the start {j_start:.3f}, always safer {j_safe:.3f})",
@@ -497,6 +502,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plots(summary, runs, root)
     print(table)
     return payload
+
+
+def timing(args, root: Path, files: dict[str, Path]) -> dict[str, Any]:
+    """Seconds per optimizer step of DPO-helpful and Safe-MM-DPO (pairwise) over ``--timing`` steps, and the
+    reference precompute's time, extrapolated to the configured run (variants x seeds x max_steps)."""
+    out: dict[str, Any] = {"steps": args.timing, "batch_size": args.batch_size, "max_length": args.max_length}
+    base = base_values(args, root / "timing", files, None, None, -0.6)
+    base.update(max_steps=args.timing, logging_steps=1)
+    for variant in ("DPO-helpful", "Safe-MM-DPO"):
+        began = time.time()
+        result = run_variant(f"timing {variant}", {**base, **VARIANTS[variant], "seed": 0,
+                                                    "output_dir": str(root / "timing" / variant)})
+        out[variant] = {"seconds_per_step": result["seconds_per_step"], "run_seconds": round(time.time() - began, 1),
+                        "train_seconds": result["seconds"]}
+    per_step = statistics.fmean(out[v]["seconds_per_step"] for v in ("DPO-helpful", "Safe-MM-DPO"))
+    full_steps = 1000 // args.batch_size  # the default run: 1,000 pairs per stream, one pass
+    out["per_step_mean_seconds"] = per_step
+    out["per_variant_training_minutes_1000_pairs"] = per_step * full_steps / 60
+    out["five_variants_three_seeds_training_hours"] = per_step * full_steps * 15 / 3600
+    write_json(root / "timing.json", out)
+    print(json.dumps(out, indent=2))
+    return out
 
 
 def judge_accuracy(cost_model: str, sets: dict[str, list]) -> dict[str, Any]:
