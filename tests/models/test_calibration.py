@@ -128,3 +128,17 @@ def test_recalibrating_adds_the_offsets(decoder_dir, tmp_path):
     assert second["offset"] == pytest.approx(0.3)
     _, _, calibrated = _scores(again, tok)
     torch.testing.assert_close(calibrated.end_scores, raw.end_scores - 0.3, atol=1e-5, rtol=0)
+
+
+def test_resaving_a_calibrated_decoder_keeps_its_offset(decoder_dir, tmp_path):
+    model, tok = load_score_model(str(decoder_dir))
+    _, _, raw = _scores(model, tok)
+    save_score_model(model, tok, tmp_path / "a", score_type="cost")
+    write_sign_calibration(tmp_path / "a", {**choose_sign_offset([0.0], [False]), "offset": 0.4})
+    loaded, _ = load_score_model(str(tmp_path / "a"))
+    save_score_model(loaded, tok, tmp_path / "b")  # e.g. a run that starts from a calibrated cost model
+    block = json.loads((tmp_path / "b" / "config.json").read_text())[SCORE_CONFIG_KEY]
+    assert block["sign_calibration"]["offset"] == pytest.approx(0.4)
+    again, _ = load_score_model(str(tmp_path / "b"))
+    _, _, calibrated = _scores(again, tok)
+    torch.testing.assert_close(calibrated.end_scores, raw.end_scores - 0.4, atol=1e-5, rtol=0)
