@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run folder (replaced on every run); the trained cost model is saved here")
     p.add_argument("--output", default=str(RESULTS), help=f"JSON results file (default: {RESULTS_NAME})")
     p.add_argument("--test-ratio", type=float, default=0.15, help="share of prompts held out (default 0.15)")
+    p.add_argument("--calibration-ratio", type=float, default=0.1, help="share of prompts kept out of training "
+                   "to choose the cost model's sign offset on (default 0.1; 0: no calibration)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the prompt split (default 0)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     p.add_argument("--max-length", type=int, default=128, help="tokens of prompt + answer (default 128)")
@@ -71,8 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_split(path: Path, test_ratio: float, seed: int):
-    """(train pairs, test pairs, skip counts): PKU safe-vs-unsafe pairs split by prompt."""
+def load_split(path: Path, test_ratio: float, seed: int, calibration_ratio: float = 0.0):
+    """(train pairs, calibration pairs, test pairs, skip counts): PKU safe-vs-unsafe pairs split by prompt."""
     from humanalign.config.data import SourceSpec
     from humanalign.data.pairs import load_preference_pairs
     from humanalign.data.prepare import split_of
@@ -82,11 +84,11 @@ def load_split(path: Path, test_ratio: float, seed: int):
                       field_map={"prompt": "prompt", "chosen": "safer", "rejected": "unsafer"},
                       constants={"is_chosen_safe": True, "is_rejected_safe": False})
     pairs, skipped = load_preference_pairs(spec, kind="harmless")
-    ratios = (1.0 - test_ratio, 0.0, test_ratio)
-    train, test = [], []
+    ratios = (1.0 - test_ratio - calibration_ratio, calibration_ratio, test_ratio)
+    parts: dict[str, list] = {"train": [], "val": [], "test": []}
     for pair in pairs:
-        (test if split_of(prompt_key(pair.prompt), seed, ratios) == "test" else train).append(pair)
-    return train, test, skipped
+        parts[split_of(prompt_key(pair.prompt), seed, ratios)].append(pair)
+    return parts["train"], parts["val"], parts["test"], skipped
 
 
 def unique_pairs(pairs: list) -> tuple[list, int]:
@@ -101,6 +103,29 @@ def unique_pairs(pairs: list) -> tuple[list, int]:
             seen.add(key)
             kept.append(pair)
     return kept, len(pairs) - len(kept)
+
+
+def calibrate(run_dir: str, calibration: list, test: list) -> dict[str, Any]:
+    """Choose the sign offset on the calibration pairs' labelled answers, save it with the model, and give the
+    held-out answers' sign accuracy at the raw 0 and at the calibrated one."""
+    from humanalign.models.calibration import (
+        choose_sign_offset,
+        costs_and_labels,
+        sign_accuracies,
+        write_sign_calibration,
+    )
+    from humanalign.models.scorer import load_scorer
+
+    def labelled(pairs):
+        chosen, rejected = load_scorer(run_dir, progress=False).score_pairs(pairs)
+        return costs_and_labels(chosen, rejected, [p.is_chosen_safe for p in pairs],
+                                [p.is_rejected_safe for p in pairs])
+
+    choice = choose_sign_offset(*labelled(calibration))
+    test_costs, test_unsafe = labelled(test)  # the raw costs: scored before the offset is written
+    block = write_sign_calibration(run_dir, choice)
+    return {**block, "held_out": {"at_raw_zero": sign_accuracies(test_costs, test_unsafe, 0.0),
+                                  "calibrated": sign_accuracies(test_costs, test_unsafe, choice["offset"])}}
 
 
 def table(rows: list[tuple[str, str]]) -> str:
@@ -122,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = Path(args.data) if args.data else shared_data_dir() / DATA_FILE
     if not data.is_file():
         sys.exit(f"benchmark data not found: {data} (set HUMANALIGN_SHARED_DATA or pass --data)")
-    train, test, skipped = load_split(data, args.test_ratio, args.split_seed)
+    train, calibration, test, skipped = load_split(data, args.test_ratio, args.split_seed, args.calibration_ratio)
     duplicates = 0
     if not args.keep_duplicates:
         train, duplicates = unique_pairs(train)
@@ -139,11 +164,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "use_sign_terms": not args.no_sign_terms, "head_lr_multiplier": args.head_lr_multiplier,
         "layer_lr_decay": args.layer_lr_decay, "weight_decay": args.weight_decay,
         "logging_steps": 10, "eval_steps": args.eval_steps, "report_to": ["none"], "group_by_length": True,
+        "calibrate_sign": False,  # its validation pairs are the held-out test: calibrated below on its own split
     })
     start = time.time()
     summary = train_score_model(cfg, train, test, skipped={"train": skipped},
                                 sources={"train": f"{data} (train split)", "val": f"{data} (held out)"})
     wall = time.time() - start
+    calibrated = calibrate(args.run_dir, calibration, test) if calibration else None
     data_stats = json.loads((Path(args.run_dir) / "data_stats.json").read_text(encoding="utf-8"))
     ev = summary["eval"]
     pairs_seen = summary["steps"] * args.batch_size
@@ -153,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "repeated_train_pairs_left_out": duplicates,
         "model": args.model, "run_dir": args.run_dir,
         "pair_accuracy": ev["eval/accuracy"], "sign_accuracy": ev.get("eval/sign_accuracy"),
-        "auc": ev.get("eval/auc"), "eval_loss": ev["eval/loss"],
+        "auc": ev.get("eval/auc"), "eval_loss": ev["eval/loss"], "sign_calibration": calibrated,
         "train_loss": summary["train"].get("train/loss"),
         "steps": summary["steps"], "pairs_seen": pairs_seen,
         "train_seconds": summary["train_seconds"], "eval_seconds": summary["eval_seconds"],
@@ -165,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                    "warmup_ratio", "regularization", "seed", "split_seed",
                                                    "test_ratio", "no_sign_terms", "threads", "head_lr_multiplier",
                                                    "layer_lr_decay", "weight_decay", "keep_duplicates",
-                                                   "max_train_pairs", "eval_steps")},
+                                                   "max_train_pairs", "eval_steps", "calibration_ratio")},
         "truncation": {split: data_stats[split]["truncation"] for split in ("train", "val")},
         "machine": {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                     "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__,
@@ -176,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = [("pair accuracy (held out)", f"{result['pair_accuracy']:.4f}"),
             ("sign accuracy (held out)", f"{result['sign_accuracy']:.4f}" if result["sign_accuracy"] is not None
              else "n/a"),
+            ("sign accuracy, calibrated (held out)", f"{calibrated['held_out']['calibrated']['accuracy']:.4f} "
+             f"(offset {calibrated['offset']:+.4f})" if calibrated else "n/a"),
             ("AUC safe vs unsafe", f"{result['auc']:.4f}" if result["auc"] is not None else "n/a"),
             ("train / held-out pairs", f"{result['train_pairs']:,} / {result['test_pairs']:,}"),
             ("steps x batch", f"{result['steps']} x {args.batch_size}"),

@@ -145,3 +145,28 @@ def test_eval_rm_prints_without_output_and_reads_helpful_pairs(cost_model_dir, t
 def test_eval_rm_needs_model_and_data():
     with pytest.raises(UserError, match="--model"):
         run(EvalRMConfig(data="x.jsonl"))
+
+
+def test_eval_rm_judges_a_calibrated_cost_model_at_its_offset_and_reports_the_raw_zero(cost_model_dir, tmp_path,
+                                                                                       monkeypatch):
+    import shutil
+
+    from humanalign.data.pairs import load_preference_pairs
+    from humanalign.models.calibration import choose_sign_offset, costs_and_labels, write_sign_calibration
+    from humanalign.models.scorer import load_scorer
+
+    monkeypatch.setenv("HUMANALIGN_CACHE", str(tmp_path / "cache"))
+    data = _harmless_file(tmp_path / "harmless_pairs.jsonl")
+    pairs, _ = load_preference_pairs(data, kind="harmless")
+    raw = load_scorer(str(cost_model_dir), device="cpu", max_length=64, progress=False).score_pairs(pairs)
+    costs, unsafe = costs_and_labels(*raw, [p.is_chosen_safe for p in pairs], [p.is_rejected_safe for p in pairs])
+    choice = choose_sign_offset(costs, unsafe)
+    folder = Path(shutil.copytree(cost_model_dir, tmp_path / "calibrated"))
+    write_sign_calibration(folder, choice)
+    report = run(EvalRMConfig(model=str(folder), data=str(data), batch_size=4, max_length=64))
+    # the costs moved by the offset (the pair accuracy cannot change); the sign accuracy is the calibrated one
+    assert report["mean_chosen"] == pytest.approx(sum(raw[0]) / len(raw[0]) - choice["offset"], abs=1e-5)
+    assert report["sign_accuracy"] == pytest.approx(choice["after"]["accuracy"])
+    calibration = report["sign_calibration"]
+    assert calibration["offset"] == pytest.approx(choice["offset"])
+    assert calibration["at_raw_zero"]["accuracy"] == pytest.approx(choice["before"]["accuracy"])

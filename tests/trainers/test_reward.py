@@ -219,6 +219,14 @@ def test_cost_model_orders_pairs_and_signs_costs(cost_run):
     assert m["eval"]["eval/accuracy"] >= 0.9
     assert m["eval"]["eval/sign_accuracy"] >= 0.9
     assert m["eval"]["eval/score_chosen"] < 0 < m["eval"]["eval/score_rejected"]  # safer answers cost < 0
+    # sign calibration (on by default for a cost model with labelled validation pairs): saved with the model
+    calibration = m["sign_calibration"]
+    assert calibration["answers"] == 2 * m["val_pairs"]  # the demo answers: unbalanced, so balanced accuracy
+    assert calibration["objective"] == ("accuracy" if 0.4 <= calibration["unsafe_share"] <= 0.6 else "balanced_accuracy")
+    assert calibration["before"]["accuracy"] == pytest.approx(m["eval"]["eval/sign_accuracy"])
+    assert calibration["offset"] == 0.0  # measured: every answer already on its side of 0, nothing to gain
+    assert calibration["after"]["accuracy"] >= calibration["before"]["accuracy"]
+    assert calibration["folded_into_head_bias"] is False  # a Llama score head has no bias
     rows = [json.loads(line) for line in (cost_run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/loss" in r]
     assert {"train/accuracy", "train/margin", "train/cost_safer", "train/cost_unsafer",
@@ -240,7 +248,9 @@ def test_saved_cost_model_loads_in_transformers_with_the_same_scores(cost_run, d
     assert block["score_type"] == "cost" and (block["max_length"], block["max_prompt_length"]) == (128, 48)
     # the EMA normaliser saw every training end score: 50 steps x 16 pairs x 2 answers
     assert block["normalizer"]["kind"] == "ema" and block["normalizer"]["count"] == 50 * 16 * 2
-    assert block["normalizer"] == final_metrics(cost_run)["normalizer"]
+    offset = block["sign_calibration"]["offset"]  # the loaders subtract it (no head bias to fold it into)
+    trained = final_metrics(cost_run)["normalizer"]
+    assert block["normalizer"] == {**trained, "mean": pytest.approx(trained["mean"] - offset)}
     pairs, _ = load_preference_pairs(demo_data / "val" / "harmless_pairs.jsonl", kind="harmless")
     scorer = load_scorer(str(cost_run), device="cpu", progress=False)
     ours = scorer.score([p.prompt for p in pairs[:6]], [p.rejected for p in pairs[:6]])
@@ -248,7 +258,7 @@ def test_saved_cost_model_loads_in_transformers_with_the_same_scores(cost_run, d
     with torch.no_grad():
         plain = [hf(input_ids=torch.tensor([scorer.encode(p.prompt, p.rejected)])).logits[0, 0].item()
                  for p in pairs[:6]]
-    assert ours == pytest.approx(plain, abs=1e-5)
+    assert ours == pytest.approx([p - offset for p in plain], abs=1e-5)  # as its config.json note says
 
 
 def legacy_run_folder(run: Path, folder: Path) -> Path:

@@ -62,6 +62,11 @@ class RewardModelConfig(TrainingConfig):
         "ema", description="Score normalisation statistics kept while training and saved with the model."
     )
     normalizer_momentum: float = Field(0.9, gt=0, lt=1, description="EMA momentum of the score statistics.")
+    calibrate_sign: bool | None = Field(
+        None, description="Cost model: after training, move the decision point (cost > 0 = unsafe) to the offset "
+        "that best splits the validation split's labelled safe and unsafe answers, saved with the model "
+        "(models/calibration.py). Default (null): on for task harmless when the validation pairs carry labels.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -76,6 +81,10 @@ class RewardModelConfig(TrainingConfig):
         if self.loss_granularity == "token" and self.center_rewards_coefficient > 0:
             raise ValueError("center_rewards_coefficient applies to the sequence-wise loss only "
                              "(set loss_granularity: sequence or center_rewards_coefficient: 0)")
+        if self.calibrate_sign and self.task != "harmless":
+            raise ValueError("calibrate_sign applies to cost models only (task: harmless)")
+        if self.calibrate_sign and self.val_path is None:
+            raise ValueError("calibrate_sign needs labelled validation pairs: set val_harmless_path")
         if self.load_best_model_at_end and self.val_path is None:
             raise ValueError(f"load_best_model_at_end needs validation data: set val_{self.task}_path")
         return self

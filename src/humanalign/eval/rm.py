@@ -8,7 +8,8 @@ Metrics (``rm_metrics``, a pure function):
 - with is_safe labels: ``auc``, the ROC-AUC of the score as a safe/unsafe separator, oriented so that 1.0 is
   perfect (cost: P(cost of an unsafe answer > cost of a safe one); reward: P(reward safe > reward unsafe);
   ties count one half), and for cost models ``sign_accuracy``: the share of answers with cost > 0 exactly when
-  they are unsafe (Safe RLHF's sign convention).
+  they are unsafe (Safe RLHF's sign convention). A sign-calibrated cost model (models/calibration.py) is judged
+  at its calibrated 0; the report's ``sign_calibration`` adds the same answers' accuracy at the raw 0.
 The report (JSON) adds counts and mean scores; a PNG beside it shows the score histograms (chosen vs rejected,
 safe vs unsafe).
 """
@@ -30,8 +31,9 @@ from humanalign.errors import UserError
 from humanalign.models import (
     scorer as scorer_module,  # called as scorer_module.load_scorer: tests stand a fake scorer in
 )
+from humanalign.models.calibration import costs_and_labels, sign_accuracies
 from humanalign.models.load import resolve_model_path
-from humanalign.models.score_model import read_score_config
+from humanalign.models.score_model import CALIBRATION_KEY, read_score_config
 
 
 def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
@@ -198,6 +200,12 @@ def run(cfg) -> dict[str, Any]:
         "max_prompt_length": scorer.max_prompt_length,
         "truncation": scorer.stats.as_dict(),  # of the texts scored in this run (cached ones are not re-read)
     }
+    calibration = block.get(CALIBRATION_KEY)
+    if calibration and metrics["sign_accuracy"] is not None:  # the same answers judged at the raw 0
+        costs, unsafe = costs_and_labels(chosen, rejected, chosen_safe, rejected_safe)
+        report["sign_calibration"] = {"offset": calibration["offset"],
+                                      "at_raw_zero": sign_accuracies(costs, unsafe, -calibration["offset"]),
+                                      "calibrated": sign_accuracies(costs, unsafe, 0.0)}
     if report_path is not None:
         atomic_write_json(report_path, report)
         safe_scores = [s for s, ok in zip([*chosen, *rejected], [*chosen_safe, *rejected_safe])
@@ -214,6 +222,9 @@ def run(cfg) -> dict[str, Any]:
         summary += f", auc {metrics['auc']:.4f}"
     if metrics["sign_accuracy"] is not None:
         summary += f", sign accuracy {metrics['sign_accuracy']:.4f}"
+    if "sign_calibration" in report:
+        raw = report["sign_calibration"]["at_raw_zero"]["accuracy"]
+        summary += f" (calibrated, offset {calibration['offset']:+.4f}; {raw:.4f} at the uncalibrated 0)"
     print(f"[eval rm] {summary}", file=sys.stderr)
     return report
 

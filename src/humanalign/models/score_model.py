@@ -54,6 +54,7 @@ from humanalign.models.pretrained import (
 
 SCORE_CONFIG_KEY = "humanalign_score"
 SCORE_TYPES = ("reward", "cost")
+CALIBRATION_KEY = "sign_calibration"  # a cost model's sign offset (models/calibration.py)
 NORMALIZER_KINDS = ("none", "running", "ema")
 PAD_TOKEN = "<|pad|>"
 FORMAT_VERSION = 1
@@ -157,8 +158,11 @@ def last_non_pad_index(input_ids: torch.Tensor, pad_token_id: int | None) -> tor
 class ScoreModel(nn.Module):
     """A transformers ``*ForSequenceClassification`` (optionally peft-wrapped) returning ``ScoreModelOutput``."""
 
-    def __init__(self, hf_model: nn.Module, score_type: str = "reward", normalizer: ScoreNormalizer | None = None):
+    def __init__(self, hf_model: nn.Module, score_type: str = "reward", normalizer: ScoreNormalizer | None = None,
+                 score_offset: float = 0.0):
         super().__init__()
+        # subtracted from every score: a sign calibration the saved head could not hold (models/calibration.py)
+        self.score_offset = float(score_offset)
         if score_type not in SCORE_TYPES:
             raise UserError(f"unknown score type '{score_type}' (use 'reward' or 'cost')")
         self.model = hf_model
@@ -227,6 +231,9 @@ class ScoreModel(nn.Module):
         # and an in-place op on a view would bypass the hook (it warns on every forward otherwise)
         end_scores = end_scores.clone()
         scores = scores.clone() if scores is not None else None
+        if self.score_offset:
+            end_scores = end_scores - self.score_offset
+            scores = scores - self.score_offset if scores is not None else None
         if normalize:
             end_scores = self.normalizer.normalize(end_scores)
             scores = self.normalizer.normalize(scores) if scores is not None else None
@@ -237,6 +244,8 @@ class ScoreModel(nn.Module):
         end = {"decoder": "last_non_pad_token", "bert": "first_token_pooled"}.get(self.layout, "model_logits")
         block = {"format_version": FORMAT_VERSION, "score_type": self.score_type, "end_score": end,
                  "normalizer": self.normalizer.to_dict()}
+        if self.score_offset:  # re-saving a calibrated model keeps its offset (weights saved uncalibrated)
+            block[CALIBRATION_KEY] = {"offset": self.score_offset, "folded_into_head_bias": False}
         block.update(extra or {})
         return block
 
@@ -428,9 +437,11 @@ def load_score_model(path: str, settings=None, lora=None, score_type: str | None
     if block is not None:
         score_type = score_type or block.get("score_type", "reward")
         normalizer = normalizer or ScoreNormalizer.from_dict(block.get("normalizer"))
+    calibration = (block or {}).get(CALIBRATION_KEY) or {}
+    offset = 0.0 if calibration.get("folded_into_head_bias") else float(calibration.get("offset", 0.0))
     if lora is not None and lora.enabled:
         hf_model = _lora_wrap(hf_model, lora, layout)
-    model = ScoreModel(hf_model, score_type=score_type or "reward", normalizer=normalizer)
+    model = ScoreModel(hf_model, score_type=score_type or "reward", normalizer=normalizer, score_offset=offset)
     if device is not None and not quantized:
         model.to(device)
     return model, tokenizer
@@ -527,7 +538,7 @@ def _move_into_place(tmp: Path, output_dir: Path) -> None:
 
 
 __all__ = [
-    "SCORE_CONFIG_KEY", "SCORE_TYPES", "ScoreNormalizer", "ScoreModelOutput", "ScoreModel", "head_layout",
+    "SCORE_CONFIG_KEY", "SCORE_TYPES", "CALIBRATION_KEY", "ScoreNormalizer", "ScoreModelOutput", "ScoreModel", "head_layout",
     "last_non_pad_index", "load_score_model", "save_score_model", "read_score_config", "is_score_model_dir",
     "ensure_distinct_pad", "encode_score_input", "encode_score_pair", "param_lr_scale", "score_param_groups",
 ]

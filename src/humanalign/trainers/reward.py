@@ -21,6 +21,9 @@ stands for its ``final/`` model wherever a model is expected (``load_scorer(outp
 ``helpful_rm_path`` / ``cost_model``). Run folders of earlier versions, with the model at their top level, still
 load; training into one again (resumed or overwritten) removes that copy once ``final/`` holds the new model.
 ``final_metrics.json`` holds the final validation accuracy (and, for cost models, sign accuracy).
+A cost model is then sign-calibrated (``calibrate_sign``, models/calibration.py): the offset that best splits the
+validation answers' safe from unsafe is saved with it, and ``sign_calibration`` in the summary gives the sign
+accuracy at the raw 0 and at the calibrated one.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from humanalign.losses.reward_cost import (
     reward_pairwise_loss,
     reward_tokenwise_loss,
 )
+from humanalign.models.calibration import choose_sign_offset, costs_and_labels, write_sign_calibration
 from humanalign.models.load import count_parameters
 from humanalign.models.score_model import (
     ScoreNormalizer,
@@ -214,9 +218,9 @@ def forward_scores(model, batch: dict[str, Any]):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
-def evaluate(engine: Engine, model, loader, settings: LossSettings) -> dict[str, float]:
-    """Loss, pair accuracy and mean scores over the whole validation set; for cost models with labels also the
-    sign accuracy and the AUC (the same ``rm_metrics`` as `humanalign eval rm`)."""
+def val_scores(engine: Engine, model, loader, settings: LossSettings) -> tuple[list, ...]:
+    """Per-pair losses, chosen and rejected end scores and (harmless) the answers' is_safe labels (None when
+    unlabelled) over the whole validation set, gathered from every process."""
     was_training = model.training
     model.eval()
     losses, chosen, rejected, chosen_safe, rejected_safe = [], [], [], [], []
@@ -236,6 +240,13 @@ def evaluate(engine: Engine, model, loader, settings: LossSettings) -> dict[str,
                 chosen_safe += [None if v < 0 else v > 0.5 for v in gathered[3].tolist()]
                 rejected_safe += [None if v < 0 else v > 0.5 for v in gathered[4].tolist()]
     model.train(was_training)
+    return losses, chosen, rejected, chosen_safe, rejected_safe
+
+
+def evaluate(engine: Engine, model, loader, settings: LossSettings) -> dict[str, float]:
+    """Loss, pair accuracy and mean scores over the whole validation set; for cost models with labels also the
+    sign accuracy and the AUC (the same ``rm_metrics`` as `humanalign eval rm`)."""
+    losses, chosen, rejected, chosen_safe, rejected_safe = val_scores(engine, model, loader, settings)
     score_type = "reward" if settings.task == "helpful" else "cost"
     m = rm_metrics(chosen, rejected, chosen_safe or None, rejected_safe or None, score_type=score_type)
     finite = [x for x in losses if math.isfinite(x)]
@@ -448,15 +459,34 @@ class ScoreModelTrainer:
         summary["eval"] = final_eval
         summary["best_checkpoint"] = best if loaded_best else None
         summary["model"] = str(final)
+        choice = self.sign_offset_choice()
         if engine.is_main_process:
             removed = remove_legacy_model(engine.run_dir, final)
             if removed:
                 engine.print(f"[{NAME}] removed the model an earlier version saved at the top of {engine.run_dir} "
                              f"({len(removed)} files): the run folder now stands for {final}")
+            if choice is not None:  # the saved folder's scores move; the eval above is of the uncalibrated ones
+                summary["sign_calibration"] = write_sign_calibration(final, choice)
+                engine.print(calibration_line(summary["sign_calibration"]))
             atomic_write_json(engine.run_dir / FINAL_METRICS_FILE, summary)
         engine.wait()
         engine.print(final_line(summary))
         return summary
+
+    def sign_offset_choice(self) -> dict[str, Any] | None:
+        """The cost model's sign offset on the validation split's labelled answers (``calibrate_sign``; null:
+        on for cost models whose validation pairs carry labels), or None."""
+        cfg = self.cfg
+        if cfg.task != "harmless" or cfg.calibrate_sign is False or self.eval_loader is None:
+            return None
+        _, chosen, rejected, chosen_safe, rejected_safe = val_scores(self.engine, self.model, self.eval_loader,
+                                                                     self.settings)
+        costs, unsafe = costs_and_labels(chosen, rejected, chosen_safe, rejected_safe)
+        if not costs:
+            if cfg.calibrate_sign:
+                raise UserError(f"calibrate_sign: the validation pairs ({cfg.val_path}) carry no is_safe labels")
+            return None
+        return choose_sign_offset(costs, unsafe)
 
     def summary(self, start_eval: dict[str, float] | None, loop_seconds: float, loop_cpu: float,
                 steps_this_run: int) -> dict[str, Any]:
@@ -507,6 +537,14 @@ def final_line(summary: dict[str, Any]) -> str:
     parts.append(f"loss {ev['eval/loss']:.4f}")
     return (f"[{NAME}] final validation ({int(ev['eval/pairs'])} pairs): " + ", ".join(parts)
             + f" | model: {summary['model']}")
+
+
+def calibration_line(block: dict[str, Any]) -> str:
+    where = "folded into the head bias" if block["folded_into_head_bias"] else "saved in config.json"
+    name = block["objective"].replace("_", " ")
+    return (f"[{NAME}] sign calibration on {block['answers']} labelled validation answers: offset "
+            f"{block['offset']:+.4f} ({where}); {name} {block['before'][block['objective']]:.4f} at cost 0 -> "
+            f"{block['after'][block['objective']]:.4f} at the calibrated 0")
 
 
 def run(cfg: RewardModelConfig) -> dict[str, Any]:

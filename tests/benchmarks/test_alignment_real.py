@@ -1,0 +1,90 @@
+"""benchmarks/alignment_real.py end to end on the tiny model and the demo set (--quick): every variant and every
+field reaches the JSON, the Markdown table and the plots, and a rerun skips the variants already done."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from humanalign.paths import shared_data_dir
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "alignment_real.py"
+NEEDED = ("hh-rlhf/harmless-base-test.jsonl.gz", "pku-saferlhf/beavertails_eval_prompts.jsonl")
+
+
+def _load():
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("alignment_real", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_refusal_rule_hand_worked():
+    bench = _load()
+    assert bench.is_refusal("I'm sorry, but I can't help with that.")
+    assert bench.is_refusal("I cannot provide instructions for this.")
+    assert bench.is_refusal("As an AI, I must decline.")
+    assert not bench.is_refusal("Sure! Step one: buy a pen.")
+    assert not bench.is_refusal("x" * 200 + " I'm sorry")  # only the opening counts
+
+
+def test_bootstrap_and_paired_difference_hand_worked():
+    bench = _load()
+    low, high = bench.bootstrap([1.0] * 10, 50)
+    assert low == high == 1.0
+    low, high = bench.bootstrap([0.0, 1.0] * 50, 400)
+    assert 0.35 < low < 0.5 < high < 0.65
+    runs = {bench.BASELINE: [{"items": {k: [0.0, 1.0, None] for k in bench.METRICS}, "lambda_final": None,
+                              "seconds_per_step": 1.0}],
+            bench.CANDIDATE: [{"items": {k: [1.0, 1.0, 1.0] for k in bench.METRICS}, "lambda_final": 2.0,
+                               "seconds_per_step": 1.0}]}
+    summary = bench.summarize(runs, 100)
+    diff = summary[f"{bench.CANDIDATE} - {bench.BASELINE}"]["helpful_acc"]
+    assert diff["items"] == 2 and diff["mean"] == pytest.approx(0.5)  # paired over the items both have
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not all((shared_data_dir() / f).is_file() for f in NEEDED), reason="shared data not present")
+def test_quick_run_writes_every_variant_and_field_and_a_rerun_skips_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HUMANALIGN_CACHE", str(tmp_path / "cache"))
+    bench = _load()
+    out = tmp_path / "results"
+    payload = bench.main(["--model", "tiny", "--quick", "--results-dir", str(out)])
+
+    assert set(payload["runs"]) == set(bench.VARIANTS)
+    for variant in bench.VARIANTS:
+        row = payload["summary"][variant]
+        for key in bench.METRICS:
+            cell = row[key]
+            assert cell is not None, (variant, key)
+            assert cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1] and len(cell["seeds"]) == 1
+        run = payload["runs"][variant][0]
+        assert len(run["items"]["helpful_acc"]) == 24 and len(run["items"]["refusal_rate"]) == 8
+    # the Lagrangian variants moved lambda; DPO-helpful has none, DPO-mixed keeps it at 1
+    assert payload["runs"]["DPO-helpful"][0]["lambda_path"] is None
+    assert {v for _, v in payload["runs"]["DPO-mixed"][0]["lambda_path"]} == {1.0}
+    assert len(payload["runs"]["Safe-MM-DPO"][0]["lambda_path"]) == 5  # start + 4 updates
+    assert len(payload["runs"]["Safe-MM-DPO-sampled"][0]["expected_cost_path"]) == 4
+    diff = payload["summary"][f"{bench.CANDIDATE} - {bench.BASELINE}"]
+    assert set(diff) == set(bench.METRICS)
+    assert 0.0 <= payload["judge"]["sign_accuracy"] <= 1.0 and "offset" in payload["judge"]
+
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["summary"]) == set(payload["summary"])
+    table = (out / "results.md").read_text()
+    for name in [*bench.VARIANTS, *bench.LABELS.values(), "Paired difference"]:
+        assert name in table, name
+    for png in ("metrics.png", "lambda.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    capsys.readouterr()
+    again = bench.main(["--model", "tiny", "--quick", "--results-dir", str(out)])
+    err = capsys.readouterr().err
+    assert all(f"[bench] {v} seed 0: cached" in err for v in bench.VARIANTS)
+    assert "=== " not in err  # no variant trained again
+    assert again["summary"] == payload["summary"]
