@@ -52,6 +52,72 @@ def test_resolve_dtype_names_and_auto_on_the_cpu():
     assert resolve_dtype("auto", device="cpu") is torch.float32  # a CPU model stays fp32 even on a GPU machine
 
 
+@pytest.fixture
+def bf16_gpu(monkeypatch):
+    """A CUDA GPU that computes in bf16, as far as ``resolve_dtype`` can tell (nothing is put on it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+
+
+def test_auto_dtype_on_a_bf16_gpu_trains_fp32_and_freezes_bf16(bf16_gpu):
+    assert resolve_dtype("auto", trainable=True) is torch.float32  # fp32 weights, bf16 compute by autocast
+    assert resolve_dtype("auto") is torch.bfloat16  # frozen is the default: weights no optimizer updates
+    assert resolve_dtype("auto", "cuda", trainable=False) is torch.bfloat16
+    assert resolve_dtype("auto", "cpu", trainable=False) is torch.float32  # a CPU model on the GPU machine
+    assert resolve_dtype("bfloat16", trainable=True) is torch.bfloat16  # explicit: pure bf16, the user's choice
+
+
+def _loaded_dtype(monkeypatch, load) -> torch.dtype:
+    seen: list[dict] = []
+    monkeypatch.setattr(load_module, "AutoModelForCausalLM", _capturing_loader(seen))
+    monkeypatch.setattr(score_module, "AutoModelForSequenceClassification", _capturing_loader(seen))
+    with pytest.raises(_Captured):
+        load()
+    return seen[0]["dtype"]
+
+
+LORA = LoraSettings(enabled=True)
+BF16 = ModelSettings(dtype="bfloat16")
+
+
+@pytest.mark.parametrize(("what", "load", "expected"), [
+    ("full fine-tuning", lambda: load_module.load_causal_lm("tiny"), torch.float32),
+    ("frozen reference", lambda: load_module.load_causal_lm("tiny", trainable=False), torch.bfloat16),
+    ("LoRA base", lambda: load_module.load_causal_lm("tiny", lora=LORA), torch.bfloat16),
+    ("explicit bfloat16", lambda: load_module.load_causal_lm("tiny", BF16), torch.bfloat16),
+    ("reward model training", lambda: score_module.load_score_model("tiny"), torch.float32),
+    ("scorer", lambda: score_module.load_score_model("tiny", trainable=False), torch.bfloat16),
+    ("LoRA reward model base", lambda: score_module.load_score_model("tiny", lora=LORA), torch.bfloat16),
+    ("explicit bfloat16 score model", lambda: score_module.load_score_model("tiny", BF16), torch.bfloat16),
+])
+def test_every_loader_asks_resolve_dtype_whether_its_weights_train(bf16_gpu, monkeypatch, what, load, expected):
+    assert _loaded_dtype(monkeypatch, load) is expected, what
+
+
+def test_the_cpu_loads_every_model_in_fp32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for load in (lambda: load_module.load_causal_lm("tiny"), lambda: load_module.load_causal_lm("tiny", lora=LORA),
+                 lambda: load_module.load_causal_lm("tiny", trainable=False),
+                 lambda: score_module.load_score_model("tiny", trainable=False)):
+        assert _loaded_dtype(monkeypatch, load) is torch.float32
+
+
+def test_lora_on_a_bf16_base_trains_fp32_adapters_and_head():
+    """LoRA adapters (PEFT) and the score head a LoRA score model trains in full are fp32 on a bf16 base, and
+    the forward runs without autocast (the head meets the bf16 hidden states in its own dtype)."""
+    model, tokenizer = score_module.load_score_model("tiny", BF16, LORA)
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trained) and any("score" in n and "lora_" not in n for n in trained)
+    assert set(trained.values()) == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    ids = torch.tensor([tokenizer("hello there")["input_ids"]])
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert out.end_scores.dtype == torch.float32 and torch.isfinite(out.end_scores).all()
+    out.end_scores.sum().backward()
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "score" in n and "lora_" not in n]
+    assert head and all(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
+
+
 # --------------------------------------------------------------------------------------------- bitsandbytes
 
 

@@ -29,7 +29,9 @@ class ModelSettings(ConfigBase):
     """How a model is loaded."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype: auto = bf16 on a GPU that supports it, fp32 on the CPU."
+        "auto", description="Weights dtype. auto: trained weights fp32 (computed in bf16 by mixed_precision), "
+        "frozen ones (reference, scoring models, the base under LoRA) bf16 on a GPU that supports it; fp32 on the "
+        "CPU. bfloat16 trains pure bf16 (no fp32 weights: small updates round away)."
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint (off: safe).")
     gguf_file: str | None = Field(None, description="GGUF file inside the model folder to load (dequantised).")

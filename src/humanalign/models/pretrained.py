@@ -24,14 +24,35 @@ from humanalign.errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(name: str = "auto", device: torch.device | str | None = None) -> torch.dtype:
-    """'auto' -> bfloat16 when the weights go to a CUDA device that supports it, else float32 (a CPU model on a
-    GPU machine stays fp32); ``device`` None means "a CUDA GPU when there is one". Other names map to dtypes."""
-    if name != "auto":
-        return DTYPES[name]
+def bf16_gpu(device: torch.device | str | None = None) -> bool:
+    """Whether the weights go to a CUDA device that computes in bf16 (``device`` None: "a CUDA GPU when there is
+    one"; a CPU model on a GPU machine is not on one)."""
     device = torch.device(device) if device is not None else None
     on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
-    return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+    return on_cuda and torch.cuda.is_bf16_supported()
+
+
+def resolve_dtype(name: str = "auto", device: torch.device | str | None = None, *,
+                  trainable: bool = False) -> torch.dtype:
+    """The dtype weights load in: the one decision every loader (causal LMs, score models) makes here.
+
+    'auto': weights that will be trained (full fine-tuning: ``trainable``) load in fp32 and compute in bf16
+    through the engine's mixed precision (``mixed_precision: auto``): AdamW then updates fp32 weights, as an update
+    of lr 5e-6 is far below bf16's spacing and would round away on bf16 weights. Frozen weights (a reference
+    model, a score model that only scores, the base under LoRA / QLoRA) load in bf16 on a GPU that supports it,
+    halving their memory; elsewhere fp32. Other names are the user's choice for every model: 'bfloat16' trains
+    pure bf16 (no fp32 copy of the weights; small updates are lost)."""
+    if name != "auto":
+        return DTYPES[name]
+    return torch.bfloat16 if not trainable and bf16_gpu(device) else torch.float32
+
+
+def upcast_trainable(model: torch.nn.Module) -> None:
+    """Trainable half-precision parameters -> fp32, as PEFT does for LoRA adapters (``autocast_adapter_dtype``):
+    for the modules a LoRA model trains in full (a score head in ``modules_to_save``) on a bf16 base."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
 
 
 def bnb_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
@@ -101,5 +122,5 @@ def portable_tokenizer_config(folder: str | Path) -> None:
         path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-__all__ = ["DTYPES", "resolve_dtype", "bnb_config", "from_pretrained_kwargs", "is_peft_model", "peft_base",
-           "is_no_decay", "portable_tokenizer_config"]
+__all__ = ["DTYPES", "bf16_gpu", "resolve_dtype", "upcast_trainable", "bnb_config", "from_pretrained_kwargs",
+           "is_peft_model", "peft_base", "is_no_decay", "portable_tokenizer_config"]

@@ -50,6 +50,7 @@ from humanalign.models.pretrained import (
     peft_base,
     portable_tokenizer_config,
     resolve_dtype,
+    upcast_trainable,
 )
 
 SCORE_CONFIG_KEY = "humanalign_score"
@@ -205,7 +206,8 @@ class ScoreModel(nn.Module):
             backbone = getattr(inner, inner.base_model_prefix)
             hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                               **kwargs).last_hidden_state  # (B, T, H)
-            scores = inner.score(hidden).squeeze(-1).float()  # (B, T)
+            # a LoRA model's head trains in fp32 on a bf16 base (upcast_trainable): meet it in its dtype
+            scores = inner.score(hidden.to(inner.score.weight.dtype)).squeeze(-1).float()  # (B, T)
             if self.pad_token_id is None and input_ids.shape[0] > 1:
                 raise UserError("this score model has no pad_token_id, so it cannot score a padded batch")
             end_index = last_non_pad_index(input_ids, self.pad_token_id)  # (B,)
@@ -216,7 +218,7 @@ class ScoreModel(nn.Module):
             pooler = backbone.pooler
             # pooler(h)[b] = tanh(dense(h[b, 0])); applying dense+tanh at every position gives token-wise scores
             # whose position 0 is exactly transformers' pooled score.
-            pooled = pooler.activation(pooler.dense(hidden))  # (B, T, H)
+            pooled = pooler.activation(pooler.dense(hidden.to(pooler.dense.weight.dtype)))  # (B, T, H)
             scores = inner.classifier(inner.dropout(pooled)).squeeze(-1).float()  # (B, T)
             end_index = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
             end_scores = scores[:, 0]
@@ -383,7 +385,7 @@ def _lora_wrap(hf_model: nn.Module, lora, layout: str) -> nn.Module:
 
 def load_score_model(path: str, settings=None, lora=None, score_type: str | None = None,
                      allow_new_head: bool = True, normalizer: ScoreNormalizer | None = None,
-                     device: torch.device | str | None = None):
+                     device: torch.device | str | None = None, trainable: bool = True):
     """A score model and its tokenizer from a folder, hub-style name, GGUF file or preset ('tiny',
     'minilm-l6-v2', 'smollm2-135m-instruct').
 
@@ -394,7 +396,10 @@ def load_score_model(path: str, settings=None, lora=None, score_type: str | None
       (scoring with an untrained head would be meaningless).
     ``settings``: ``ModelSettings`` (dtype, chat template, remote code, attention kernel). ``lora``:
     ``LoraSettings``; when enabled the model is peft-wrapped (task SEQ_CLS) and the head modules train in full.
-    ``device``: where the weights go (also picks the 'auto' dtype). Returns (ScoreModel, tokenizer).
+    ``device``: where the weights go. ``trainable``: whether the model will be trained (a reward model or
+    critic) or only score (``load_scorer``); with ``device`` it picks the 'auto' dtype (``resolve_dtype``): fp32
+    for full fine-tuning, bf16 on a bf16 GPU for a frozen model or the frozen base under LoRA, whose adapters
+    and head train in fp32. Returns (ScoreModel, tokenizer).
     """
     settings = settings or ModelSettings()
     resolved = resolve_model(path)
@@ -409,7 +414,8 @@ def load_score_model(path: str, settings=None, lora=None, score_type: str | None
     block = read_score_config(local) if saved else None
     gguf = settings.gguf_file or resolved.gguf_file
     quantized = lora is not None and lora.enabled and lora.quantization != "none"
-    dtype = resolve_dtype(settings.dtype, device)
+    lora_enabled = lora is not None and lora.enabled
+    dtype = resolve_dtype(settings.dtype, device, trainable=trainable and not lora_enabled)
     quantization = bnb_config(lora.quantization, dtype) if quantized else None
     kwargs = from_pretrained_kwargs(settings, dtype, gguf, quantization, num_labels=1)
     tokenizer = load_tokenizer(path, settings)
@@ -427,8 +433,9 @@ def load_score_model(path: str, settings=None, lora=None, score_type: str | None
     if block is not None:
         score_type = score_type or block.get("score_type", "reward")
         normalizer = normalizer or ScoreNormalizer.from_dict(block.get("normalizer"))
-    if lora is not None and lora.enabled:
+    if lora_enabled:
         hf_model = _lora_wrap(hf_model, lora, layout)
+        upcast_trainable(hf_model)  # the head trains in full (modules_to_save): fp32 like the adapters
     model = ScoreModel(hf_model, score_type=score_type or "reward", normalizer=normalizer)
     if device is not None and not quantized:
         model.to(device)
