@@ -6,6 +6,9 @@ bitsandbytes, since building a ``BitsAndBytesConfig`` needs neither.
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -192,6 +195,65 @@ def test_causal_and_score_loaders_build_the_same_qlora_kwargs(fake_gpu, monkeypa
         assert kwargs["dtype"] is torch.float16
         assert kwargs["quantization_config"].bnb_4bit_compute_dtype == torch.float16
         assert kwargs["use_safetensors"] and kwargs["device_map"] == {"": 0}
+
+
+# --------------------------------------------------------------------------------------------- attention
+
+
+@pytest.fixture
+def flash_gpu(bf16_gpu, monkeypatch):
+    """A bf16 GPU with flash_attn importable (a stand-in module) and transformers agreeing it is usable."""
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setattr(pretrained, "is_flash_attn_2_available", lambda: True)
+
+
+def test_flash_attention_2_for_half_precision_weights_when_installed(flash_gpu):
+    assert from_pretrained_kwargs(ModelSettings(), torch.bfloat16)["attn_implementation"] == "flash_attention_2"
+    assert from_pretrained_kwargs(ModelSettings(), torch.float16)["attn_implementation"] == "flash_attention_2"
+    # fp32 weights (trained under autocast): FlashAttention-2 needs half precision, transformers' default stays
+    assert "attn_implementation" not in from_pretrained_kwargs(ModelSettings(), torch.float32)
+    # an explicit setting always wins
+    explicit = from_pretrained_kwargs(ModelSettings(attn_implementation="sdpa"), torch.bfloat16)
+    assert explicit["attn_implementation"] == "sdpa"
+
+
+def test_no_flash_attention_without_cuda_or_without_flash_attn(flash_gpu, monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # `import flash_attn` raises ImportError
+    assert "attn_implementation" not in from_pretrained_kwargs(ModelSettings(), torch.bfloat16)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "attn_implementation" not in from_pretrained_kwargs(ModelSettings(), torch.bfloat16)
+
+
+def test_loaders_choose_flash_attention_for_frozen_models_only(flash_gpu, monkeypatch):
+    for load, kernel in ((lambda: load_module.load_causal_lm("tiny", trainable=False), "flash_attention_2"),
+                         (lambda: load_module.load_causal_lm("tiny", lora=LORA), "flash_attention_2"),
+                         (lambda: score_module.load_score_model("tiny", trainable=False), "flash_attention_2"),
+                         (lambda: load_module.load_causal_lm("tiny"), None)):  # fp32 full fine-tuning
+        seen: list[dict] = []
+        monkeypatch.setattr(load_module, "AutoModelForCausalLM", _capturing_loader(seen))
+        monkeypatch.setattr(score_module, "AutoModelForSequenceClassification", _capturing_loader(seen))
+        with pytest.raises(_Captured):
+            load()
+        assert seen[0].get("attn_implementation") == kernel
+
+
+def test_an_architecture_without_flash_attention_falls_back_unless_the_user_asked_for_it():
+    calls: list[str | None] = []
+
+    class NoFlash:
+        @staticmethod
+        def from_pretrained(path, **kwargs):
+            calls.append(kwargs.get("attn_implementation"))
+            if kwargs.get("attn_implementation") == "flash_attention_2":
+                raise ValueError("NoFlash does not support Flash Attention 2.0 yet")
+            return "model"
+
+    kwargs = {"dtype": torch.bfloat16, "attn_implementation": "flash_attention_2"}
+    assert pretrained.from_pretrained(NoFlash, "path", ModelSettings(), kwargs) == "model"
+    assert calls == ["flash_attention_2", None]
+    with pytest.raises(ValueError, match="Flash Attention"):
+        pretrained.from_pretrained(NoFlash, "path", ModelSettings(attn_implementation="flash_attention_2"), kwargs)
 
 
 # --------------------------------------------------------------------------------------------- PEFT

@@ -35,7 +35,10 @@ class ModelSettings(ConfigBase):
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint (off: safe).")
     gguf_file: str | None = Field(None, description="GGUF file inside the model folder to load (dequantised).")
-    attn_implementation: str | None = Field(None, description="Attention kernel, e.g. 'sdpa', 'flash_attention_2'.")
+    attn_implementation: str | None = Field(
+        None, description="Attention kernel, e.g. 'sdpa', 'flash_attention_2'. Unset: flash_attention_2 for bf16/fp16 "
+        "weights on a GPU with flash_attn installed, else transformers' default (sdpa)."
+    )
     chat_template: str = Field(
         "auto", description="'auto' (the tokenizer's own, else chatml), 'chatml', 'safe-rlhf', or a Jinja file."
     )

@@ -28,6 +28,7 @@ from humanalign.data.tokenize import ensure_chat_template
 from humanalign.errors import UserError
 from humanalign.models.pretrained import (
     bnb_config,
+    from_pretrained,
     from_pretrained_kwargs,
     is_peft_model,
     peft_base,
@@ -232,7 +233,7 @@ def _load_weights(name_or_path: str, settings: ModelSettings, dtype: torch.dtype
     gguf = settings.gguf_file or resolved.gguf_file
     kwargs = from_pretrained_kwargs(settings, dtype, gguf, quantization)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+        model = from_pretrained(AutoModelForCausalLM, resolved.path, settings, kwargs)
     except (OSError, ValueError) as exc:
         raise _loading_error("the model", name_or_path, exc) from None
     plain_float_model(model)

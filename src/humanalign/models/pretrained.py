@@ -9,6 +9,7 @@ thing for both.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 from transformers import BitsAndBytesConfig
+from transformers.utils import is_flash_attn_2_available
 
 from humanalign.config.training import ModelSettings
 from humanalign.errors import UserError
@@ -74,15 +76,38 @@ def bnb_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesCon
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+def flash_attention_available() -> bool:
+    """CUDA is there, ``flash_attn`` imports and transformers can use it."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        importlib.import_module("flash_attn")
+    except Exception:  # not installed, or built for another torch / CUDA (OSError, RuntimeError...)
+        return False
+    return is_flash_attn_2_available()
+
+
+def attention_kernel(settings: ModelSettings, dtype: torch.dtype) -> str | None:
+    """``settings.attn_implementation`` when set; else FlashAttention-2 for half-precision weights when it is
+    available, else None: transformers' default (sdpa where the architecture has it). FlashAttention-2 needs
+    bf16/fp16 weights, so a model that trains in fp32 under autocast (``dtype: auto``) keeps sdpa."""
+    if settings.attn_implementation:
+        return settings.attn_implementation
+    if dtype in (torch.bfloat16, torch.float16) and flash_attention_available():
+        return "flash_attention_2"
+    return None
+
+
 def from_pretrained_kwargs(settings: ModelSettings, dtype: torch.dtype, gguf_file: str | None = None,
                            quantization: BitsAndBytesConfig | None = None, **extra: Any) -> dict[str, Any]:
     """Keyword arguments of ``AutoModel*.from_pretrained``: dtype, remote code only when the settings allow it,
-    the attention kernel when one is named, the GGUF file (dequantised on load) or safetensors only (never
+    the attention kernel (``attention_kernel``), the GGUF file (dequantised on load) or safetensors only (never
     unpickle a checkpoint), and a quantized model placed whole on the current CUDA device. ``extra`` is added
     as is (e.g. ``num_labels=1``)."""
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": settings.trust_remote_code}
-    if settings.attn_implementation:
-        kwargs["attn_implementation"] = settings.attn_implementation
+    kernel = attention_kernel(settings, dtype)
+    if kernel:
+        kwargs["attn_implementation"] = kernel
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     else:
@@ -91,6 +116,17 @@ def from_pretrained_kwargs(settings: ModelSettings, dtype: torch.dtype, gguf_fil
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     return {**kwargs, **extra}
+
+
+def from_pretrained(auto_class: Any, path: str, settings: ModelSettings, kwargs: dict[str, Any]) -> Any:
+    """``auto_class.from_pretrained(path, **kwargs)``; FlashAttention-2 chosen by ``attention_kernel`` (not by the
+    user) gives way to transformers' default kernel for an architecture that has none."""
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    except (ValueError, ImportError):
+        if settings.attn_implementation or kwargs.get("attn_implementation") != "flash_attention_2":
+            raise
+    return auto_class.from_pretrained(path, **{k: v for k, v in kwargs.items() if k != "attn_implementation"})
 
 
 def is_peft_model(model: Any) -> bool:
@@ -122,5 +158,5 @@ def portable_tokenizer_config(folder: str | Path) -> None:
         path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-__all__ = ["DTYPES", "bf16_gpu", "resolve_dtype", "upcast_trainable", "bnb_config", "from_pretrained_kwargs",
-           "is_peft_model", "peft_base", "is_no_decay", "portable_tokenizer_config"]
+__all__ = ["DTYPES", "bf16_gpu", "resolve_dtype", "upcast_trainable", "bnb_config", "flash_attention_available",
+           "attention_kernel", "from_pretrained_kwargs", "from_pretrained", "is_peft_model", "peft_base", "is_no_decay", "portable_tokenizer_config"]

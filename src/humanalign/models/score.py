@@ -44,6 +44,7 @@ from humanalign.models.load import load_tokenizer, plain_float_model, resolve_mo
 from humanalign.models.lora_merge import merged_gathered_weights, merged_weights
 from humanalign.models.pretrained import (
     bnb_config,
+    from_pretrained,
     from_pretrained_kwargs,
     is_no_decay,
     is_peft_model,
@@ -420,7 +421,7 @@ def load_score_model(path: str, settings=None, lora=None, score_type: str | None
     kwargs = from_pretrained_kwargs(settings, dtype, gguf, quantization, num_labels=1)
     tokenizer = load_tokenizer(path, settings)
     try:
-        hf_model = AutoModelForSequenceClassification.from_pretrained(resolved.path, **kwargs)
+        hf_model = from_pretrained(AutoModelForSequenceClassification, resolved.path, settings, kwargs)
     except (OSError, ValueError) as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"could not load the score model '{path}': {first_line}") from None
