@@ -36,8 +36,7 @@ _MASK = ("transformers' _ignore_causal_mask_sdpa (masking_utils.py) calls paddin
          "the trainer passes with padded rows: one host sync per forward")
 KNOWN: dict[str, str] = {
     "sft": f"sft.forward_logits (trainers/sft.py) passes a padded attention_mask: {_MASK}",
-    "rm-helpful": f"models/score.py's forward passes a padded attention_mask ({_MASK}); and ScoreNormalizer.update "
-                  "(models/score.py) reads float(flat.mean()) and float(flat.var()) on every micro-batch",
+    "rm-helpful": f"models/score.py's forward passes a padded attention_mask ({_MASK})",
 }
 
 

@@ -72,6 +72,10 @@ class ScoreNormalizer:
     ``mean <- m * mean + (1 - m) * batch_mean`` (same for the variance) starting from mean 0, variance 1;
     ``none`` only counts. ``normalize(x) = (x - mean) / (std + epsilon)``.
     In multi-process training, pass the gathered scores of all processes to ``update``.
+
+    The statistics live in one float64 tensor on the scores' device, updated there: ``update`` and ``normalize``
+    never wait for the GPU (one host read per micro-batch would stall it). Reading ``mean``, ``var``, ``count``
+    or ``to_dict()`` (logging, saving) copies them to the host.
     """
 
     def __init__(self, kind: str = "none", momentum: float = 0.9, epsilon: float = 1e-8,
@@ -81,7 +85,21 @@ class ScoreNormalizer:
         if not 0.0 < momentum < 1.0:
             raise UserError(f"normaliser momentum must be in (0, 1), got {momentum}")
         self.kind, self.momentum, self.epsilon = kind, float(momentum), float(epsilon)
-        self.mean, self.var, self.count = float(mean), float(var), int(count)
+        self.stats = torch.tensor([float(mean), float(var), float(count)], dtype=torch.float64)  # (3,)
+
+    def _on(self, device: torch.device) -> torch.Tensor:
+        """The (mean, var, count) tensor, moved to ``device`` once (float32 where float64 is missing: mps)."""
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        if self.stats.device != device or self.stats.dtype != dtype:
+            self.stats = self.stats.to(device, dtype)
+        return self.stats
+
+    def _set(self, index: int, value: float) -> None:
+        self.stats[index] = float(value)
+
+    mean = property(lambda self: float(self.stats[0]), lambda self, v: self._set(0, v))
+    var = property(lambda self: float(self.stats[1]), lambda self, v: self._set(1, v))
+    count = property(lambda self: int(round(float(self.stats[2]))), lambda self, v: self._set(2, int(v)))
 
     @property
     def std(self) -> float:
@@ -89,33 +107,38 @@ class ScoreNormalizer:
 
     @torch.no_grad()
     def update(self, values: torch.Tensor) -> None:
-        """Fold a batch of end scores (any shape; non-finite values are ignored) into the statistics."""
-        flat = values.detach().float().reshape(-1)
-        flat = flat[torch.isfinite(flat)]
-        n = int(flat.numel())
-        if n == 0:
-            return
-        batch_mean = float(flat.mean())
-        batch_var = float(flat.var(unbiased=False))
+        """Fold a batch of end scores (any shape; non-finite values are ignored) into the statistics, on the
+        scores' device (no host sync: an all-non-finite batch leaves them as they are through ``torch.where``)."""
+        stats = self._on(values.device)
+        flat = values.detach().reshape(-1).to(stats.dtype)  # (N,)
+        finite = torch.isfinite(flat)  # (N,)
+        n = finite.sum().to(stats.dtype)
+        seen = n > 0
+        batch_mean = torch.where(finite, flat, 0.0).sum() / n.clamp(min=1)
+        batch_var = torch.where(finite, (flat - batch_mean) ** 2, 0.0).sum() / n.clamp(min=1)
+        mean, var, count = stats.unbind()
         if self.kind == "running":
-            total = self.count + n
-            delta = batch_mean - self.mean
-            m2 = self.var * self.count + batch_var * n + delta * delta * self.count * n / total
-            self.mean += delta * n / total
-            self.var = m2 / total
+            total = (count + n).clamp(min=1)
+            delta = batch_mean - mean
+            m2 = var * count + batch_var * n + delta * delta * count * n / total
+            mean, var = torch.where(seen, mean + delta * n / total, mean), torch.where(seen, m2 / total, var)
         elif self.kind == "ema":
-            self.mean = self.momentum * self.mean + (1.0 - self.momentum) * batch_mean
-            self.var = self.momentum * self.var + (1.0 - self.momentum) * batch_var
-        self.count += n
+            mean = torch.where(seen, self.momentum * mean + (1.0 - self.momentum) * batch_mean, mean)
+            var = torch.where(seen, self.momentum * var + (1.0 - self.momentum) * batch_var, var)
+        self.stats = torch.stack([mean, var, count + n])
 
     def normalize(self, values: torch.Tensor) -> torch.Tensor:
         """(values - mean) / (std + epsilon); identity for kind ``none`` or before any update."""
-        if self.kind == "none" or self.count == 0:
+        if self.kind == "none":
             return values
-        return (values - self.mean) / (self.std + self.epsilon)
+        mean, var, count = self._on(values.device).unbind()
+        scale = var.clamp(min=0).sqrt() + self.epsilon  # in float64, then the scores' dtype (as Python floats did)
+        normalized = (values - mean.to(values.dtype)) / scale.to(values.dtype)
+        return torch.where(count > 0, normalized, values)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "mean": self.mean, "var": self.var, "count": self.count,
+        mean, var, count = self.stats.tolist()  # one host read
+        return {"kind": self.kind, "mean": mean, "var": var, "count": int(round(count)),
                 "momentum": self.momentum, "epsilon": self.epsilon}
 
     @classmethod
