@@ -187,6 +187,27 @@ def test_decoder_padding_invariance(decoder_dir):
     assert abs(at_pad.item() - batched[0].item()) > 1e-4
 
 
+def test_decoder_forward_on_a_padded_batch_reads_nothing_on_the_host(decoder_dir, monkeypatch):
+    """The padding mask goes to the decoder as a 4-D mask: transformers then has nothing to test on the host (its
+    padding_mask.all() is a GPU sync per forward), and every real position's token-wise score is the row's own."""
+    model, tok = load_score_model(str(decoder_dir))
+    _scale_head(model)
+    model.eval()
+    seqs, ids, mask = _batch(model, tok)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a host read in the forward")
+
+    with torch.no_grad(), monkeypatch.context() as patched:
+        for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+            patched.setattr(torch.Tensor, name, host_read)
+        batched = model(ids, mask).scores  # (B, T)
+    with torch.no_grad():
+        for i, seq in enumerate(seqs):
+            alone = model(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long)).scores[0]
+            assert torch.allclose(batched[i, : len(seq)], alone, atol=1e-5)
+
+
 def test_pad_equal_to_eos_gets_its_own_pad_token(tmp_path):
     folder = build_tiny_model(tmp_path / "noPad", texts=TEXTS, vocab_size=300, hidden_size=16, num_layers=1,
                               num_heads=2, num_kv_heads=1, intermediate_size=32, seed=2)

@@ -41,6 +41,7 @@ from humanalign.config.training import ModelSettings
 from humanalign.data.tokenize import IGNORE_INDEX, encode_prompt_response
 from humanalign.errors import UserError
 from humanalign.models.load import load_tokenizer, plain_float_model, resolve_model
+from humanalign.models.logprobs import right_padded_mask
 from humanalign.models.lora_merge import merged_gathered_weights, merged_weights
 from humanalign.models.pretrained import (
     bnb_config,
@@ -224,12 +225,15 @@ class ScoreModel(nn.Module):
         """Right-padded ``input_ids`` (B, T) -> end scores (B,) and token-wise scores (B, T), float32.
 
         ``attention_mask`` (B, T): 1 on real tokens; ``None`` attends to every position (as transformers does).
+        A decoder gets it as a 4-D mask where it takes one (``right_padded_mask``): transformers would test a 2-D
+        mask on the host (``padding_mask.all()``, a GPU sync per forward). Encoders get the 2-D mask (that sync
+        remains there).
         """
         inner = peft_base(self.model)
         if self.layout == "decoder":
             backbone = getattr(inner, inner.base_model_prefix)
-            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                              **kwargs).last_hidden_state  # (B, T, H)
+            hidden = backbone(input_ids=input_ids, attention_mask=right_padded_mask(backbone, attention_mask),
+                              use_cache=False, **kwargs).last_hidden_state  # (B, T, H)
             # a LoRA model's head trains in fp32 on a bf16 base (upcast_trainable): meet it in its dtype
             scores = inner.score(hidden.to(inner.score.weight.dtype)).squeeze(-1).float()  # (B, T)
             if self.pad_token_id is None and input_ids.shape[0] > 1:
