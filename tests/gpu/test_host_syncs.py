@@ -31,14 +31,11 @@ harness = _load_harness()
 
 # the trainers whose micro-batch loop runs in engine.train_steps (PPO's rollouts sync by nature: generation)
 CASES = ("sft", "rm-helpful", "dpo-sigmoid", "safe-mm-dpo-pairwise")
-# case -> why it still syncs per micro-batch (found by this test on the CPU; the trainers are owned elsewhere)
-_MASK = ("transformers' _ignore_causal_mask_sdpa (masking_utils.py) calls padding_mask.all() on the attention_mask "
-         "the trainer passes with padded rows: one host sync per forward")
-KNOWN: dict[str, str] = {
-    "sft": f"sft.forward_logits (trainers/sft.py) passes a padded attention_mask: {_MASK}",
-    "rm-helpful": f"models/score_model.py's forward passes a padded attention_mask ({_MASK}); and ScoreNormalizer.update "
-                  "(models/score_model.py) reads float(flat.mean()) and float(flat.var()) on every micro-batch",
-}
+# case -> why it still syncs per micro-batch. None now: SFT and the decoder score model pass their padding mask as
+# a 4-D mask (models/logprobs.py right_padded_mask) and the score normaliser stays on the device. Still syncing,
+# not among the cases: a BERT-style score model or a flash-attention / sliding-window model gets the 2-D mask,
+# which transformers tests on the host (padding_mask.all()) once per forward.
+KNOWN: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")

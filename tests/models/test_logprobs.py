@@ -6,12 +6,14 @@ import math
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from humanalign.data.tokenize import collate_pairs, collate_sft, encode_preference
 from humanalign.models.logprobs import (
     batch_logps,
     concatenated_forward,
     per_token_kl,
+    right_padded_mask,
     sequence_logps,
     token_logps,
 )
@@ -125,3 +127,32 @@ def test_concatenated_forward_equals_two_separate_forwards(tiny):
     assert torch.allclose(averaged["chosen_logps"], out["chosen_logps"] / out["chosen_token_counts"], atol=1e-6)
     with pytest.raises(ValueError, match="even"):
         concatenated_forward(model, {"input_ids": torch.ones(3, 4, dtype=torch.long), "labels": torch.ones(3, 4)})
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_right_padded_mask_is_4d_and_gives_the_2d_masks_logits(attn):
+    """A right-padded batch's mask as a 4-D mask (no host check of a 2-D mask in transformers): the same logits at
+    every real position; each query sees the real keys up to it and itself."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, attn_implementation=attn))
+    model.eval()
+    ids = torch.randint(1, 32, (2, 5))
+    mask2d = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    mask = right_padded_mask(model, mask2d)
+    assert mask.shape == (2, 1, 5, 5)
+    allowed = mask.bool() if attn == "sdpa" else mask == 0
+    assert allowed[1, 0, 4].tolist() == [True, True, True, False, True]  # a pad query: real keys and itself
+    assert allowed[1, 0, 1].tolist() == [True, True, False, False, False]  # causal
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask2d).logits
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(got[0], expected[0], atol=1e-5) and torch.allclose(got[1, :3], expected[1, :3], atol=1e-5)
+
+
+def test_right_padded_mask_leaves_sliding_window_models_their_2d_mask():
+    model = MistralForCausalLM(MistralConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2, sliding_window=4))
+    mask2d = torch.tensor([[1, 1, 0]])
+    assert right_padded_mask(model, mask2d) is mask2d
+    assert right_padded_mask(model, None) is None

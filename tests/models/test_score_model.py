@@ -91,6 +91,38 @@ def test_ema_normalizer_hand_worked():
     assert again.to_dict() == norm.to_dict()
 
 
+@pytest.mark.parametrize("kind", ["running", "ema"])
+def test_normalizer_update_and_normalize_read_nothing_on_the_host(kind, monkeypatch):
+    """The statistics stay on the scores' device: no item / float / bool / tolist in update or normalize (each
+    waits for the GPU); an all-NaN batch changes nothing; they are read only by to_dict (logging, saving)."""
+    torch.manual_seed(0)
+    batches = [torch.randn(6) * 3 + 1, torch.full((4,), float("nan")), torch.randn(5) - 2]
+    mean, var, count = 0.0, 1.0, 0  # the reference: Safe RLHF's update in Python floats
+    for batch in (b for b in batches if torch.isfinite(b).any()):
+        n, b_mean, b_var = batch.numel(), batch.double().mean().item(), batch.double().var(unbiased=False).item()
+        if kind == "running":
+            delta, total = b_mean - mean, count + n
+            mean, var = mean + delta * n / total, (var * count + b_var * n + delta**2 * count * n / total) / total
+        else:
+            mean, var = 0.8 * mean + 0.2 * b_mean, 0.8 * var + 0.2 * b_var
+        count += n
+    norm = ScoreNormalizer(kind, momentum=0.8)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a host read in the normaliser")
+
+    with monkeypatch.context() as patched:
+        for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+            patched.setattr(torch.Tensor, name, host_read)
+        for batch in batches:
+            norm.update(batch)
+        normalized = norm.normalize(torch.tensor([0.5, -1.0]))
+    state = norm.to_dict()
+    assert state["count"] == count == 11 and (state["mean"], state["var"]) == pytest.approx((mean, var))
+    assert normalized.tolist() == pytest.approx(((torch.tensor([0.5, -1.0]) - state["mean"])
+                                                 / (state["var"] ** 0.5 + 1e-8)).tolist(), rel=1e-6)
+
+
 def test_none_normalizer_is_identity_and_bad_kind_is_a_user_error():
     norm = ScoreNormalizer("none")
     norm.update(torch.tensor([10.0, 20.0]))
@@ -153,6 +185,27 @@ def test_decoder_padding_invariance(decoder_dir):
         # reading the score at the last position instead (a pad token) would give another number
         at_pad = model(ids, mask).scores[0, -1]
     assert abs(at_pad.item() - batched[0].item()) > 1e-4
+
+
+def test_decoder_forward_on_a_padded_batch_reads_nothing_on_the_host(decoder_dir, monkeypatch):
+    """The padding mask goes to the decoder as a 4-D mask: transformers then has nothing to test on the host (its
+    padding_mask.all() is a GPU sync per forward), and every real position's token-wise score is the row's own."""
+    model, tok = load_score_model(str(decoder_dir))
+    _scale_head(model)
+    model.eval()
+    seqs, ids, mask = _batch(model, tok)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a host read in the forward")
+
+    with torch.no_grad(), monkeypatch.context() as patched:
+        for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+            patched.setattr(torch.Tensor, name, host_read)
+        batched = model(ids, mask).scores  # (B, T)
+    with torch.no_grad():
+        for i, seq in enumerate(seqs):
+            alone = model(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long)).scores[0]
+            assert torch.allclose(batched[i, : len(seq)], alone, atol=1e-5)
 
 
 def test_pad_equal_to_eos_gets_its_own_pad_token(tmp_path):

@@ -29,11 +29,16 @@ class ModelSettings(ConfigBase):
     """How a model is loaded."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype: auto = bf16 on a GPU that supports it, fp32 on the CPU."
+        "auto", description="Weights dtype. auto: trained weights fp32 (computed in bf16 by mixed_precision), "
+        "frozen ones (reference, scoring models, the base under LoRA) bf16 on a GPU that supports it; fp32 on the "
+        "CPU. bfloat16 trains pure bf16 (no fp32 weights: small updates round away)."
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint (off: safe).")
     gguf_file: str | None = Field(None, description="GGUF file inside the model folder to load (dequantised).")
-    attn_implementation: str | None = Field(None, description="Attention kernel, e.g. 'sdpa', 'flash_attention_2'.")
+    attn_implementation: str | None = Field(
+        None, description="Attention kernel, e.g. 'sdpa', 'flash_attention_2'. Unset: flash_attention_2 for bf16/fp16 "
+        "weights on a GPU with flash_attn installed, else transformers' default (sdpa)."
+    )
     chat_template: str = Field(
         "auto", description="'auto' (the tokenizer's own, else chatml), 'chatml', 'safe-rlhf', or a Jinja file."
     )

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -27,6 +28,7 @@ from humanalign.data.tokenize import ensure_chat_template
 from humanalign.errors import UserError
 from humanalign.models.pretrained import (
     bnb_config,
+    from_pretrained,
     from_pretrained_kwargs,
     is_peft_model,
     peft_base,
@@ -209,16 +211,16 @@ def _quiet_peft():
         yield
 
 
-def _load_weights(name_or_path: str, settings: ModelSettings, quantization, trainable: bool,
+def _load_weights(name_or_path: str, settings: ModelSettings, dtype: torch.dtype, quantization, trainable: bool,
                   gradient_checkpointing: bool):
-    """A full model for ``name_or_path``; an adapter folder is loaded onto its base (recursively) and merged
-    into it, except on a quantized base, which keeps the adapter as is (trainable if the model is)."""
+    """A full model for ``name_or_path`` in ``dtype``; an adapter folder is loaded onto its base (recursively) and
+    merged into it, except on a quantized base, which keeps the adapter as is (trainable if the model is)."""
     resolved = resolve_model(name_or_path)
     adapter_base = _adapter_base(resolved.path)
     if adapter_base is not None:
         base_name, base_gguf = adapter_base
         base_settings = settings.model_copy(update={"gguf_file": base_gguf})
-        base = _load_weights(base_name, base_settings, quantization, trainable, gradient_checkpointing)
+        base = _load_weights(base_name, base_settings, dtype, quantization, trainable, gradient_checkpointing)
         if quantization is not None:
             with _quiet_peft():
                 model = PeftModel.from_pretrained(base, resolved.path, is_trainable=trainable)
@@ -230,9 +232,9 @@ def _load_weights(name_or_path: str, settings: ModelSettings, quantization, trai
         return model
 
     gguf = settings.gguf_file or resolved.gguf_file
-    kwargs = from_pretrained_kwargs(settings, resolve_dtype(settings.dtype), gguf, quantization)
+    kwargs = from_pretrained_kwargs(settings, dtype, gguf, quantization)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+        model = from_pretrained(AutoModelForCausalLM, resolved.path, settings, kwargs)
     except (OSError, ValueError) as exc:
         raise _loading_error("the model", name_or_path, exc) from None
     plain_float_model(model)
@@ -272,7 +274,9 @@ def load_causal_lm(
 ):
     """Load a causal LM for training (``trainable``) or as a frozen reference/scorer (``trainable=False``).
 
-    - dtype from ``settings.dtype`` ('auto': bf16 on a GPU that supports it, else fp32); GGUF is dequantised;
+    - dtype from ``settings.dtype`` ('auto': fp32 for full fine-tuning, computed in bf16 by the engine's mixed
+      precision; bf16 for a frozen model or the frozen base under LoRA on a GPU that supports it, else fp32;
+      see ``pretrained.resolve_dtype``); LoRA adapters are fp32 (PEFT upcasts them); GGUF is dequantised;
     - ``lora.enabled`` wraps the model in a new PEFT LoRA adapter (only adapter weights trainable); with
       ``lora.quantization`` the base is loaded 4/8-bit (QLoRA, CUDA only). A frozen model (``trainable=False``)
       gets no adapter but keeps the quantization, e.g. for a memory-light reference model;
@@ -284,11 +288,12 @@ def load_causal_lm(
     settings = settings or ModelSettings()
     lora = lora or LoraSettings()
     quantization = None
+    dtype = resolve_dtype(settings.dtype, trainable=trainable and not lora.enabled)  # LoRA: the base is frozen
     if lora.quantization != "none":
         if trainable and not lora.enabled:
             raise UserError("lora.quantization loads a frozen 4/8-bit base for QLoRA: set lora.enabled: true too")
-        quantization = bnb_config(lora.quantization, resolve_dtype(settings.dtype))
-    model = _load_weights(str(name_or_path), settings, quantization, trainable, gradient_checkpointing)
+        quantization = bnb_config(lora.quantization, dtype)
+    model = _load_weights(str(name_or_path), settings, dtype, quantization, trainable, gradient_checkpointing)
     if trainable and gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if trainable and lora.enabled and not is_peft_model(model):

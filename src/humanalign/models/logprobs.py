@@ -311,6 +311,33 @@ def _shared_supported(hf) -> bool:
             and "sliding_attention" not in layer_types)
 
 
+def right_padded_mask(model, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask to pass a causal decoder for a right-padded batch: its (B, T) padding mask as the 4-D mask
+    transformers uses as is, (B, 1, T, T) bool (True: may attend; additive in the model's dtype for eager), each
+    query seeing the real keys up to it and itself. transformers checks a 2-D mask on the host
+    (``padding_mask.all()``) and, without a mask, the position ids for packed rows: a GPU sync per forward either
+    way. Only sdpa and eager without sliding windows take such a mask (as for the shared layout); other models
+    (flash / flex attention, sliding windows, sharded wrappers) get the 2-D mask, and keep that sync."""
+    inner = model
+    for _ in range(8):  # DDP / DeepSpeed / PEFT wrappers
+        if is_peft_model(inner):
+            inner = inner.get_base_model()
+        elif isinstance(getattr(inner, "module", None), torch.nn.Module):
+            inner = inner.module
+    if attention_mask is None or attention_mask.ndim != 2 or not _shared_supported(inner):
+        return attention_mask
+    width = attention_mask.shape[1]
+    pos = torch.arange(width, device=attention_mask.device)
+    causal = pos.unsqueeze(1) >= pos.unsqueeze(0)  # (T, T) query row may see key column
+    mask = (causal & attention_mask.bool()[:, None, :]) | torch.eye(width, dtype=torch.bool,
+                                                                    device=attention_mask.device)  # (B, T, T)
+    mask = mask.unsqueeze(1)  # (B, 1, T, T)
+    if inner.config._attn_implementation == "eager":  # eager adds the mask to its scores
+        dtype = inner.dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return mask
+
+
 @contextlib.contextmanager
 def _scoring_head(hf, index: torch.Tensor, target: torch.Tensor, scorer=None) -> Iterator[dict[str, Any]]:
     """While active, the model's LM head scores the positions ``index`` of its (R, L, H) input instead of
@@ -503,5 +530,5 @@ def per_token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: 
 __all__ = [
     "LAYOUTS", "LAYOUT_NOTES", "IMAGE_KEYS", "image_inputs", "is_vision_language", "token_logps", "sequence_logps", "forward_logits", "batch_logps",
     "head_logps", "scored_forward", "row_sums", "scored_logps", "pair_layout", "shared_layout_possible",
-    "concatenated_forward", "per_token_kl",
+    "concatenated_forward", "per_token_kl", "right_padded_mask",
 ]

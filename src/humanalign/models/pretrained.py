@@ -9,6 +9,7 @@ thing for both.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 from transformers import BitsAndBytesConfig
+from transformers.utils import is_flash_attn_2_available
 
 from humanalign.config.training import ModelSettings
 from humanalign.errors import UserError
@@ -24,14 +26,35 @@ from humanalign.errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(name: str = "auto", device: torch.device | str | None = None) -> torch.dtype:
-    """'auto' -> bfloat16 when the weights go to a CUDA device that supports it, else float32 (a CPU model on a
-    GPU machine stays fp32); ``device`` None means "a CUDA GPU when there is one". Other names map to dtypes."""
-    if name != "auto":
-        return DTYPES[name]
+def bf16_gpu(device: torch.device | str | None = None) -> bool:
+    """Whether the weights go to a CUDA device that computes in bf16 (``device`` None: "a CUDA GPU when there is
+    one"; a CPU model on a GPU machine is not on one)."""
     device = torch.device(device) if device is not None else None
     on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
-    return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+    return on_cuda and torch.cuda.is_bf16_supported()
+
+
+def resolve_dtype(name: str = "auto", device: torch.device | str | None = None, *,
+                  trainable: bool = False) -> torch.dtype:
+    """The dtype weights load in: the one decision every loader (causal LMs, score models) makes here.
+
+    'auto': weights that will be trained (full fine-tuning: ``trainable``) load in fp32 and compute in bf16
+    through the engine's mixed precision (``mixed_precision: auto``): AdamW then updates fp32 weights, as an update
+    of lr 5e-6 is far below bf16's spacing and would round away on bf16 weights. Frozen weights (a reference
+    model, a score model that only scores, the base under LoRA / QLoRA) load in bf16 on a GPU that supports it,
+    halving their memory; elsewhere fp32. Other names are the user's choice for every model: 'bfloat16' trains
+    pure bf16 (no fp32 copy of the weights; small updates are lost)."""
+    if name != "auto":
+        return DTYPES[name]
+    return torch.bfloat16 if not trainable and bf16_gpu(device) else torch.float32
+
+
+def upcast_trainable(model: torch.nn.Module) -> None:
+    """Trainable half-precision parameters -> fp32, as PEFT does for LoRA adapters (``autocast_adapter_dtype``):
+    for the modules a LoRA model trains in full (a score head in ``modules_to_save``) on a bf16 base."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
 
 
 def bnb_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
@@ -53,15 +76,38 @@ def bnb_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesCon
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+def flash_attention_available() -> bool:
+    """CUDA is there, ``flash_attn`` imports and transformers can use it."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        importlib.import_module("flash_attn")
+    except Exception:  # not installed, or built for another torch / CUDA (OSError, RuntimeError...)
+        return False
+    return is_flash_attn_2_available()
+
+
+def attention_kernel(settings: ModelSettings, dtype: torch.dtype) -> str | None:
+    """``settings.attn_implementation`` when set; else FlashAttention-2 for half-precision weights when it is
+    available, else None: transformers' default (sdpa where the architecture has it). FlashAttention-2 needs
+    bf16/fp16 weights, so a model that trains in fp32 under autocast (``dtype: auto``) keeps sdpa."""
+    if settings.attn_implementation:
+        return settings.attn_implementation
+    if dtype in (torch.bfloat16, torch.float16) and flash_attention_available():
+        return "flash_attention_2"
+    return None
+
+
 def from_pretrained_kwargs(settings: ModelSettings, dtype: torch.dtype, gguf_file: str | None = None,
                            quantization: BitsAndBytesConfig | None = None, **extra: Any) -> dict[str, Any]:
     """Keyword arguments of ``AutoModel*.from_pretrained``: dtype, remote code only when the settings allow it,
-    the attention kernel when one is named, the GGUF file (dequantised on load) or safetensors only (never
+    the attention kernel (``attention_kernel``), the GGUF file (dequantised on load) or safetensors only (never
     unpickle a checkpoint), and a quantized model placed whole on the current CUDA device. ``extra`` is added
     as is (e.g. ``num_labels=1``)."""
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": settings.trust_remote_code}
-    if settings.attn_implementation:
-        kwargs["attn_implementation"] = settings.attn_implementation
+    kernel = attention_kernel(settings, dtype)
+    if kernel:
+        kwargs["attn_implementation"] = kernel
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     else:
@@ -70,6 +116,17 @@ def from_pretrained_kwargs(settings: ModelSettings, dtype: torch.dtype, gguf_fil
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     return {**kwargs, **extra}
+
+
+def from_pretrained(auto_class: Any, path: str, settings: ModelSettings, kwargs: dict[str, Any]) -> Any:
+    """``auto_class.from_pretrained(path, **kwargs)``; FlashAttention-2 chosen by ``attention_kernel`` (not by the
+    user) gives way to transformers' default kernel for an architecture that has none."""
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    except (ValueError, ImportError):
+        if settings.attn_implementation or kwargs.get("attn_implementation") != "flash_attention_2":
+            raise
+    return auto_class.from_pretrained(path, **{k: v for k, v in kwargs.items() if k != "attn_implementation"})
 
 
 def is_peft_model(model: Any) -> bool:
@@ -113,5 +170,6 @@ def disable_dropout_outside_lora(model: torch.nn.Module) -> int:
     return changed
 
 
-__all__ = ["DTYPES", "resolve_dtype", "bnb_config", "from_pretrained_kwargs", "is_peft_model", "peft_base",
-           "is_no_decay", "portable_tokenizer_config", "disable_dropout_outside_lora"]
+__all__ = ["DTYPES", "bf16_gpu", "resolve_dtype", "upcast_trainable", "bnb_config", "flash_attention_available",
+           "attention_kernel", "from_pretrained_kwargs", "from_pretrained", "is_peft_model", "peft_base", "is_no_decay",
+           "portable_tokenizer_config", "disable_dropout_outside_lora"]

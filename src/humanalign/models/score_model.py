@@ -41,15 +41,18 @@ from humanalign.config.training import ModelSettings
 from humanalign.data.tokenize import IGNORE_INDEX, encode_prompt_response
 from humanalign.errors import UserError
 from humanalign.models.load import load_tokenizer, plain_float_model, portable_name, resolve_model
+from humanalign.models.logprobs import right_padded_mask
 from humanalign.models.lora_merge import merged_gathered_weights, merged_weights
 from humanalign.models.pretrained import (
     bnb_config,
+    from_pretrained,
     from_pretrained_kwargs,
     is_no_decay,
     is_peft_model,
     peft_base,
     portable_tokenizer_config,
     resolve_dtype,
+    upcast_trainable,
 )
 
 SCORE_CONFIG_KEY = "humanalign_score"
@@ -71,6 +74,10 @@ class ScoreNormalizer:
     ``mean <- m * mean + (1 - m) * batch_mean`` (same for the variance) starting from mean 0, variance 1;
     ``none`` only counts. ``normalize(x) = (x - mean) / (std + epsilon)``.
     In multi-process training, pass the gathered scores of all processes to ``update``.
+
+    The statistics live in one float64 tensor on the scores' device, updated there: ``update`` and ``normalize``
+    never wait for the GPU (one host read per micro-batch would stall it). Reading ``mean``, ``var``, ``count``
+    or ``to_dict()`` (logging, saving) copies them to the host.
     """
 
     def __init__(self, kind: str = "none", momentum: float = 0.9, epsilon: float = 1e-8,
@@ -80,7 +87,21 @@ class ScoreNormalizer:
         if not 0.0 < momentum < 1.0:
             raise UserError(f"normaliser momentum must be in (0, 1), got {momentum}")
         self.kind, self.momentum, self.epsilon = kind, float(momentum), float(epsilon)
-        self.mean, self.var, self.count = float(mean), float(var), int(count)
+        self.stats = torch.tensor([float(mean), float(var), float(count)], dtype=torch.float64)  # (3,)
+
+    def _on(self, device: torch.device) -> torch.Tensor:
+        """The (mean, var, count) tensor, moved to ``device`` once (float32 where float64 is missing: mps)."""
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        if self.stats.device != device or self.stats.dtype != dtype:
+            self.stats = self.stats.to(device, dtype)
+        return self.stats
+
+    def _set(self, index: int, value: float) -> None:
+        self.stats[index] = float(value)
+
+    mean = property(lambda self: float(self.stats[0]), lambda self, v: self._set(0, v))
+    var = property(lambda self: float(self.stats[1]), lambda self, v: self._set(1, v))
+    count = property(lambda self: int(round(float(self.stats[2]))), lambda self, v: self._set(2, int(v)))
 
     @property
     def std(self) -> float:
@@ -88,33 +109,38 @@ class ScoreNormalizer:
 
     @torch.no_grad()
     def update(self, values: torch.Tensor) -> None:
-        """Fold a batch of end scores (any shape; non-finite values are ignored) into the statistics."""
-        flat = values.detach().float().reshape(-1)
-        flat = flat[torch.isfinite(flat)]
-        n = int(flat.numel())
-        if n == 0:
-            return
-        batch_mean = float(flat.mean())
-        batch_var = float(flat.var(unbiased=False))
+        """Fold a batch of end scores (any shape; non-finite values are ignored) into the statistics, on the
+        scores' device (no host sync: an all-non-finite batch leaves them as they are through ``torch.where``)."""
+        stats = self._on(values.device)
+        flat = values.detach().reshape(-1).to(stats.dtype)  # (N,)
+        finite = torch.isfinite(flat)  # (N,)
+        n = finite.sum().to(stats.dtype)
+        seen = n > 0
+        batch_mean = torch.where(finite, flat, 0.0).sum() / n.clamp(min=1)
+        batch_var = torch.where(finite, (flat - batch_mean) ** 2, 0.0).sum() / n.clamp(min=1)
+        mean, var, count = stats.unbind()
         if self.kind == "running":
-            total = self.count + n
-            delta = batch_mean - self.mean
-            m2 = self.var * self.count + batch_var * n + delta * delta * self.count * n / total
-            self.mean += delta * n / total
-            self.var = m2 / total
+            total = (count + n).clamp(min=1)
+            delta = batch_mean - mean
+            m2 = var * count + batch_var * n + delta * delta * count * n / total
+            mean, var = torch.where(seen, mean + delta * n / total, mean), torch.where(seen, m2 / total, var)
         elif self.kind == "ema":
-            self.mean = self.momentum * self.mean + (1.0 - self.momentum) * batch_mean
-            self.var = self.momentum * self.var + (1.0 - self.momentum) * batch_var
-        self.count += n
+            mean = torch.where(seen, self.momentum * mean + (1.0 - self.momentum) * batch_mean, mean)
+            var = torch.where(seen, self.momentum * var + (1.0 - self.momentum) * batch_var, var)
+        self.stats = torch.stack([mean, var, count + n])
 
     def normalize(self, values: torch.Tensor) -> torch.Tensor:
         """(values - mean) / (std + epsilon); identity for kind ``none`` or before any update."""
-        if self.kind == "none" or self.count == 0:
+        if self.kind == "none":
             return values
-        return (values - self.mean) / (self.std + self.epsilon)
+        mean, var, count = self._on(values.device).unbind()
+        scale = var.clamp(min=0).sqrt() + self.epsilon  # in float64, then the scores' dtype (as Python floats did)
+        normalized = (values - mean.to(values.dtype)) / scale.to(values.dtype)
+        return torch.where(count > 0, normalized, values)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "mean": self.mean, "var": self.var, "count": self.count,
+        mean, var, count = self.stats.tolist()  # one host read
+        return {"kind": self.kind, "mean": mean, "var": var, "count": int(round(count)),
                 "momentum": self.momentum, "epsilon": self.epsilon}
 
     @classmethod
@@ -203,13 +229,17 @@ class ScoreModel(nn.Module):
         """Right-padded ``input_ids`` (B, T) -> end scores (B,) and token-wise scores (B, T), float32.
 
         ``attention_mask`` (B, T): 1 on real tokens; ``None`` attends to every position (as transformers does).
+        A decoder gets it as a 4-D mask where it takes one (``right_padded_mask``): transformers would test a 2-D
+        mask on the host (``padding_mask.all()``, a GPU sync per forward). Encoders get the 2-D mask (that sync
+        remains there).
         """
         inner = peft_base(self.model)
         if self.layout == "decoder":
             backbone = getattr(inner, inner.base_model_prefix)
-            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                              **kwargs).last_hidden_state  # (B, T, H)
-            scores = inner.score(hidden).squeeze(-1).float()  # (B, T)
+            hidden = backbone(input_ids=input_ids, attention_mask=right_padded_mask(backbone, attention_mask),
+                              use_cache=False, **kwargs).last_hidden_state  # (B, T, H)
+            # a LoRA model's head trains in fp32 on a bf16 base (upcast_trainable): meet it in its dtype
+            scores = inner.score(hidden.to(inner.score.weight.dtype)).squeeze(-1).float()  # (B, T)
             if self.pad_token_id is None and input_ids.shape[0] > 1:
                 raise UserError("this score model has no pad_token_id, so it cannot score a padded batch")
             end_index = last_non_pad_index(input_ids, self.pad_token_id)  # (B,)
@@ -220,7 +250,7 @@ class ScoreModel(nn.Module):
             pooler = backbone.pooler
             # pooler(h)[b] = tanh(dense(h[b, 0])); applying dense+tanh at every position gives token-wise scores
             # whose position 0 is exactly transformers' pooled score.
-            pooled = pooler.activation(pooler.dense(hidden))  # (B, T, H)
+            pooled = pooler.activation(pooler.dense(hidden.to(pooler.dense.weight.dtype)))  # (B, T, H)
             scores = inner.classifier(inner.dropout(pooled)).squeeze(-1).float()  # (B, T)
             end_index = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
             end_scores = scores[:, 0]
@@ -392,7 +422,7 @@ def _lora_wrap(hf_model: nn.Module, lora, layout: str) -> nn.Module:
 
 def load_score_model(path: str, settings=None, lora=None, score_type: str | None = None,
                      allow_new_head: bool = True, normalizer: ScoreNormalizer | None = None,
-                     device: torch.device | str | None = None):
+                     device: torch.device | str | None = None, trainable: bool = True):
     """A score model and its tokenizer from a folder, hub-style name, GGUF file or preset ('tiny',
     'minilm-l6-v2', 'smollm2-135m-instruct').
 
@@ -403,7 +433,10 @@ def load_score_model(path: str, settings=None, lora=None, score_type: str | None
       (scoring with an untrained head would be meaningless).
     ``settings``: ``ModelSettings`` (dtype, chat template, remote code, attention kernel). ``lora``:
     ``LoraSettings``; when enabled the model is peft-wrapped (task SEQ_CLS) and the head modules train in full.
-    ``device``: where the weights go (also picks the 'auto' dtype). Returns (ScoreModel, tokenizer).
+    ``device``: where the weights go. ``trainable``: whether the model will be trained (a reward model or
+    critic) or only score (``load_scorer``); with ``device`` it picks the 'auto' dtype (``resolve_dtype``): fp32
+    for full fine-tuning, bf16 on a bf16 GPU for a frozen model or the frozen base under LoRA, whose adapters
+    and head train in fp32. Returns (ScoreModel, tokenizer).
     """
     settings = settings or ModelSettings()
     resolved = resolve_model(path)
@@ -418,12 +451,13 @@ def load_score_model(path: str, settings=None, lora=None, score_type: str | None
     block = read_score_config(local) if saved else None
     gguf = settings.gguf_file or resolved.gguf_file
     quantized = lora is not None and lora.enabled and lora.quantization != "none"
-    dtype = resolve_dtype(settings.dtype, device)
+    lora_enabled = lora is not None and lora.enabled
+    dtype = resolve_dtype(settings.dtype, device, trainable=trainable and not lora_enabled)
     quantization = bnb_config(lora.quantization, dtype) if quantized else None
     kwargs = from_pretrained_kwargs(settings, dtype, gguf, quantization, num_labels=1)
     tokenizer = load_tokenizer(path, settings)
     try:
-        hf_model = AutoModelForSequenceClassification.from_pretrained(resolved.path, **kwargs)
+        hf_model = from_pretrained(AutoModelForSequenceClassification, resolved.path, settings, kwargs)
     except (OSError, ValueError) as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"could not load the score model '{path}': {first_line}") from None
@@ -439,8 +473,9 @@ def load_score_model(path: str, settings=None, lora=None, score_type: str | None
         normalizer = normalizer or ScoreNormalizer.from_dict(block.get("normalizer"))
     calibration = (block or {}).get(CALIBRATION_KEY) or {}
     offset = 0.0 if calibration.get("folded_into_head_bias") else float(calibration.get("offset", 0.0))
-    if lora is not None and lora.enabled:
+    if lora_enabled:
         hf_model = _lora_wrap(hf_model, lora, layout)
+        upcast_trainable(hf_model)  # the head trains in full (modules_to_save): fp32 like the adapters
     model = ScoreModel(hf_model, score_type=score_type or "reward", normalizer=normalizer, score_offset=offset)
     if device is not None and not quantized:
         model.to(device)

@@ -172,10 +172,10 @@ def load_scorer(model_dir: str, device: torch.device | str | None = None, batch_
 
     ``max_length`` / ``max_prompt_length`` default to the values the model was trained with (when its
     config records them), else 512 and half of it. ``device`` defaults to CUDA when available; the dtype comes
-    from ``settings.dtype`` (auto: bf16 on a GPU that supports it, fp32 on the CPU).
+    from ``settings.dtype`` (auto: bf16 on a GPU that supports it, fp32 on the CPU: the model only scores).
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_score_model(model_dir, settings, allow_new_head=False, device=device)
+    model, tokenizer = load_score_model(model_dir, settings, allow_new_head=False, device=device, trainable=False)
     local = Path(str(resolve_model_path(model_dir)))
     block = read_score_config(local) or {}
     if max_length is None:

@@ -51,6 +51,7 @@ from humanalign.engine.data import EncodedDataset
 from humanalign.errors import UserError
 from humanalign.losses.sft import sft_loss_sums
 from humanalign.models.load import count_parameters, load_causal_lm, load_tokenizer, resolve_model_path
+from humanalign.models.logprobs import right_padded_mask
 
 # ----------------------------------------------------------------------------------------------- data
 
@@ -196,9 +197,12 @@ def prepare_data(cfg: SFTConfig, tokenizer, say: Callable[[str], None]) -> SFTDa
 
 
 def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    if "position_ids" in batch:  # packed rows: the position ids mark example boundaries
+    """Logits (B, T, V). Packed rows: the position ids mark example boundaries. Right-padded rows: the padding
+    mask as a 4-D mask where the model takes one (``right_padded_mask``: no host sync per forward)."""
+    if "position_ids" in batch:
         return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    mask = right_padded_mask(model, batch["attention_mask"])
+    return model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits
 
 
 def evaluate(engine: Engine, model, loader) -> dict[str, float]:
