@@ -281,7 +281,7 @@ class GRPOTrainer:
         cfg, engine = self.cfg, self.engine
         mask = batch.response_mask
         for it in range(cfg.update_iters):
-            generator = torch.Generator().manualrollout_seed(rollout_seed(cfg.seed, index, it, engine.process_index))
+            generator = torch.Generator().manual_seed(rollout_seed(cfg.seed, index, it, engine.process_index))
             micro_batches = torch.randperm(len(batch), generator=generator).split(cfg.batch_size)
             for first in range(0, len(micro_batches), engine.accumulation):
                 window = micro_batches[first:first + engine.accumulation]

@@ -311,7 +311,7 @@ class PPOTrainer:
         """update_iters shuffled passes over the rollout, one optimizer step per accumulation window."""
         cfg, engine = self.cfg, self.engine
         for it in range(cfg.update_iters):
-            generator = torch.Generator().manualrollout_seed(rollout_seed(cfg.seed, index, it, engine.process_index))
+            generator = torch.Generator().manual_seed(rollout_seed(cfg.seed, index, it, engine.process_index))
             micro_batches = torch.randperm(len(batch), generator=generator).split(cfg.batch_size)
             for first in range(0, len(micro_batches), engine.accumulation):
                 for j, rows in enumerate(micro_batches[first:first + engine.accumulation]):
