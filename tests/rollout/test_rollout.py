@@ -169,3 +169,20 @@ def test_trainer_runs_on_any_rollout_engine(tmp_path):
     # each rollout answers 2 prompts with answers 0 and 1: keyword shares 1/2 and 3/4 -> mean 0.625
     assert rewards == pytest.approx([0.625, 0.625])
     assert scripted.syncs == 2
+
+
+@pytest.mark.parametrize("settings", [GenerationSettings(max_new_tokens=12, do_sample=False),
+                                      GenerationSettings(max_new_tokens=12),
+                                      GenerationSettings(max_new_tokens=12, temperature=0.7, top_k=50, top_p=0.9)],
+                         ids=["greedy", "sampled", "warped"])
+def test_lean_loop_writes_what_generate_writes(actor, settings):
+    """The lean loop (prefill once, cache repeated G times) samples from generate's distribution with generate's
+    use of the random stream: the same seed gives the same tokens, stops included (every 7th token stops)."""
+    model, tokenizer = actor
+    stops = list(range(0, len(tokenizer), 7))
+    out = {sampler: HFRolloutEngine(model, tokenizer, stop_token_ids=stops, sampler=sampler).generate(
+        _ids(tokenizer), settings, num_return_sequences=4, seed=3) for sampler in ("loop", "generate")}
+    assert out["loop"].response_ids == out["generate"].response_ids
+    assert out["loop"].finished == out["generate"].finished
+    assert any(out["loop"].finished) or not settings.do_sample  # greedy answers here never stop
+    assert out["loop"].prompt_index == out["generate"].prompt_index
