@@ -186,3 +186,18 @@ def test_lean_loop_writes_what_generate_writes(actor, settings):
     assert out["loop"].finished == out["generate"].finished
     assert any(out["loop"].finished) or not settings.do_sample  # greedy answers here never stop
     assert out["loop"].prompt_index == out["generate"].prompt_index
+
+
+def test_response_positions_only_head_gives_the_full_logits_logps(actor):
+    """A forward with logits_to_keep=batch.logits_to_keep() (the LM head skips the prompts' common part) gives
+    the full forward's response log-probs and entropies, prompts of different lengths included."""
+    model, tokenizer = actor
+    ids = _ids(tokenizer)
+    batch = RolloutBatch.from_generation(ids, [[5, 6, 7], [8], [9, 10]], tokenizer.pad_token_id, torch.device("cpu"))
+    assert batch.logits_to_keep() == batch.input_ids.shape[1] - (min(len(p) for p in ids) - 1)
+    full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    kept = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 logits_to_keep=batch.logits_to_keep()).logits
+    assert kept.shape[1] < full.shape[1]
+    for a, b in zip(response_logps(full, batch, with_entropy=True), response_logps(kept, batch, with_entropy=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
