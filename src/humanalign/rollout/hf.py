@@ -124,6 +124,8 @@ class HFRolloutEngine(RolloutEngine):
         position = positions[:, -1:].repeat_interleave(n, 0)  # (b n, 1)
         tokens = torch.full((rows, settings.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         running = torch.ones(rows, dtype=torch.bool, device=device)
+        # sdpa reads a (rows, 1, 1, keys) boolean mask as is: built here once, not by the model at every step
+        boolean = getattr(model.config, "_attn_implementation", None) == "sdpa"
         for t in range(settings.max_new_tokens):
             scores = processors(tokens[:, :t], logits.float())  # (b n, V); the warpers read no ids
             if settings.do_sample:
@@ -135,8 +137,10 @@ class HFRolloutEngine(RolloutEngine):
             if t + 1 == settings.max_new_tokens or not bool(running.any()):
                 return tokens[:, : t + 1]
             position = position + 1
-            logits = model(input_ids=tokens[:, t:t + 1], attention_mask=mask[:, : width + t + 1],
-                           position_ids=position, cache=cache, use_cache=True).logits[:, -1]
+            step_mask = mask[:, : width + t + 1]
+            step_mask = step_mask[:, None, None, :].bool() if boolean else step_mask
+            logits = model(input_ids=tokens[:, t:t + 1], attention_mask=step_mask, position_ids=position,
+                           cache=cache, use_cache=True).logits[:, -1]
         return tokens
 
     @torch.no_grad()
