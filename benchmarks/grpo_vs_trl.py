@@ -13,6 +13,7 @@ alternate ours, trl, ours, trl (``--rounds``); peak RSS and MFU as in ``benchmar
 
     python benchmarks/grpo_vs_trl.py --model tiny --steps 4 --rounds 3
     python benchmarks/grpo_vs_trl.py --model smollm2 --steps 2 --rounds 2
+    python benchmarks/grpo_vs_trl.py --model tiny --variants ours,ours-before,trl --before-src /tmp/before/src
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="timed steps per run (default 4)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--rounds", type=int, default=2, help="runs per variant, alternating (default 2)")
-    p.add_argument("--variants", default="ours,trl")
+    p.add_argument("--variants", default="ours,trl", help="ours, trl, ours-before (needs --before-src)")
+    p.add_argument("--before-src", default=None, help="variant ours-before: humanalign from this src folder")
     p.add_argument("--prompts", type=int, default=None, help="prompts per step (default: tiny 4, smollm2 2)")
     p.add_argument("--num-generations", type=int, default=None, help="G (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 32")
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         payload = common.run_benchmark(script=script, name=f"grpo_{args.model}", title=title, settings=settings,
                                        variants=[v.strip() for v in args.variants.split(",") if v.strip()],
                                        rounds=args.rounds, threads=args.threads, child_args=child_args, work=work,
-                                       output=output)
+                                       output=output, before_src=args.before_src)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     payload["spread"] = spread(payload)

@@ -169,3 +169,35 @@ def test_trainer_runs_on_any_rollout_engine(tmp_path):
     # each rollout answers 2 prompts with answers 0 and 1: keyword shares 1/2 and 3/4 -> mean 0.625
     assert rewards == pytest.approx([0.625, 0.625])
     assert scripted.syncs == 2
+
+
+@pytest.mark.parametrize("settings", [GenerationSettings(max_new_tokens=12, do_sample=False),
+                                      GenerationSettings(max_new_tokens=12),
+                                      GenerationSettings(max_new_tokens=12, temperature=0.7, top_k=50, top_p=0.9)],
+                         ids=["greedy", "sampled", "warped"])
+def test_lean_loop_writes_what_generate_writes(actor, settings):
+    """The lean loop (prefill once, cache repeated G times) samples from generate's distribution with generate's
+    use of the random stream: the same seed gives the same tokens, stops included (every 7th token stops)."""
+    model, tokenizer = actor
+    stops = list(range(0, len(tokenizer), 7))
+    out = {sampler: HFRolloutEngine(model, tokenizer, stop_token_ids=stops, sampler=sampler).generate(
+        _ids(tokenizer), settings, num_return_sequences=4, seed=3) for sampler in ("loop", "generate")}
+    assert out["loop"].response_ids == out["generate"].response_ids
+    assert out["loop"].finished == out["generate"].finished
+    assert any(out["loop"].finished) or not settings.do_sample  # greedy answers here never stop
+    assert out["loop"].prompt_index == out["generate"].prompt_index
+
+
+def test_response_positions_only_head_gives_the_full_logits_logps(actor):
+    """A forward with logits_to_keep=batch.logits_to_keep() (the LM head skips the prompts' common part) gives
+    the full forward's response log-probs and entropies, prompts of different lengths included."""
+    model, tokenizer = actor
+    ids = _ids(tokenizer)
+    batch = RolloutBatch.from_generation(ids, [[5, 6, 7], [8], [9, 10]], tokenizer.pad_token_id, torch.device("cpu"))
+    assert batch.logits_to_keep() == batch.input_ids.shape[1] - (min(len(p) for p in ids) - 1)
+    full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    kept = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 logits_to_keep=batch.logits_to_keep()).logits
+    assert kept.shape[1] < full.shape[1]
+    for a, b in zip(response_logps(full, batch, with_entropy=True), response_logps(kept, batch, with_entropy=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -47,10 +47,14 @@ class PolicyAndCritics(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 ptx_input_ids: torch.Tensor | None = None, ptx_attention_mask: torch.Tensor | None = None,
-                generate_kwargs: dict[str, Any] | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
+                generate_kwargs: dict[str, Any] | None = None, logits_to_keep: int = 0
+                ) -> dict[str, torch.Tensor] | torch.Tensor:
+        """``logits_to_keep`` > 0: the actor's LM head runs on the last that many positions only."""
         if generate_kwargs is not None:  # sampling, through the prepared module's forward: see ActorGeneration
             return self.actor.generate(**generate_kwargs)
-        out = {"logits": self.actor(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits}
+        keep = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+        out = {"logits": self.actor(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                    **keep).logits}
         for name, critic in self.critics().items():
             out[f"{name}_values"] = critic(input_ids=input_ids, attention_mask=attention_mask).scores  # (B, L)
         if ptx_input_ids is not None:

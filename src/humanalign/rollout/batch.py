@@ -88,14 +88,21 @@ class RolloutBatch:
         positions = self.starts.unsqueeze(1) - 1 + offsets.unsqueeze(0)  # (N, R)
         return positions.clamp(max=self.input_ids.shape[1] - 1)
 
+    def logits_to_keep(self) -> int:
+        """How many trailing positions hold every action's logits (transformers' ``logits_to_keep``): from the
+        earliest response's first action position to the end, so the LM head skips the prompts' common part."""
+        return self.input_ids.shape[1] - (int(self.starts.min()) - 1)
+
 
 def response_logps(logits: torch.Tensor, batch: RolloutBatch, with_entropy: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(response token t) (N, R), and the policy entropy at each response position (N, R, no grad).
 
-    Row by row in float32, so that only one (R, V) slice of log-softmax exists at a time.
+    ``logits``: (N, L, V), or only the last K positions (N, K, V) (a forward with ``logits_to_keep=K``, see
+    ``RolloutBatch.logits_to_keep``). Row by row in float32, so that only one (R, V) slice of log-softmax
+    exists at a time.
     """
-    positions = batch.action_positions()  # (N, R)
+    positions = batch.action_positions() - (batch.input_ids.shape[1] - logits.shape[1])  # (N, R)
     logps, entropies = [], []
     for row_logits, row_pos, row_targets in zip(logits, positions, batch.response_ids):
         picked = row_logits[row_pos].float()  # (R, V)

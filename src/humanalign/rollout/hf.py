@@ -1,4 +1,15 @@
-"""Rollouts with transformers' ``model.generate``: left-padded batches, KV cache, the live actor's weights."""
+"""Rollouts with the live actor's weights: left-padded batches, KV cache, two samplers.
+
+``sampler="loop"`` (the default) is a lean sampling loop over the model's forward: it prefills each prompt ONCE
+and repeats its KV cache for the prompt's answers (``generate`` with ``num_return_sequences`` repeats the prompt
+before the prefill, so it computes the same prompt G times), and each step does only what sampling needs (the
+configured temperature / top-k / top-p warpers from transformers, softmax, one ``torch.multinomial`` over every
+row, EOS per row) instead of ``generate``'s per-step bookkeeping. It draws from the very distribution
+``generate`` draws from and consumes the random stream the same way (one multinomial over all rows per step,
+finished rows kept and padded), so with the same seed it writes the same tokens (tests/rollout). ``"generate"``
+is ``model.generate``; the loop falls back to it for a sharded actor (FSDP / ZeRO-3 gather weights inside the
+prepared module's forward) and for a repetition penalty.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +17,33 @@ import time
 from collections.abc import Sequence
 
 import torch
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from humanalign.data.tokenize import pad_sequences
 from humanalign.data.tokenize import stop_token_ids as default_stop_ids
+from humanalign.models.actor_critic import ActorGeneration
 from humanalign.rollout.base import GeneratedBatch, GenerationSettings, RolloutEngine
+
+SAMPLERS = ("loop", "generate")
+
+
+def warpers(settings: GenerationSettings) -> LogitsProcessorList:
+    """transformers' sampling warpers for ``settings``, in ``generate``'s order and on its conditions."""
+    out = LogitsProcessorList()
+    if settings.do_sample:
+        if settings.temperature != 1.0:
+            out.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_k:
+            out.append(TopKLogitsWarper(top_k=settings.top_k, min_tokens_to_keep=1))
+        if settings.top_p < 1.0:
+            out.append(TopPLogitsWarper(top_p=settings.top_p, min_tokens_to_keep=1))
+    return out
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -24,9 +57,11 @@ class HFRolloutEngine(RolloutEngine):
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int | None = None,
-                 stop_token_ids: Sequence[int] | None = None):
+                 stop_token_ids: Sequence[int] | None = None, sampler: str = "loop"):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler '{sampler}' (known: {', '.join(SAMPLERS)})")
         self.model, self.tokenizer = model, tokenizer
-        self.batch_size = batch_size
+        self.batch_size, self.sampler = batch_size, sampler
         self.stop_ids = sorted(set(stop_token_ids if stop_token_ids is not None else default_stop_ids(model, tokenizer)))
         if not self.stop_ids:
             raise ValueError("no stop token: the tokenizer has no EOS / end-of-turn token")
@@ -60,15 +95,64 @@ class HFRolloutEngine(RolloutEngine):
         body = response[:-1] if finished else response
         return self.tokenizer.decode(body, skip_special_tokens=True).strip()
 
+    def _loop_model(self, settings: GenerationSettings) -> torch.nn.Module | None:
+        """The module the lean loop steps (None: use ``generate``)."""
+        if self.sampler != "loop" or settings.repetition_penalty != 1.0:
+            return None
+        if isinstance(self.model, ActorGeneration):  # sharded weights are gathered by the prepared forward only
+            return None if self.model.synced_gpus else self.model.actor
+        return self.model
+
+    def _sample(self, model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
+                settings: GenerationSettings, n: int) -> torch.Tensor:
+        """(b, P) left-padded prompts -> (b * n, new) answers, prompt-major, pad after a row's stop token.
+
+        One prefill of the b prompts (LM head on the last position only), the cache and last logits repeated n
+        times, then one forward per new token over all b * n rows, as ``generate`` steps them."""
+        device, rows = input_ids.device, input_ids.shape[0] * n
+        processors = warpers(settings)
+        stops = torch.tensor(self.stop_ids, device=device)
+        cache = DynamicCache(config=model.config)
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate derives them
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]  # (b, V)
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)  # (b n, V), (b n, P)
+        width = mask.shape[1]
+        mask = torch.cat([mask, mask.new_ones(rows, settings.max_new_tokens)], dim=1)  # (b n, P + new)
+        position = positions[:, -1:].repeat_interleave(n, 0)  # (b n, 1)
+        tokens = torch.full((rows, settings.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+        running = torch.ones(rows, dtype=torch.bool, device=device)
+        # sdpa reads a (rows, 1, 1, keys) boolean mask as is: built here once, not by the model at every step
+        boolean = getattr(model.config, "_attn_implementation", None) == "sdpa"
+        for t in range(settings.max_new_tokens):
+            scores = processors(tokens[:, :t], logits.float())  # (b n, V); the warpers read no ids
+            if settings.do_sample:
+                chosen = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                chosen = scores.argmax(-1)
+            tokens[:, t] = torch.where(running, chosen, self.pad_id)
+            running &= ~torch.isin(chosen, stops)
+            if t + 1 == settings.max_new_tokens or not bool(running.any()):
+                return tokens[:, : t + 1]
+            position = position + 1
+            step_mask = mask[:, : width + t + 1]
+            step_mask = step_mask[:, None, None, :].bool() if boolean else step_mask
+            logits = model(input_ids=tokens[:, t:t + 1], attention_mask=step_mask, position_ids=position,
+                           cache=cache, use_cache=True).logits[:, -1]
+        return tokens
+
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]], settings: GenerationSettings,
                  num_return_sequences: int = 1, seed: int | None = None) -> GeneratedBatch:
         if any(len(p) == 0 for p in prompt_ids):
             raise ValueError("an empty prompt cannot be answered")
         device = self.device
+        loop_model = self._loop_model(settings)
         # transformers refuses num_return_sequences > 1 without sampling: repeat the prompts instead
-        repeat = 1 if settings.do_sample else num_return_sequences
-        config = self._config(settings, num_return_sequences // repeat)
+        repeat = 1 if settings.do_sample or loop_model is not None else num_return_sequences
+        config = None if loop_model is not None else self._config(settings, num_return_sequences // repeat)
         out = GeneratedBatch([], [], [], [], [])
         step = self.batch_size or max(1, len(prompt_ids))
         was_training = self.model.training
@@ -83,9 +167,12 @@ class HFRolloutEngine(RolloutEngine):
                     chunk = [list(p) for p in prompt_ids[start:start + step] for _ in range(repeat)]
                     input_ids = pad_sequences(chunk, self.pad_id, side="left").to(device)  # (b, P)
                     mask = pad_sequences([[1] * len(p) for p in chunk], 0, side="left").to(device)  # (b, P)
-                    generated = self.model.generate(input_ids=input_ids, attention_mask=mask,
-                                                    generation_config=config)  # (b * n, P + new)
-                    responses, finished = self._split(generated[:, input_ids.shape[1]:].tolist())
+                    if loop_model is not None:
+                        new = self._sample(loop_model, input_ids, mask, settings, num_return_sequences)
+                    else:
+                        new = self.model.generate(input_ids=input_ids, attention_mask=mask,
+                                                  generation_config=config)[:, input_ids.shape[1]:]  # (b n, new)
+                    responses, finished = self._split(new.tolist())
                     for j, (response, done) in enumerate(zip(responses, finished)):
                         index = start + j // num_return_sequences
                         out.prompt_ids.append(list(prompt_ids[index]))
