@@ -216,8 +216,8 @@ def load_heldout(args, files: dict[str, Path]) -> dict[str, list]:
 def pair_logps(model, tokenizer, pairs: list, args) -> list[list[float] | None]:
     """Summed response log-probs [chosen, rejected] of each pair (None for a pair the tokenizer drops)."""
     import torch
-    from humanalign.trainers.preference_data import PairCollator, build_pair_dataset
 
+    from humanalign.data.preference_dataset import PairCollator, build_pair_dataset
     from humanalign.models.logprobs import batch_logps
 
     dataset, _, _ = build_pair_dataset(pairs, tokenizer, max_length=args.max_length,
