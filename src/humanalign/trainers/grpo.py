@@ -43,6 +43,7 @@ from humanalign.losses.ppo import PPOLagLambda, lagrangian_advantage, masked_mea
 from humanalign.models.actor_critic import ActorGeneration, PolicyAndCritics, disable_all_dropout
 from humanalign.models.load import load_causal_lm, load_tokenizer, resolve_model, save_pretrained_model
 from humanalign.models.lora_merge import merged_gathered_weights
+from humanalign.models.pretrained import is_peft_model
 from humanalign.rollout import GenerationSettings, build_rollout_engine
 from humanalign.rollout.batch import RolloutBatch, response_logps, rollout_seed
 from humanalign.rollout.scorers import SequenceScorer
@@ -137,7 +138,7 @@ class GRPOTrainer:
         if cfg.disable_dropout:
             disable_all_dropout(module)
         self.ref = None  # None: the actor with its LoRA adapter disabled (or no KL term at all)
-        if cfg.beta > 0 and (cfg.ref_model_path is not None or not hasattr(actor, "peft_config")):
+        if cfg.beta > 0 and (cfg.ref_model_path is not None or not is_peft_model(actor)):
             ref = load_causal_lm(cfg.ref_model_path or cfg.actor_model_path, cfg.model, trainable=False)
             self.ref = engine.prepare_frozen(ref)
         return module
