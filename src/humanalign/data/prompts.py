@@ -19,7 +19,7 @@ from humanalign.data.images import reject_images
 from humanalign.data.io import iter_records
 from humanalign.data.load import load_source
 from humanalign.data.records import Message, PreferencePair, SFTRecord, prompt_from_jsonable, prompt_key
-from humanalign.data.tokenize import TruncationStats, collate_sft, encode_conversation
+from humanalign.data.tokenize import TruncationStats, collate_sft, encode_conversation, encode_prompt
 from humanalign.errors import RecordError, UserError
 
 
@@ -92,6 +92,18 @@ def load_prompts(paths: str | Sequence[str], max_prompts: int | None = None,
     return prompts
 
 
+def encode_prompts(tokenizer, prompts: Sequence[list[Message]], max_prompt_length: int,
+                   say: Callable[[str], None], name: str) -> list[list[int]]:
+    """Each prompt through the chat template once (the online trainers sample from these ids every rollout),
+    cut from the left to ``max_prompt_length``; says how many were cut."""
+    stats = TruncationStats()
+    ids = [encode_prompt(tokenizer, p, max_prompt_length, stats) for p in prompts]
+    if stats.prompt_truncated:
+        say(f"[{name}] {stats.prompt_truncated} of {len(prompts)} prompts cut from the left "
+            f"to max_prompt_length = {max_prompt_length}")
+    return ids
+
+
 def load_ptx_examples(path: str, source: str, tokenizer, max_length: int,
                       log: Callable[[str], None] = print) -> list[dict[str, list[int]]]:
     """SFT examples for the ptx loss: 'messages' records as they are, or pairs / other sources through their
@@ -155,4 +167,4 @@ class PtxStream:
         return collate_sft([self.examples[i] for i in rows], self.pad_id)
 
 
-__all__ = ["prompt_hash", "read_prompts", "load_prompts", "load_ptx_examples", "MicroBatchSampler", "PtxStream"]
+__all__ = ["prompt_hash", "read_prompts", "load_prompts", "encode_prompts", "load_ptx_examples", "MicroBatchSampler", "PtxStream"]

@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
 
 from humanalign.config.grpo import GRPOConfig, GRPOLagConfig
-from humanalign.data.prompts import load_prompts
-from humanalign.data.tokenize import TruncationStats, encode_prompt
+from humanalign.data.prompts import encode_prompts, load_prompts
+from humanalign.data.tokenize import encode_prompt
 from humanalign.engine import Engine
 from humanalign.engine.data import StepBatchSampler
 from humanalign.engine.optim import build_param_groups
@@ -40,11 +39,11 @@ from humanalign.engine.progress import Progress
 from humanalign.errors import UserError
 from humanalign.losses.grpo import group_advantages, grpo_token_loss, reduce_grpo_loss, rloo_advantages
 from humanalign.losses.ppo import PPOLagLambda, lagrangian_advantage, masked_mean
-from humanalign.models.actor_critic import ActorGeneration, PolicyAndCritics, disable_all_dropout
+from humanalign.models.actor_critic import PolicyAndCritics, disable_all_dropout
 from humanalign.models.load import load_causal_lm, load_tokenizer, resolve_model, save_pretrained_model
 from humanalign.models.lora_merge import merged_gathered_weights
 from humanalign.models.pretrained import is_peft_model
-from humanalign.rollout import GenerationSettings, build_rollout_engine
+from humanalign.rollout import GenerationSettings, actor_rollout_engine
 from humanalign.rollout.batch import RolloutBatch, response_logps, rollout_seed
 from humanalign.rollout.scorers import SequenceScorer
 
@@ -105,9 +104,8 @@ class GRPOTrainer:
             self.lam = PPOLagLambda(cfg.lambda_init, cfg.lambda_lr, cfg.lambda_max, cfg.cost_threshold,
                                     cfg.lambda_update_delay_steps, window)
             engine.register_state("lagrangian", self.lam)
-        actor = ActorGeneration(self.model, self.unwrapped.actor, synced_gpus=engine.num_processes > 1 and (
-            engine.distributed_type == DistributedType.FSDP or engine.zero_stage == 3))
-        self.rollout_engine = build_rollout_engine("hf", actor, self.tokenizer, batch_size=cfg.generation_batch_size)
+        self.rollout_engine = actor_rollout_engine(engine, self.model, self.unwrapped.actor, self.tokenizer,
+                                                   batch_size=cfg.generation_batch_size)
         self.generation = GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
                                              cfg.repetition_penalty)
         self.last_rollout: dict[str, float] = {}
@@ -118,11 +116,7 @@ class GRPOTrainer:
         self.tokenizer = load_tokenizer(cfg.actor_model_path, cfg.model)
         self.pad_id = self.tokenizer.pad_token_id
         self.prompts = load_prompts(cfg.prompts_path, cfg.max_prompts, log=engine.print)
-        stats = TruncationStats()
-        self.prompt_ids = [encode_prompt(self.tokenizer, p, cfg.max_prompt_length, stats) for p in self.prompts]
-        if stats.prompt_truncated:
-            engine.print(f"[{engine.name}] {stats.prompt_truncated} of {len(self.prompts)} prompts cut from the left "
-                         f"to max_prompt_length = {cfg.max_prompt_length}")
+        self.prompt_ids = encode_prompts(self.tokenizer, self.prompts, cfg.max_prompt_length, engine.print, engine.name)
         self.eval_prompts = (load_prompts(cfg.eval_prompts_path, cfg.eval_max_prompts, log=engine.print)
                              if cfg.eval_prompts_path else [])
         with engine.loading_whole_models():  # each rank scores its own answers with a whole score model

@@ -34,8 +34,8 @@ import torch
 from accelerate.utils import DistributedType
 
 from humanalign.config.ppo import PPOConfig, PPOLagConfig
-from humanalign.data.prompts import PtxStream, load_prompts, load_ptx_examples
-from humanalign.data.tokenize import TruncationStats, encode_prompt
+from humanalign.data.prompts import PtxStream, encode_prompts, load_prompts, load_ptx_examples
+from humanalign.data.tokenize import encode_prompt
 from humanalign.engine import Engine
 from humanalign.engine.data import StepBatchSampler
 from humanalign.engine.optim import build_param_groups, clip_per_role, per_group_scheduler
@@ -55,7 +55,6 @@ from humanalign.losses.ppo import (
 )
 from humanalign.losses.sft import ptx_loss
 from humanalign.models.actor_critic import (
-    ActorGeneration,
     PolicyAndCritics,
     critic_source,
     disable_all_dropout,
@@ -65,7 +64,7 @@ from humanalign.models.load import load_causal_lm, load_tokenizer, resolve_model
 from humanalign.models.lora_merge import merged_gathered_weights
 from humanalign.models.pretrained import is_peft_model
 from humanalign.models.score_model import save_score_model
-from humanalign.rollout import GenerationSettings, build_rollout_engine
+from humanalign.rollout import GenerationSettings, actor_rollout_engine
 from humanalign.rollout.batch import RolloutBatch, response_logps, response_values, rollout_seed
 from humanalign.rollout.scorers import RunningScoreStats, SequenceScorer
 
@@ -90,9 +89,8 @@ class PPOTrainer:
             DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU))
         self.unwrapped: PolicyAndCritics = engine.unwrap(self.model)
         self._register_states()
-        actor = ActorGeneration(self.model, self.unwrapped.actor, synced_gpus=engine.num_processes > 1 and (
-            engine.distributed_type == DistributedType.FSDP or engine.zero_stage == 3))
-        self.rollout_engine = build_rollout_engine("hf", actor, self.tokenizer, batch_size=cfg.generation_batch_size)
+        self.rollout_engine = actor_rollout_engine(engine, self.model, self.unwrapped.actor, self.tokenizer,
+                                                   batch_size=cfg.generation_batch_size)
         self.generation = GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
                                              cfg.repetition_penalty)
         self.last_rollout: dict[str, float] = {}
@@ -103,11 +101,7 @@ class PPOTrainer:
         self.tokenizer = load_tokenizer(cfg.actor_model_path, cfg.model)
         self.pad_id = self.tokenizer.pad_token_id
         self.prompts = load_prompts(cfg.prompts_path, cfg.max_prompts, log=engine.print)
-        stats = TruncationStats()
-        self.prompt_ids = [encode_prompt(self.tokenizer, p, cfg.max_prompt_length, stats) for p in self.prompts]
-        if stats.prompt_truncated:
-            engine.print(f"[{engine.name}] {stats.prompt_truncated} of {len(self.prompts)} prompts cut from the left "
-                         f"to max_prompt_length = {cfg.max_prompt_length}")
+        self.prompt_ids = encode_prompts(self.tokenizer, self.prompts, cfg.max_prompt_length, engine.print, engine.name)
         self.eval_prompts = (load_prompts(cfg.eval_prompts_path, cfg.eval_max_prompts, log=engine.print)
                              if cfg.eval_prompts_path else [])
         device, forward_bs = engine.device, cfg.forward_batch_size or cfg.batch_size
