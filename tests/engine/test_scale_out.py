@@ -341,7 +341,7 @@ def train_ppo_lag(prefix: list[str], out: Path, data: Path, scorers: dict[str, P
                             "--set", f"prompts_path=[{data / 'val' / 'helpful_pairs.jsonl'}]",
                             "--set", f"eval_prompts_path={data / 'test' / 'harmless_pairs.jsonl'}",
                             "--set", "eval_max_prompts=7",  # odd: one rank answers a repeated, uncounted prompt
-                            "--max-steps", "4", "--eval-steps", "2", "--save-steps", "2", "--max-grad-norm", "1000",
+                            "--max-steps", "4", "--eval-on-start", "false", "--eval-steps", "2", "--save-steps", "2", "--max-grad-norm", "1000",
                             "--report-to", "[none]", "--progress-bar", "false", *extra])
 
 
