@@ -341,6 +341,11 @@ RUN_COMMANDS = {  # command -> its flags after the shared ones; {data} is the mo
                  "--rollout-batch-size 2 --max-new-tokens 4",
     "train ppo-lag": "--actor-model-path tiny --prompts-path {data}/prompts.jsonl --reward-fn keyword_reward "
                      "--cost-fn banned_word_cost --rollout-batch-size 2 --max-new-tokens 4",
+    # one prompt answered twice per rollout = one optimizer step of 2 sequences: a checkpoint per step
+    "train grpo": "--actor-model-path tiny --prompts-path {data}/prompts.jsonl --reward-fn keyword_reward "
+                  "--rollout-batch-size 1 --num-generations 2 --max-new-tokens 4",
+    "train grpo-lag": "--actor-model-path tiny --prompts-path {data}/prompts.jsonl --reward-fn keyword_reward "
+                      "--cost-fn banned_word_cost --rollout-batch-size 1 --num-generations 2 --max-new-tokens 4",
 }
 CK = "{tmp}/run/checkpoint-2"  # the latest checkpoint of a built run
 PREVIOUS = "resume from the previous checkpoint instead: --resume-from-checkpoint {tmp}/run/checkpoint-1"
