@@ -4,11 +4,13 @@ running reward statistics that ``normalize_reward`` divides by.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from humanalign.data.tokenize import encode_prompt
 from humanalign.models.score_model import ScoreNormalizer
 from humanalign.models.scorer import load_scorer
 from humanalign.rewards import load_score_fn
@@ -58,4 +60,33 @@ class RunningScoreStats:
         self.normalizer = ScoreNormalizer.from_dict(state)
 
 
-__all__ = ["SequenceScorer", "RunningScoreStats"]
+
+def score_held_out_prompts(engine, rollout_engine, tokenizer, prompts, generation, max_prompt_length: int, seed: int,
+                           reward_scorer, cost_scorer=None) -> dict[str, float]:
+    """One answer to each held-out prompt (this rank's share), scored: mean reward, cost (with a cost scorer),
+    response length and finished share over all ranks. Every rank answers the same number of prompts (a rank
+    short of one repeats a prompt, not counted): sharded models gather weights inside each forward, so all ranks
+    must run the same generate calls (done under DDP too, so every backend samples the same batches)."""
+    mine = list(range(engine.process_index, len(prompts), engine.num_processes))
+    share = math.ceil(len(prompts) / engine.num_processes)
+    padding = [mine[-1] if mine else 0] * (share - len(mine))
+    totals = torch.zeros(5, device=engine.device)  # reward, cost, length, finished, count
+    if mine or padding:
+        asked = [prompts[i] for i in mine + padding]
+        ids = [encode_prompt(tokenizer, p, max_prompt_length) for p in asked]
+        gen = rollout_engine.generate(ids, generation, 1, seed=seed)
+        counted = len(mine)  # one answer per prompt, in prompt order
+        asked, texts = asked[:counted], gen.texts[:counted]
+        if counted:
+            rewards, _ = reward_scorer(asked, texts)
+            costs = cost_scorer(asked, texts)[0] if cost_scorer else [0.0] * counted
+            totals += torch.tensor([sum(rewards), sum(costs), float(sum(len(r) for r in gen.response_ids[:counted])),
+                                    float(sum(gen.finished[:counted])), float(counted)], device=engine.device)
+    totals = engine.reduce_sum(totals)
+    n = max(float(totals[4]), 1.0)
+    metrics = {"reward": float(totals[0]) / n, "response_length": float(totals[2]) / n, "finished": float(totals[3]) / n}
+    if cost_scorer is not None:
+        metrics["cost"] = float(totals[1]) / n
+    return metrics
+
+__all__ = ["score_held_out_prompts", "SequenceScorer", "RunningScoreStats"]

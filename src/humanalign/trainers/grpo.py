@@ -31,7 +31,6 @@ import torch
 
 from humanalign.config.grpo import GRPOConfig, GRPOLagConfig
 from humanalign.data.prompts import encode_prompts, load_prompts
-from humanalign.data.tokenize import encode_prompt
 from humanalign.engine import Engine
 from humanalign.engine.data import StepBatchSampler
 from humanalign.engine.optim import build_param_groups
@@ -45,7 +44,7 @@ from humanalign.models.lora_merge import merged_gathered_weights
 from humanalign.models.pretrained import is_peft_model
 from humanalign.rollout import GenerationSettings, actor_rollout_engine
 from humanalign.rollout.batch import RolloutBatch, response_logps, rollout_seed
-from humanalign.rollout.scorers import SequenceScorer
+from humanalign.rollout.scorers import SequenceScorer, score_held_out_prompts
 
 
 class WeightedScorer:
@@ -300,28 +299,9 @@ class GRPOTrainer:
     def evaluate(self) -> dict[str, float]:
         """Answer the held-out prompts once each (this rank's share; every rank runs the same number of
         generate calls, as sharded models need) and log their mean reward, cost and length."""
-        engine = self.engine
-        mine = list(range(engine.process_index, len(self.eval_prompts), engine.num_processes))
-        share = math.ceil(len(self.eval_prompts) / engine.num_processes)
-        padding = [mine[-1] if mine else 0] * (share - len(mine))  # repeated, not counted
-        totals = torch.zeros(5, device=engine.device)  # reward, cost, length, finished, count
-        if mine or padding:
-            prompts = [self.eval_prompts[i] for i in mine + padding]
-            ids = [encode_prompt(self.tokenizer, p, self.cfg.max_prompt_length) for p in prompts]
-            gen = self.rollout_engine.generate(ids, self.generation, 1, seed=rollout_seed(self.cfg.seed, -1))
-            n = len(mine)
-            if n:
-                rewards, _ = self.reward_scorer(prompts[:n], gen.texts[:n])
-                costs = self.cost_scorer(prompts[:n], gen.texts[:n])[0] if self.cost_scorer else [0.0] * n
-                totals += torch.tensor([sum(rewards), sum(costs), float(sum(len(r) for r in gen.response_ids[:n])),
-                                        float(sum(gen.finished[:n])), float(n)], device=engine.device)
-        totals = engine.reduce_sum(totals)
-        count = max(float(totals[4]), 1.0)
-        metrics = {"reward": float(totals[0]) / count, "response_length": float(totals[2]) / count,
-                   "finished": float(totals[3]) / count}
-        if self.cost_scorer is not None:
-            metrics["cost"] = float(totals[1]) / count
-        return engine.log_eval(metrics)
+        return self.engine.log_eval(score_held_out_prompts(
+            self.engine, self.rollout_engine, self.tokenizer, self.eval_prompts, self.generation,
+            self.cfg.max_prompt_length, rollout_seed(self.cfg.seed, -1), self.reward_scorer, self.cost_scorer))
 
     # ------------------------------------------------------------------------------------------ the loop
 

@@ -35,7 +35,6 @@ from accelerate.utils import DistributedType
 
 from humanalign.config.ppo import PPOConfig, PPOLagConfig
 from humanalign.data.prompts import PtxStream, encode_prompts, load_prompts, load_ptx_examples
-from humanalign.data.tokenize import encode_prompt
 from humanalign.engine import Engine
 from humanalign.engine.data import StepBatchSampler
 from humanalign.engine.optim import build_param_groups, clip_per_role, per_group_scheduler
@@ -66,7 +65,7 @@ from humanalign.models.pretrained import is_peft_model
 from humanalign.models.score_model import save_score_model
 from humanalign.rollout import GenerationSettings, actor_rollout_engine
 from humanalign.rollout.batch import RolloutBatch, response_logps, response_values, rollout_seed
-from humanalign.rollout.scorers import RunningScoreStats, SequenceScorer
+from humanalign.rollout.scorers import RunningScoreStats, SequenceScorer, score_held_out_prompts
 
 
 class PPOTrainer:
@@ -326,32 +325,9 @@ class PPOTrainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Answer the held-out prompts (this rank's share) and log their mean reward, cost and length."""
-        engine = self.engine
-        mine = list(range(engine.process_index, len(self.eval_prompts), engine.num_processes))
-        # Every rank answers the same number of prompts (a rank short of one repeats a prompt, not counted):
-        # sharded models gather weights inside each forward, so all ranks must run the same generate calls.
-        # (Done under DDP too, so that every backend samples the same batches and reports the same figures.)
-        share = math.ceil(len(self.eval_prompts) / engine.num_processes)
-        padding = [mine[-1] if mine else 0] * (share - len(mine))
-        totals = torch.zeros(5, device=engine.device)  # reward, cost, length, finished, count
-        if mine or padding:
-            prompts = [self.eval_prompts[i] for i in mine + padding]
-            ids = [encode_prompt(self.tokenizer, p, self.cfg.max_prompt_length) for p in prompts]
-            gen = self.rollout_engine.generate(ids, self.generation, 1, seed=rollout_seed(self.cfg.seed, -1))
-            counted = len(mine)  # one answer per prompt, in prompt order
-            prompts, texts = prompts[:counted], gen.texts[:counted]
-            if counted:
-                rewards, _ = self.reward_scorer(prompts, texts)
-                costs = self.cost_scorer(prompts, texts)[0] if self.cost_scorer else [0.0] * counted
-                totals += torch.tensor([sum(rewards), sum(costs), float(sum(len(r) for r in gen.response_ids[:counted])),
-                                        float(sum(gen.finished[:counted])), float(counted)], device=engine.device)
-        totals = engine.reduce_sum(totals)
-        n = max(float(totals[4]), 1.0)
-        metrics = {"reward": float(totals[0]) / n, "response_length": float(totals[2]) / n,
-                   "finished": float(totals[3]) / n}
-        if self.cost_scorer is not None:
-            metrics["cost"] = float(totals[1]) / n
-        return engine.log_eval(metrics)
+        return self.engine.log_eval(score_held_out_prompts(
+            self.engine, self.rollout_engine, self.tokenizer, self.eval_prompts, self.generation,
+            self.cfg.max_prompt_length, rollout_seed(self.cfg.seed, -1), self.reward_scorer, self.cost_scorer))
 
     # ------------------------------------------------------------------------------------------ the loop
 
