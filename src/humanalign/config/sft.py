@@ -58,9 +58,22 @@ class SFTConfig(TrainingConfig):
         False, description="Pack several short examples into each max_length row (separate position ids, no "
         "attention across examples).",
     )
+    freeze_vision_tower: bool = Field(
+        True, description="Vision-language model: keep the vision tower's weights fixed (under LoRA they always are)."
+    )
+    freeze_projector: bool = Field(
+        False, description="Vision-language model: keep the image projector fixed (else it trains, also under LoRA)."
+    )
+    freeze_language_model: bool = Field(
+        False, description="Vision-language model: keep the language model fixed, so that only the projector (and "
+        "the tower, if not frozen) trains: LLaVA's first stage, aligning image features with the language model.",
+    )
 
     @model_validator(mode="after")
     def _check_eval(self):
         if self.load_best_model_at_end and self.val_path is None and self.val_ratio == 0:
             raise ValueError("load_best_model_at_end needs validation data: set val_path or val_ratio")
+        if self.freeze_language_model and self.lora.enabled:
+            raise ValueError("freeze_language_model: true with lora.enabled: LoRA adapts the language model; turn "
+                             "one off (projector-only training needs no LoRA)")
         return self

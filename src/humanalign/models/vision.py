@@ -7,8 +7,10 @@ shipped with the checkpoint only when ``model.trust_remote_code`` is set (as ``m
 
 Parameters are sorted into three parts by their module names: the vision tower (``vision_tower``, ``visual``,
 ``vision_model``), the projector that maps image features into the language model (``multi_modal_projector``,
-Qwen2-VL's ``visual.merger``, ``mm_projector``) and everything else, the language model. ``freeze_vision_tower``
-and ``freeze_projector`` turn off the gradients of the first two.
+Qwen2-VL's ``visual.merger``, ``mm_projector``) and everything else, the language model. ``freeze_vision_tower``,
+``freeze_projector`` and ``freeze_language_model`` turn off the gradients of each (the last for LLaVA's first
+stage: only the projector trains, aligning image features with the frozen language model). The pair trainers
+(`train dpo`, `train safe-mm-dpo`) and `train sft` load their vision-language policy through ``load_vision_lm``.
 """
 
 from __future__ import annotations
@@ -106,23 +108,29 @@ def language_lora_targets(model: torch.nn.Module, lora: LoraSettings) -> list[st
     return names
 
 
-def set_trainable_parts(model: torch.nn.Module, *, freeze_vision_tower: bool, freeze_projector: bool) -> dict:
-    """Turn off the gradients of the frozen parts; returns {part: trainable parameter count}."""
-    frozen = {"vision": freeze_vision_tower, "projector": freeze_projector}
+def trainable_parts(model: torch.nn.Module) -> dict[str, int]:
+    """{part: trainable parameter count} for "vision", "projector" and "language" (LoRA weights count as theirs)."""
     counts = {"vision": 0, "projector": 0, "language": 0}
     for name, param in model.named_parameters():
-        part = model_part(name)
-        if frozen.get(part):
-            param.requires_grad_(False)
         if param.requires_grad:
-            counts[part] += param.numel()
+            counts[model_part(name)] += param.numel()
     return counts
+
+
+def set_trainable_parts(model: torch.nn.Module, *, freeze_vision_tower: bool, freeze_projector: bool,
+                        freeze_language_model: bool = False) -> dict:
+    """Turn off the gradients of the frozen parts; returns {part: trainable parameter count}."""
+    frozen = {"vision": freeze_vision_tower, "projector": freeze_projector, "language": freeze_language_model}
+    for name, param in model.named_parameters():
+        if frozen[model_part(name)]:
+            param.requires_grad_(False)
+    return trainable_parts(model)
 
 
 def load_vision_lm(
     name_or_path: str | Path, settings: ModelSettings | None = None, lora: LoraSettings | None = None, *,
-    freeze_vision_tower: bool = True, freeze_projector: bool = False, gradient_checkpointing: bool = False,
-    trainable: bool = True,
+    freeze_vision_tower: bool = True, freeze_projector: bool = False, freeze_language_model: bool = False,
+    gradient_checkpointing: bool = False, trainable: bool = True,
 ):
     """An ``AutoModelForImageTextToText`` for training (parts frozen as asked; with ``lora.enabled`` a LoRA
     adapter on the language model, plus the projector fully trained unless ``freeze_projector``) or frozen
@@ -130,6 +138,11 @@ def load_vision_lm(
     settings, lora = settings or ModelSettings(), lora or LoraSettings()
     if lora.quantization != "none":
         raise UserError("lora.quantization (QLoRA) is not supported for vision-language models yet")
+    if trainable and freeze_language_model and lora.enabled:
+        raise UserError("freeze_language_model: true with lora.enabled: LoRA adapts the language model; turn one off")
+    if trainable and freeze_vision_tower and freeze_projector and freeze_language_model:
+        raise UserError("freeze_vision_tower, freeze_projector and freeze_language_model are all true: nothing "
+                        "would train")
     resolved = resolve_model(name_or_path)
     base = _adapter_base(resolved.path)
     if base is not None:
@@ -150,7 +163,8 @@ def load_vision_lm(
         return model.requires_grad_(False)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    set_trainable_parts(model, freeze_vision_tower=freeze_vision_tower, freeze_projector=freeze_projector)
+    set_trainable_parts(model, freeze_vision_tower=freeze_vision_tower, freeze_projector=freeze_projector,
+                        freeze_language_model=freeze_language_model)
     if lora.enabled:
         projector = sorted({n.split(".")[-1] for n, _ in model.named_modules()} & set(PROJECTOR_NAMES))
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
@@ -165,5 +179,12 @@ def load_vision_lm(
     return model
 
 
+def describe_parts(model: torch.nn.Module) -> str:
+    """What trains, for the run log: "vision tower 0, projector 1,234, language model 5,678 parameters trained"."""
+    counts = trainable_parts(model)
+    return (f"vision tower {counts['vision']:,}, projector {counts['projector']:,}, language model "
+            f"{counts['language']:,} parameters trained")
+
+
 __all__ = ["is_vision_model", "load_processor", "load_vision_lm", "model_part", "language_lora_targets",
-           "set_trainable_parts", "VISION_TOWER_NAMES", "PROJECTOR_NAMES", "LANGUAGE_LORA_TARGETS"]
+           "set_trainable_parts", "trainable_parts", "describe_parts", "VISION_TOWER_NAMES", "PROJECTOR_NAMES", "LANGUAGE_LORA_TARGETS"]
