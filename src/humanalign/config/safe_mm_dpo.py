@@ -87,6 +87,12 @@ class SafeMMDPOConfig(TrainingConfig):
     precompute_cache_dir: str | None = Field(
         None, description="Where precomputed reference log-probs are cached (default: <cache>/ref_logps)."
     )
+    freeze_vision_tower: bool = Field(
+        True, description="Vision-language policy: keep the vision tower's weights fixed (under LoRA they always are)."
+    )
+    freeze_projector: bool = Field(
+        False, description="Vision-language policy: keep the image projector fixed (else it trains, also under LoRA)."
+    )
     disable_dropout: bool = Field(
         True, description="Set the policy's dropout to 0 (not LoRA's), so log-probs are deterministic (TRL's default)."
     )

@@ -30,7 +30,8 @@ if TYPE_CHECKING:  # type hints only: data.sources imports this module for its a
     from humanalign.data.sources import SourceContext
 
 # Who takes images today (named in the refusal of every consumer that does not)
-IMAGE_TRAINERS = "images are taken by `train dpo` with a vision-language policy only"
+IMAGE_TRAINERS = ("images are taken by `train dpo`, `train sft` and `train safe-mm-dpo` with a vision-language "
+                  "policy only")
 IMAGE_DIR_OPTION = "image_dir"  # adapter option: where image objects are written (default: the cache)
 
 

@@ -5,7 +5,9 @@ same two responses (one PKU-SafeRLHF record gives both, ordered by helpfulness a
 *shared*: ``JointCollator`` puts each distinct response in the batch once, so a step of B helpful + B harmless
 pairs forwards 2B sequences, as DPO does for B pairs. ``StreamView`` shows one stream's pairs as joint items
 (evaluation). The per-pair fields (margins, costs) that travel from a stream's examples into its batch are
-named here (``STREAM_FIELDS``); ``models.margins`` fills them.
+named here (``STREAM_FIELDS``); ``models.margins`` fills them. Pairs with images (``data.vision_joint``) go
+through the same sampler and placement, with the vision pair collator; two pairs share only when their images
+are the same too.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ STREAM_FIELDS = (DELTA, COST_CHOSEN, COST_REJECTED, HAS_COST)
 PREFERRED_ROWS = "preferred_rows"
 
 
-def _text_key(pair) -> tuple[str, frozenset[str]]:
-    return prompt_key(pair.prompt), frozenset((normalized(pair.chosen), normalized(pair.rejected)))
+def _text_key(pair) -> tuple[str, frozenset[str], tuple[str, ...]]:
+    """Prompt, the two responses and the prompt's images (a pair about another picture is another pair)."""
+    return (prompt_key(pair.prompt), frozenset((normalized(pair.chosen), normalized(pair.rejected))),
+            tuple(getattr(pair, "images", ())))
 
 
 def _relation(helpful: Mapping[str, Any], harmless: Mapping[str, Any]) -> int:
@@ -155,18 +159,24 @@ class JointCollator:
     reference log-probs when the examples carry them), so the pair trainers' fast forward applies to it. A
     shared item is one distinct pair for both streams, an unshared item two. For each stream present,
     ``batch[stream]`` = {``chosen_row``, ``rejected_row`` (B,) long: rows of its chosen and rejected sequences;
-    ``index`` (B,) long; the numeric STREAM_FIELDS present (B,) float}. Picklable (DataLoader workers)."""
+    ``index`` (B,) long; the numeric STREAM_FIELDS present (B,) float}. Picklable (DataLoader workers).
+    ``pairs`` / ``distinct_pair``: the pair collator and the feature it takes from a stream's example (the
+    vision subclass, ``data.vision_joint.VisionJointCollator``, batches pairs with their images instead)."""
 
     def __init__(self, pad_token_id: int):
-        self.pairs = PairCollator(pad_token_id)
+        self.pairs: Any = PairCollator(pad_token_id)
+
+    def distinct_pair(self, example: Mapping[str, Any]) -> Any:
+        """The pair collator's feature for a stream example's pair."""
+        return {k: example[k] for k in (*PAIR_KEYS, REF_CHOSEN, REF_REJECTED) if k in example}
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        distinct: list[dict[str, Any]] = []  # the distinct pairs, as PairCollator features
+        distinct: list[Any] = []  # the distinct pairs, as the pair collator's features
         placed: dict[str, list[tuple[int, bool]]] = {}  # stream -> (distinct pair, swapped) per item
         examples: dict[str, list[dict[str, Any]]] = {}
 
         def add(example: Mapping[str, Any]) -> int:
-            distinct.append({k: example[k] for k in (*PAIR_KEYS, REF_CHOSEN, REF_REJECTED) if k in example})
+            distinct.append(self.distinct_pair(example))
             return len(distinct) - 1
 
         for feature in features:

@@ -23,6 +23,14 @@ Metrics (train/ per logging step, eval/ on the validation pairs): loss_total, lo
 loss_kl, reward_helpful_mean, reward_safety_mean (implicit reward margins beta * h), delta_helpful_mean,
 delta_safety_mean (reward-model margins), lambda, beta_helpful_mean, beta_safety_mean, kl_divergence,
 perplexity (of the preferred responses), expected_cost, accuracy_helpful, accuracy_safety.
+
+A vision-language policy (``models.vision.is_vision_model``) trains on helpful and harmless pairs with images,
+with the same config: its processor tokenises both streams (``data.vision_joint``: pairs share rows only when
+their images are the same too), the parts train as ``freeze_vision_tower`` / ``freeze_projector`` and LoRA say,
+and every forward, policy and reference (a frozen copy or the adapter-disabled policy), is the plain
+concatenated one with the pixel values: the text fast paths and the fused KL do not apply (docs/multimodal.md).
+A text-only reward or cost model would score the answers without their pictures, so it is refused (margins 0
+and label costs work); so are precomputed reference log-probs and ``expected_cost: sampled``.
 """
 
 from __future__ import annotations
@@ -54,8 +62,9 @@ from humanalign.data.joint_pairs import (
 )
 from humanalign.data.preference_dataset import PairDataset, load_pair_dataset
 from humanalign.data.tokenize import IGNORE_INDEX
+from humanalign.data.vision_joint import VisionJointCollator, load_vision_stream
 from humanalign.engine import Engine
-from humanalign.errors import UserError
+from humanalign.errors import ConfigError, UserError
 from humanalign.eval.generate import generate_responses, read_prompts
 from humanalign.losses.preference import pair_accuracy
 from humanalign.losses.safe_mm_dpo import (
@@ -66,11 +75,18 @@ from humanalign.losses.safe_mm_dpo import (
 )
 from humanalign.models.kl import pair_kl_forward
 from humanalign.models.load import count_parameters, load_causal_lm, load_tokenizer
-from humanalign.models.logprobs import concatenated_forward, per_token_kl, sequence_logps
+from humanalign.models.logprobs import (
+    LAYOUT_NOTES,
+    concatenated_forward,
+    pair_layout,
+    per_token_kl,
+    sequence_logps,
+)
 from humanalign.models.margins import attach_margins
 from humanalign.models.pretrained import disable_dropout_outside_lora
 from humanalign.models.reference import ReferenceModel, build_reference
 from humanalign.models.scorer import Scorer, cached_score_pairs, load_scorer
+from humanalign.models.vision import describe_parts, is_vision_model, load_processor, load_vision_lm
 
 FINAL_METRICS_FILE = "final_metrics.json"
 
@@ -106,11 +122,16 @@ def describe(cfg: SafeMMDPOConfig) -> str:
 # --------------------------------------------------------------------------------------------- data and margins
 
 
-def load_streams(cfg: SafeMMDPOConfig, tokenizer, engine) -> dict[str, dict[str, Any]]:
+def load_streams(cfg: SafeMMDPOConfig, tokenizer, engine, processor=None) -> dict[str, dict[str, Any]]:
     """{"helpful": {"train": PairDataset, "val": ...}, "harmless": {...}}; harmless training pairs only with the
-    harmless stream, harmless validation pairs whenever given (an MM-DPO run still measures harmlessness)."""
+    harmless stream, harmless validation pairs whenever given (an MM-DPO run still measures harmlessness).
+    With ``processor`` (a vision-language policy's) the pairs keep their images (``VisionStream`` datasets)."""
     def load(path, kind, split):
-        return load_pair_dataset(path, kind, tokenizer, cfg, engine, name=f"{split} {path}") if path else None
+        if not path:
+            return None
+        if processor is not None:
+            return load_vision_stream(path, kind, processor, cfg, engine, name=f"{split} {path}")
+        return load_pair_dataset(path, kind, tokenizer, cfg, engine, name=f"{split} {path}")
 
     return {
         HELPFUL: {"train": load(cfg.train_helpful_path, "helpful", "train"),
@@ -118,6 +139,29 @@ def load_streams(cfg: SafeMMDPOConfig, tokenizer, engine) -> dict[str, dict[str,
         HARMLESS: {"train": load(cfg.train_harmless_path, "harmless", "train") if uses_harmless_stream(cfg) else None,
                    "val": load(cfg.val_harmless_path, "harmless", "val")},
     }
+
+
+def check_vision_run(cfg: SafeMMDPOConfig) -> None:
+    """What a vision-language policy cannot do yet, refused before any loading."""
+    if cfg.reference_mode == "precomputed":
+        raise ConfigError("reference_mode precomputed is not supported with a vision-language policy yet (the "
+                          "reference log-prob cache is keyed on token ids, not pixels): use model or adapter-disabled")
+    if cfg.expected_cost == "sampled" and uses_harmless_stream(cfg):
+        raise ConfigError("expected_cost: sampled is not supported with a vision-language policy yet (it samples "
+                          "answers to text prompts): use expected_cost: pairwise")
+
+
+def check_score_models(cfg: SafeMMDPOConfig, streams: Mapping[str, Mapping[str, Any]]) -> None:
+    """A text-only reward or cost model would score answers to pictures without the pictures: refused, with the
+    settings that need no model (margins 0; costs from the is_safe labels)."""
+    for stream, field, path, instead in (
+            (HELPFUL, "helpful_rm_path", cfg.helpful_rm_path, "delta_h = 0, beta = beta_ori"),
+            (HARMLESS, "harmless_rm_path", cfg.harmless_rm_path, "delta_s = 0, costs from the is_safe labels")):
+        with_images = sum(d.images for d in streams[stream].values() if d is not None)
+        if path and with_images and not is_vision_model(path, cfg.model):
+            raise ConfigError(f"{field} '{path}' is a text-only model, but {with_images} {stream} pairs carry "
+                              f"images it would score without them: set {field}: null ({instead}) or give a "
+                              "vision-language model")
 
 
 def score_on_ranks(cfg, engine, model_path: str, datasets: Sequence[PairDataset], expected_type: str
@@ -404,15 +448,20 @@ def is_logging_step(engine, step: int) -> bool:
 
 
 def load_policy(cfg: SafeMMDPOConfig, engine, streams: Mapping[str, Mapping[str, PairDataset | None]],
-                pad_token_id: int) -> tuple[Any, ReferenceModel]:
-    """The policy to train (dropout off when asked) and its reference (precomputed over every dataset when
-    ``reference_mode`` says so)."""
-    policy = load_causal_lm(cfg.policy_model_path, cfg.model, cfg.lora,
-                            gradient_checkpointing=cfg.gradient_checkpointing)
+                pad_token_id: int, vision: bool = False) -> tuple[Any, ReferenceModel]:
+    """The policy to train (dropout off when asked; a vision-language one with its parts frozen as configured)
+    and its reference (precomputed over every dataset when ``reference_mode`` says so)."""
+    if vision:
+        policy = load_vision_lm(cfg.policy_model_path, cfg.model, cfg.lora, freeze_vision_tower=cfg.freeze_vision_tower,
+                                freeze_projector=cfg.freeze_projector, gradient_checkpointing=cfg.gradient_checkpointing)
+    else:
+        policy = load_causal_lm(cfg.policy_model_path, cfg.model, cfg.lora,
+                                gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.disable_dropout:
         disable_dropout_outside_lora(policy)
     trainable, total = count_parameters(policy)
-    engine.print(f"[safe-mm-dpo] policy {cfg.policy_model_path}: {trainable:,} of {total:,} parameters trained")
+    engine.print(f"[safe-mm-dpo] {'vision-language ' if vision else ''}policy {cfg.policy_model_path}: {trainable:,} "
+                 f"of {total:,} parameters trained" + (f" ({describe_parts(policy)})" if vision else ""))
     datasets = [d for parts in streams.values() for d in parts.values() if d is not None]
     reference = build_reference(cfg, policy, engine, datasets, pad_token_id=pad_token_id)
     engine.print(f"[safe-mm-dpo] reference: {reference.describe()}")
@@ -420,12 +469,12 @@ def load_policy(cfg: SafeMMDPOConfig, engine, streams: Mapping[str, Mapping[str,
 
 
 def make_loaders(cfg: SafeMMDPOConfig, engine, streams: Mapping[str, Mapping[str, PairDataset | None]],
-                 pad_token_id: int) -> tuple[JointDataset, Any, dict[str, Any]]:
+                 pad_token_id: int, vision: bool = False) -> tuple[JointDataset, Any, dict[str, Any]]:
     """(the joint training set, its loader, a validation loader per stream with validation pairs)."""
     joint = build_joint_dataset(streams[HELPFUL]["train"], streams[HARMLESS]["train"], cfg.seed,
                                 share_responses=cfg.share_responses)
     engine.print(f"[safe-mm-dpo] {joint.describe()}")
-    collate = JointCollator(pad_token_id)
+    collate = VisionJointCollator(pad_token_id) if vision else JointCollator(pad_token_id)
     train_loader = engine.train_loader(joint, collate, lengths=joint.lengths)
     eval_loaders = {s: engine.eval_loader(StreamView(parts["val"], s), collate, lengths=parts["val"].lengths)
                     for s, parts in streams.items() if parts["val"] is not None}
@@ -571,15 +620,18 @@ def run_result(loop: Loop, margins: dict[str, Any], streams: Mapping[str, Mappin
     }
 
 
-def finish_run(loop: Loop, tokenizer, streams: Mapping[str, Mapping[str, PairDataset | None]],
+def finish_run(loop: Loop, saver, streams: Mapping[str, Mapping[str, PairDataset | None]],
                result: dict[str, Any], start: float) -> None:
-    """Save the final policy and the run summary, write ``final_metrics.json`` (the result, completed here)
-    and print the held-out accuracies before and after."""
+    """Save the final policy (with ``saver``: the tokenizer, or a vision-language policy's processor) and the run
+    summary, write ``final_metrics.json`` (the result, completed here) and print the held-out accuracies before
+    and after."""
     cfg, engine = loop.cfg, loop.engine
     summary = {"reference": loop.reference.describe(), "margins": result["margins"], "pairs": result["pairs"],
                "skipped": {f"{split} {s}": dict(d.skipped) for s, parts in streams.items()
                            for split, d in parts.items() if d is not None}}
-    final = engine.finish(loop.model, tokenizer, summary=summary)
+    if "vision" in result:
+        summary["vision"] = result["vision"]
+    final = engine.finish(loop.model, saver, summary=summary)
     result.update({"final_model": str(final), "steps": engine.step, "seconds": round(time.time() - start, 1)})
     if engine.is_main_process:
         atomic_write_json(engine.run_dir / FINAL_METRICS_FILE, result)
@@ -597,16 +649,29 @@ def run(cfg: SafeMMDPOConfig) -> dict[str, Any]:
     start = time.time()
     with Engine(cfg, name="safe-mm-dpo") as engine:
         engine.print(describe(cfg))
-        tokenizer = load_tokenizer(cfg.policy_model_path, cfg.model)
-        streams = load_streams(cfg, tokenizer, engine)
+        vision = is_vision_model(cfg.policy_model_path, cfg.model)
+        if vision:
+            check_vision_run(cfg)
+        processor = load_processor(cfg.policy_model_path, cfg.model) if vision else None
+        tokenizer = processor.tokenizer if vision else load_tokenizer(cfg.policy_model_path, cfg.model)
+        streams = load_streams(cfg, tokenizer, engine, processor)
+        if vision:
+            check_score_models(cfg, streams)
         margins, cost_scorer = attach_margins(cfg, streams, partial(score_on_ranks, cfg, engine), engine.print)
-        policy, reference = load_policy(cfg, engine, streams, tokenizer.pad_token_id)
-        joint, train_loader, eval_loaders = make_loaders(cfg, engine, streams, tokenizer.pad_token_id)
+        policy, reference = load_policy(cfg, engine, streams, tokenizer.pad_token_id, vision)
+        joint, train_loader, eval_loaders = make_loaders(cfg, engine, streams, tokenizer.pad_token_id, vision)
         model, _, _ = engine.prepare(policy, train_loader)
         reference.attach(model)
+        if vision:  # every forward is the plain one: the text fast paths would misplace the image tokens
+            layout = pair_layout(model, engine.to_device(train_loader.collate_fn([joint[0]])))
+            engine.print(f"[safe-mm-dpo] pair forward: {LAYOUT_NOTES[layout]} (images: the text fast paths and the "
+                         "fused KL do not apply)")
         loop = start_loop(cfg, engine, model, reference, eval_loaders, cost_scorer, tokenizer)
         result = run_result(loop, margins, streams, joint, train(loop, train_loader))
-        finish_run(loop, tokenizer, streams, result, start)
+        if vision:
+            result["vision"] = {"pair_forward": layout, "images": {
+                f"{split}_{s}": d.images for s, parts in streams.items() for split, d in parts.items() if d}}
+        finish_run(loop, processor or tokenizer, streams, result, start)
     return result
 
 
