@@ -42,22 +42,27 @@ LANGUAGE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "u
 
 def is_vision_model(name_or_path: str | Path, settings: ModelSettings | None = None) -> bool:
     """Whether ``name_or_path`` (folder, run folder, adapter folder or Hub id) is a vision-language model."""
+    config = model_config(name_or_path, settings)
+    return config is not None and isinstance(config.get("vision_config"), dict)
+
+
+def model_config(name_or_path: str | Path, settings: ModelSettings | None = None) -> dict | None:
+    """The model's ``config.json`` as a dict (an adapter folder's: its base's), or None when there is none to read
+    here (a GGUF file, or a name that does not load as a config: the loaders report that problem)."""
     settings = settings or ModelSettings()
     resolved = resolve_model(name_or_path)
     if resolved.gguf_file:
-        return False
+        return None
     base = _adapter_base(resolved.path)
     if base is not None:
-        return is_vision_model(base[0], settings)
+        return model_config(base[0], settings)
     config_file = Path(resolved.path) / "config.json"
     if config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    else:
-        try:
-            config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=settings.trust_remote_code).to_dict()
-        except (OSError, ValueError):
-            return False  # not loadable as a config here: the text loader reports the problem
-    return isinstance(config.get("vision_config"), dict)
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    try:
+        return AutoConfig.from_pretrained(resolved.path, trust_remote_code=settings.trust_remote_code).to_dict()
+    except (OSError, ValueError):
+        return None
 
 
 def load_processor(name_or_path: str | Path, settings: ModelSettings | None = None):
@@ -180,11 +185,11 @@ def load_vision_lm(
 
 
 def describe_parts(model: torch.nn.Module) -> str:
-    """What trains, for the run log: "vision tower 0, projector 1,234, language model 5,678 parameters trained"."""
+    """Trainable parameters per part, for the run log: "vision tower 0, projector 1,234, language model 5,678"."""
     counts = trainable_parts(model)
-    return (f"vision tower {counts['vision']:,}, projector {counts['projector']:,}, language model "
-            f"{counts['language']:,} parameters trained")
+    return f"vision tower {counts['vision']:,}, projector {counts['projector']:,}, language model {counts['language']:,}"
 
 
-__all__ = ["is_vision_model", "load_processor", "load_vision_lm", "model_part", "language_lora_targets",
-           "set_trainable_parts", "trainable_parts", "describe_parts", "VISION_TOWER_NAMES", "PROJECTOR_NAMES", "LANGUAGE_LORA_TARGETS"]
+__all__ = ["is_vision_model", "model_config", "load_processor", "load_vision_lm", "model_part", "language_lora_targets",
+           "set_trainable_parts", "trainable_parts", "describe_parts", "VISION_TOWER_NAMES", "PROJECTOR_NAMES",
+           "LANGUAGE_LORA_TARGETS"]

@@ -86,7 +86,13 @@ from humanalign.models.margins import attach_margins
 from humanalign.models.pretrained import disable_dropout_outside_lora
 from humanalign.models.reference import ReferenceModel, build_reference
 from humanalign.models.scorer import Scorer, cached_score_pairs, load_scorer
-from humanalign.models.vision import describe_parts, is_vision_model, load_processor, load_vision_lm
+from humanalign.models.vision import (
+    describe_parts,
+    is_vision_model,
+    load_processor,
+    load_vision_lm,
+    model_config,
+)
 
 FINAL_METRICS_FILE = "final_metrics.json"
 
@@ -153,12 +159,14 @@ def check_vision_run(cfg: SafeMMDPOConfig) -> None:
 
 def check_score_models(cfg: SafeMMDPOConfig, streams: Mapping[str, Mapping[str, Any]]) -> None:
     """A text-only reward or cost model would score answers to pictures without the pictures: refused, with the
-    settings that need no model (margins 0; costs from the is_safe labels)."""
+    settings that need no model (margins 0; costs from the is_safe labels). A model whose config cannot be read
+    here is left to the scorer's loader to report."""
     for stream, field, path, instead in (
             (HELPFUL, "helpful_rm_path", cfg.helpful_rm_path, "delta_h = 0, beta = beta_ori"),
             (HARMLESS, "harmless_rm_path", cfg.harmless_rm_path, "delta_s = 0, costs from the is_safe labels")):
         with_images = sum(d.images for d in streams[stream].values() if d is not None)
-        if path and with_images and not is_vision_model(path, cfg.model):
+        config = model_config(path, cfg.model) if path and with_images else None
+        if config is not None and not isinstance(config.get("vision_config"), dict):
             raise ConfigError(f"{field} '{path}' is a text-only model, but {with_images} {stream} pairs carry "
                               f"images it would score without them: set {field}: null ({instead}) or give a "
                               "vision-language model")
