@@ -95,6 +95,17 @@ def test_projector_only_training_leaves_the_rest_alone(vision_run, tmp_path):
     assert summary["eval_loss"] < summary["eval_loss_at_start"]
 
 
+def test_lora_sft_adapts_the_language_model_and_saves_an_adapter(vision_run, tmp_path):
+    summary = train_sft(sft_config(vision_run, tmp_path, lora={"enabled": True, "r": 4, "alpha": 8}, max_steps=2,
+                                   eval_steps=2, learning_rate=1e-2))
+    final = Path(summary["final_model"])
+    assert (final / "adapter_config.json").is_file() and (final / "processor_config.json").is_file()
+    merged = load_vision_lm(final, trainable=False)  # the adapter merged onto its base
+    start = AutoModelForImageTextToText.from_pretrained(vision_run["model"])
+    assert parts_changed(merged, start) == {"vision": False, "projector": True, "language": True}
+    assert summary["eval_loss"] < summary["eval_loss_at_start"]
+
+
 def test_a_qwen2_vl_model_takes_an_sft_step(vision_run):
     """The second family (patch-sequence pixel values, image_grid_thw, multimodal RoPE): finite loss, gradients
     on the language model and the merger (projector), none on the frozen tower."""

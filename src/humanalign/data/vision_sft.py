@@ -106,8 +106,7 @@ def tokenize_vision_conversation(conversation: VisionConversation, processor, ma
             return SKIP_IMAGES_CUT
         keep = max_length
         stats.response_truncated += 1
-    if not (labels[:keep] != IGNORE_INDEX).any():
-        stats.dropped_empty += 1
+    if not (labels[:keep] != IGNORE_INDEX).any():  # counted once, as a skip (not also in ``stats``)
         return SKIP_NO_ANSWER
     example: dict[str, Any] = {k: v[0, :keep] for k, v in encoded.items() if _per_token(v, encoded["input_ids"])}
     example["labels"] = labels[:keep]
