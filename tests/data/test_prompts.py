@@ -96,15 +96,15 @@ def test_bad_images_in_prompt_files_name_file_line_field_and_image(pics, write_j
 def test_text_only_consumers_refuse_image_prompts_naming_the_commands_that_take_them(pics, write_jsonl):
     """PPO/GRPO rollouts (load_prompts), any text-only read_prompts and PPO's ptx data: one line, never a drop."""
     path = write_jsonl(pics.parent / "p.jsonl", [{"prompt": "a"}, {"prompt": "b", "images": ["pics/red.png"]}])
-    takes = "prompts with images are taken by `generate`, `eval arena` and `distill` with a vision-language model"
-    with pytest.raises(RecordError, match=rf"p.jsonl:2: field 'images': PPO and GRPO rollouts takes text prompts "
-                                          rf"only; {takes}"):
+    takes = "they are taken by `generate`, `eval arena` and `distill` with a vision-language model"
+    with pytest.raises(RecordError, match=rf"p.jsonl:2: field 'images': prompts with images are not taken by PPO "
+                                          rf"and GRPO rollouts \(text only\); {takes}"):
         load_prompts(str(path))
     write_jsonl(path, [{"question": "a", "image": "pics/gone.png"}])  # refused before the image is even looked for
-    with pytest.raises(RecordError, match=r"p.jsonl:1: field 'image': this command takes text prompts only"):
+    with pytest.raises(RecordError, match=r"p.jsonl:1: field 'image': prompts with images are not taken by this command"):
         read_prompts(path)
     write_jsonl(path, [{"prompt": [{"role": "user", "content": [{"type": "image", "image": "pics/red.png"}]}]}])
-    with pytest.raises(RecordError, match=r"p.jsonl:1: field 'prompt': `train x` takes text prompts only"):
+    with pytest.raises(RecordError, match=r"p.jsonl:1: field 'prompt': prompts with images are not taken by `train x`"):
         read_prompts(path, consumer="`train x`")
     ptx = pics.parent / "ptx.jsonl"
     ptx.write_text('{"messages": [{"role": "user", "content": "a"}], "images": ["x.png"]}\n')

@@ -46,8 +46,8 @@ def _image_field(raw: dict[str, Any]) -> str | None:
 
 
 def _refuse_images(path: str | Path, line: int, field: str, consumer: str) -> RecordError:
-    return RecordError(path, line, field, f"{consumer} takes text prompts only; prompts with images are taken by "
-                                          f"{IMAGE_PROMPT_COMMANDS} (see docs/multimodal.md)")
+    return RecordError(path, line, field, f"prompts with images are not taken by {consumer} (text only); they are "
+                                          f"taken by {IMAGE_PROMPT_COMMANDS} (see docs/multimodal.md)")
 
 
 def read_prompt_records(path: str | Path, limit: int | None = None,
