@@ -83,7 +83,7 @@ def test_prompt_records_carry_their_images_in_every_prompt_format(pics, write_js
 @pytest.mark.parametrize(("row", "expected"), [
     ({"prompt": "x", "images": ["pics/gone.png"]}, r"p.jsonl:1: field 'images\[0\]': image 'pics/gone.png' not found"),
     ({"prompt": "<image> <image>", "images": ["pics/red.png"]}, r"p.jsonl:1: field 'images': 2 '<image>' placeholders"),
-    ({"question": "x", "image": "https://x.org/a.png"}, r"p.jsonl:1: field 'image': image 'https://x.org/a.png' is a web"),
+    ({"question": "x", "image": "https://x.org/a.png"}, r"p.jsonl:1: field 'image': image 'https://x.org/a.png' is a"),
     ({"prompt": "x", "images": ["data:image/png;base64,@@"]}, r"field 'images\[0\]': image .* bad data URI"),
     ({"prompt": "x", "images": ["p.jsonl"]}, r"field 'images\[0\]': image 'p.jsonl' is not a readable image"),
 ])
@@ -101,7 +101,7 @@ def test_text_only_consumers_refuse_image_prompts_naming_the_commands_that_take_
                                           rf"and GRPO rollouts \(text only\); {takes}"):
         load_prompts(str(path))
     write_jsonl(path, [{"question": "a", "image": "pics/gone.png"}])  # refused before the image is even looked for
-    with pytest.raises(RecordError, match=r"p.jsonl:1: field 'image': prompts with images are not taken by this command"):
+    with pytest.raises(RecordError, match=r"p.jsonl:1: field 'image': prompts with images are not taken by this"):
         read_prompts(path)
     write_jsonl(path, [{"prompt": [{"role": "user", "content": [{"type": "image", "image": "pics/red.png"}]}]}])
     with pytest.raises(RecordError, match=r"p.jsonl:1: field 'prompt': prompts with images are not taken by `train x`"):

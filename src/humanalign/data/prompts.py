@@ -195,4 +195,5 @@ class PtxStream:
         return collate_sft([self.examples[i] for i in rows], self.pad_id)
 
 
-__all__ = ["IMAGE_PROMPT_COMMANDS", "prompt_hash", "read_prompt_records", "read_prompts", "load_prompts", "encode_prompts", "load_ptx_examples", "MicroBatchSampler", "PtxStream"]
+__all__ = ["IMAGE_PROMPT_COMMANDS", "prompt_hash", "read_prompt_records", "read_prompts", "load_prompts",
+           "encode_prompts", "load_ptx_examples", "MicroBatchSampler", "PtxStream"]

@@ -8,9 +8,11 @@ Prompts may show images (``data.records.PromptRecord.images``); a vision-languag
 answers them through its processor (``eval.vision_generate`` builds the batch), a text model refuses them.
 
 Output records: ``{"prompt", "response", "model", "sample_index", "prompt_hash"}`` (and ``"images"``, the
-prompt's image references, when it has any), one JSON object per line, appended and flushed batch by batch. A resumed run skips every (prompt hash, sample index) already in the file and
-drops a truncated last line left by a killed run. The decoding settings are kept beside the output in
-``<output>.settings.json``; resuming with other settings is refused (mixing them would mix two experiments).
+prompt's image references, when it has any), one JSON object per line, appended and flushed batch by batch. A
+resumed run skips every (prompt hash, sample index) already in the file and drops a truncated last line left by a
+killed run. A prompt's hash covers its images' bytes: the same question about two pictures is two prompts. The
+decoding settings are kept beside the output in ``<output>.settings.json``; resuming with other settings is
+refused (mixing them would mix two experiments).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from humanalign.data.io import atomic_write_json
-from humanalign.data.prompts import prompt_hash, read_prompt_records, read_prompts  # noqa: F401 (read_prompts: re-exported)
+from humanalign.data.prompts import prompt_hash, read_prompt_records, read_prompts  # noqa: F401 (re-exported)
 from humanalign.data.records import Message, PromptRecord, prompt_from_jsonable, prompt_to_jsonable
 from humanalign.data.tokenize import encode_prompt, pad_sequences, stop_token_ids
 from humanalign.errors import RecordError, UserError
@@ -129,7 +131,7 @@ def generate_token_ids(
     pad_id = _pad_token_id(tokenizer, stops)
     inputs = {"input_ids": pad_sequences(prompt_ids, pad_id, side="left"),  # (B, P)
               "attention_mask": pad_sequences([[1] * len(ids) for ids in prompt_ids], 0, side="left")}  # (B, P)
-    return decode(model, inputs, sampling, stops, pad_id, num_return_sequences, seed)
+    return generate_from_inputs(model, inputs, sampling, stops, pad_id, num_return_sequences, seed)
 
 
 @torch.inference_mode()
@@ -152,11 +154,13 @@ def generate_image_token_ids(
     if cuts is not None:
         cuts.prompt_truncated += batch.prompt_truncated
         cuts.kept_whole += batch.long_image_prompts
-    return decode(model, batch.inputs, sampling, stops, pad_id, 1, seed)  # the rows are already repeated
+    dtype = next(model.parameters()).dtype  # pixel values in the model's precision (bf16 on a GPU)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.inputs.items()}
+    return generate_from_inputs(model, inputs, sampling, stops, pad_id, 1, seed)  # rows already repeated
 
 
-def decode(model: Any, inputs: dict[str, torch.Tensor], sampling: Sampling, stops: list[int], pad_id: int,
-           num_return_sequences: int = 1, seed: int | None = None) -> list[list[int]]:
+def generate_from_inputs(model: Any, inputs: dict[str, torch.Tensor], sampling: Sampling, stops: list[int],
+                         pad_id: int, num_return_sequences: int = 1, seed: int | None = None) -> list[list[int]]:
     """HF ``generate`` on one left-padded batch of model inputs (KV cache on) -> each row's answer ids, cut at
     the first stop token; ``seed`` seeds the batch (default: sampling.seed) without touching the caller's RNG."""
     width = inputs["input_ids"].shape[1]
