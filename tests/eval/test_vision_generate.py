@@ -193,6 +193,7 @@ def test_arena_with_image_prompts_and_vision_models_on_both_sides(llava_folder, 
     import humanalign.models.scorer as scorer_module
 
     monkeypatch.setattr(scorer_module, "load_scorer", lambda model_dir, **kw: LengthJudge(model_dir))
+    monkeypatch.setattr("humanalign.eval.arena._free_memory", lambda: None)  # a full gc per model: seconds here
     out = tmp_path / "arena"
     args = ["eval", "arena", "--red", str(llava_folder), "--blue", str(llava_folder), "--reward-model", "reward",
             "--cost-model", "cost", "--prompts", str(prompt_file(pics)), "--output-dir", str(out), *SAMPLED]
@@ -230,3 +231,21 @@ def test_distill_keeps_the_pictures_with_the_answers(llava_folder, pics, tmp_pat
     assert main(["distill", "--model", "tiny", "--prompts", str(prompt_file(pics)), "--output",
                  str(tmp_path / "d2.jsonl")]) == 2
     assert "but the model 'tiny' is a text-only model" in capsys.readouterr().err
+
+
+def test_arena_with_text_prompts_takes_a_vision_model_on_one_side(llava_folder, tmp_path, monkeypatch):
+    import humanalign.models.scorer as scorer_module
+
+    monkeypatch.setattr(scorer_module, "load_scorer", lambda model_dir, **kw: LengthJudge(model_dir))
+    monkeypatch.setattr("humanalign.eval.arena._free_memory", lambda: None)  # a full gc per model: seconds here
+    prompts = tmp_path / "text.jsonl"
+    prompts.write_text('{"prompt": "Say hello."}\n{"prompt": "Name a colour."}\n', encoding="utf-8")
+    out = tmp_path / "arena"
+    assert main(["eval", "arena", "--red", "tiny", "--blue", str(llava_folder), "--reward-model", "reward",
+                 "--cost-model", "cost", "--prompts", str(prompts), "--output-dir", str(out), *SAMPLED]) == 0
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 2 and not any("images" in r for r in rows)
+    stats = json.loads((out / "arena.json").read_text(encoding="utf-8"))
+    assert stats["prompts"]["with_images"] == 0 and "judges_see_images" not in stats
+    blue = [json.loads(line) for line in (out / "blue.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["prompt_hash"] for r in blue] == [prompt_hash(user_prompt(t)) for t in ("Say hello.", "Name a colour.")]
