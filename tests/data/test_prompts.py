@@ -80,6 +80,20 @@ def test_prompt_records_carry_their_images_in_every_prompt_format(pics, write_js
     assert read_prompt_records(path, limit=2)[0] == records[:2]
 
 
+def test_parquet_prompt_files_with_image_structs_write_the_pictures_to_the_cache(pics, monkeypatch, tmp_path):
+    """A parquet export of a datasets Image column ({"bytes", "path"} structs): the bytes become a cached file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("HUMANALIGN_CACHE", str(tmp_path / "cache"))
+    red = (pics / "red.png").read_bytes()
+    pq.write_table(pa.table({"image": [{"bytes": red, "path": "red.png"}], "question": ["What colour?"]}),
+                   pics.parent / "prompts.parquet")
+    (record,), _ = read_prompt_records(pics.parent / "prompts.parquet")
+    (written,) = record.images
+    assert Path(written).parent == (tmp_path / "cache" / "images").resolve() and Path(written).read_bytes() == red
+
+
 @pytest.mark.parametrize(("row", "expected"), [
     ({"prompt": "x", "images": ["pics/gone.png"]}, r"p.jsonl:1: field 'images\[0\]': image 'pics/gone.png' not found"),
     ({"prompt": "<image> <image>", "images": ["pics/red.png"]}, r"p.jsonl:1: field 'images': 2 '<image>' placeholders"),

@@ -111,6 +111,18 @@ def test_sampling_is_seeded_per_batch(family, pics):
     assert a != generate_responses(model, processor, prompts, seed=2, **kwargs)
 
 
+def test_long_prompts_with_images_are_kept_whole_and_text_ones_cut(pics):
+    _, processor = tiny_qwen2_vl(seed=0)
+    prompts = records(pics)
+    full = vision_generation_inputs(processor, [r.prompt for r in prompts], [r.images for r in prompts], 512, 0)
+    lengths = full.inputs["attention_mask"].sum(dim=1).tolist()
+    cut = vision_generation_inputs(processor, [r.prompt for r in prompts], [r.images for r in prompts], 5, 0)
+    assert (cut.long_image_prompts, cut.prompt_truncated) == (3, 1)
+    kept = cut.inputs["attention_mask"].sum(dim=1).tolist()
+    assert kept == [lengths[0], 5, lengths[2], lengths[3]]  # "Hi" lost its beginning, the image prompts nothing
+    torch.testing.assert_close(cut.inputs["pixel_values"], full.inputs["pixel_values"])
+
+
 def test_a_text_tokenizer_refuses_image_prompts(pics):
     from transformers import AutoTokenizer
 
