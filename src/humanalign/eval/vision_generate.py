@@ -53,6 +53,14 @@ def _encode_row(processor: Any, prompt: Sequence[Message], refs: Sequence[str]) 
     return dict(processor(text=[text], images=pictures or None, return_tensors="pt"))
 
 
+def _cut_left(row: dict[str, torch.Tensor], keep: int, bos_id: int | None) -> dict[str, torch.Tensor]:
+    """The last ``keep`` positions of a text row; a leading bos token survives the cut (as in
+    ``data.tokenize.encode_prompt``)."""
+    if keep >= 2 and bos_id is not None and int(row["input_ids"][0]) == bos_id:
+        return {k: torch.cat([v[:1], v[len(v) - keep + 1:]]) for k, v in row.items()}
+    return {k: v[-keep:] for k, v in row.items()}
+
+
 def vision_generation_inputs(
     processor: Any, prompts: Sequence[Sequence[Message]], images: Sequence[Sequence[str]], max_prompt_length: int,
     pad_id: int, num_return_sequences: int = 1,
@@ -74,7 +82,7 @@ def vision_generation_inputs(
             if refs:
                 batch.long_image_prompts += 1
             else:
-                per_token = {k: v[-max_prompt_length:] for k, v in per_token.items()}
+                per_token = _cut_left(per_token, max_prompt_length, processor.tokenizer.bos_token_id)
                 batch.prompt_truncated += 1
         token_rows += [per_token] * num_return_sequences
         image_rows += [per_image] * num_return_sequences
