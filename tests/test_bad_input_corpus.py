@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from humanalign.cli import COMMANDS, main
 from humanalign.engine.runlock import LOCK_FILE, RunLock
@@ -48,6 +50,15 @@ def _gz_truncated() -> bytes:
 
 
 RAW_GZ_TRUNCATED = _gz_truncated()
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (220, 40, 40)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+PNG = _png()
 ON_SYS = Path("/sys").is_dir() and sys.platform.startswith("linux")  # a place nobody may create folders in
 
 
@@ -258,6 +269,30 @@ CASES: list[Case] = [
          files={"p.jsonl": jsonl({"prompt": "Hi"})}),
     case("eval-rm-missing-model", "eval rm --model {tmp}/no_rm --data {tmp}/p.jsonl", "{tmp}/no_rm",
          files={"p.jsonl": jsonl(PAIR)}),
+    # ---------------------------------------------------------------- prompts with images
+    case("generate-prompt-image-missing", "generate --model tiny --prompts {tmp}/p.jsonl --output {tmp}/o.jsonl",
+         "{tmp}/p.jsonl:2: field 'images[0]': image 'pics/gone.png' not found",
+         files={"p.jsonl": jsonl({"prompt": "Hi"}, {"prompt": "<image>Colour?", "images": ["pics/gone.png"]})}),
+    case("generate-prompt-image-unreadable", "generate --model tiny --prompts {tmp}/p.jsonl --output {tmp}/o.jsonl",
+         "{tmp}/p.jsonl:1: field 'image': image 'red.png' is not a readable image",
+         files={"p.jsonl": jsonl({"question": "Colour?", "image": "red.png"}), "red.png": "not a picture\n"}),
+    case("generate-prompt-placeholders", "generate --model tiny --prompts {tmp}/p.jsonl --output {tmp}/o.jsonl",
+         "{tmp}/p.jsonl:1: field 'images': 2 '<image>' placeholders but 1 image",
+         files={"p.jsonl": jsonl({"prompt": "<image> or <image>?", "images": ["red.png"]}), "red.png": PNG}),
+    case("generate-text-model-image-prompts", "generate --model tiny --prompts {tmp}/p.jsonl --output {tmp}/o.jsonl",
+         "{tmp}/p.jsonl: 1 of 2 prompts show images, but the model 'tiny' is a text-only model",
+         files={"p.jsonl": jsonl({"prompt": "Hi"}, {"query": "Colour?", "images": ["red.png"]}), "red.png": PNG}),
+    case("distill-text-model-image-prompts", "distill --model tiny --prompts {tmp}/p.jsonl --output {tmp}/d.jsonl",
+         "{tmp}/p.jsonl: 1 of 1 prompts show images, but the model 'tiny' is a text-only model",
+         files={"p.jsonl": jsonl({"question": "Colour?", "image": "red.png"}), "red.png": PNG}),
+    case("arena-text-model-image-prompts", "eval arena --red tiny --blue tiny --reward-model {tmp}/rm --cost-model "
+         "{tmp}/cm --prompts {tmp}/p.jsonl --output-dir {tmp}/arena", "but the red model 'tiny' is a text-only model",
+         files={"p.jsonl": jsonl({"prompt": [{"role": "user", "content": [
+             {"type": "image", "image": "red.png"}, {"type": "text", "text": "Colour?"}]}]}), "red.png": PNG}),
+    case("ppo-image-prompts", f"train ppo {PPO_ARGS} --prompts-path {{tmp}}/p.jsonl --output-dir {{tmp}}/run",
+         "{tmp}/p.jsonl:1: field 'images': prompts with images are not taken by PPO and GRPO rollouts",
+         "`generate`, `eval arena` and `distill`", files={"p.jsonl": jsonl({"prompt": "Colour?", "images": ["red.png"]}),
+                                                      "red.png": PNG}),
 ]
 
 

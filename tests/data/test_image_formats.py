@@ -247,6 +247,7 @@ def test_a_source_that_reads_no_images_cannot_lose_them(pics, write_jsonl):
         "is_response_0_safe": True, "is_response_1_safe": True, "better_response_id": 0, "safer_response_id": 0}])
     with pytest.raises(RecordError, match="pku.jsonl:1: field 'image': source 'pku-saferlhf' does not read images"):
         load(path)
-    prompts = write_jsonl(pics.parent / "prompts.jsonl", [{"prompt": "Colour?", "images": ["pics/red.png"]}])
-    with pytest.raises(RecordError, match="field 'images': source 'prompts' does not read images"):
-        load(prompts, source="prompts")
+    prompts = write_jsonl(pics.parent / "prompts.jsonl", [{"prompt": "Colour?", "images": ["pics/red.png"]},
+                                                          {"query": "Colour?", "image": "pics/blue.png"}])
+    # the prompts source reads images (PromptRecord.images), in our format and ms-swift's; detected as prompts
+    assert [r.images for r in load(prompts).records] == [[str(pics / "red.png")], [str(pics / "blue.png")]]

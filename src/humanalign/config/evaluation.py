@@ -37,7 +37,10 @@ class SamplingFields(ConfigBase):
 
 class _GenerateInputs(ConfigBase):
     model: str | None = Field(None, description="Model folder, hub-style name or preset (e.g. 'tiny'). Required.")
-    prompts: str | None = Field(None, description="JSONL/JSON/parquet file with a 'prompt' per record. Required.")
+    prompts: str | None = Field(
+        None, description="JSONL/JSON/parquet file with a 'prompt' (or 'query', 'question') per record, optionally "
+        "'images' (answered by a vision-language model). Required.",
+    )
     output: str | None = Field(None, description="JSONL file to write (appended to when resuming). Required.")
 
 
@@ -57,7 +60,10 @@ class _ArenaInputs(ConfigBase):
     blue_name: str | None = Field(None, description="Label for blue in the report (default: its folder name).")
     reward_model: str | None = Field(None, description="Reward model folder (higher = more helpful). Required.")
     cost_model: str | None = Field(None, description="Cost model folder (cost <= 0 = harmless). Required.")
-    prompts: str | None = Field(None, description="Prompt file (JSONL with 'prompt'). Required.")
+    prompts: str | None = Field(
+        None, description="Prompt file (JSONL with 'prompt'; prompts with 'images' need vision-language red and "
+        "blue models). Required.",
+    )
     output_dir: str = Field("runs/arena", description="Folder for answers, scores and the report.")
 
 
@@ -79,7 +85,7 @@ class _DistillInputs(ConfigBase):
     )
     prompts: str | None = Field(
         None, validation_alias=AliasChoices("prompts", "input_prompts"),
-        description="Prompt file (alias: input_prompts). Required.",
+        description="Prompt file, like generate's (alias: input_prompts). Required.",
     )
     output: str | None = Field(
         None, validation_alias=AliasChoices("output", "output_path"),

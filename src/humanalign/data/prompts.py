@@ -1,6 +1,8 @@
 """Prompt files (eval generation, PPO rollouts) and the SFT examples of PPO's ptx term.
 
-``read_prompts`` reads one file's prompts, ``load_prompts`` merges several (each distinct prompt once);
+``read_prompt_records`` reads one file's prompts with their images (generation, arena, distill with a
+vision-language model), ``read_prompts`` its text prompts for a consumer that takes no images (refusing a
+prompt with images), ``load_prompts`` merges several (each distinct prompt once);
 ``load_ptx_examples`` encodes conversations or pairs' chosen answers for the ptx loss, and ``PtxStream`` hands
 out their micro-batch for any optimizer step.
 """
@@ -15,66 +17,89 @@ from typing import Any, Protocol
 import torch
 
 from humanalign.config.data import SourceSpec
-from humanalign.data.images import reject_images
+from humanalign.data.images import IMAGE_FIELDS, image_digest, reject_images
 from humanalign.data.io import iter_records
 from humanalign.data.load import load_source
-from humanalign.data.records import Message, PreferencePair, SFTRecord, prompt_from_jsonable, prompt_key
+from humanalign.data.records import Message, PreferencePair, PromptRecord, SFTRecord, prompt_key
+from humanalign.data.sources import SourceContext
+from humanalign.data.sources.generic import PROMPT_TEXT_FIELDS
+from humanalign.data.sources.generic import prompts as prompts_adapter
 from humanalign.data.tokenize import TruncationStats, collate_sft, encode_conversation, encode_prompt
 from humanalign.errors import RecordError, UserError
 
-
-def prompt_hash(prompt: Sequence[Message]) -> str:
-    """Stable short id of a prompt (whitespace-normalised, see ``prompt_key``)."""
-    return hashlib.sha256(prompt_key(list(prompt)).encode("utf-8")).hexdigest()[:16]
+# Named in the refusal of every consumer that takes text prompts only
+IMAGE_PROMPT_COMMANDS = "`generate`, `eval arena` and `distill` with a vision-language model"
 
 
-def _refuse_images(path: str | Path, line: int, rec: dict[str, Any], consumer: str) -> None:
-    """One line naming the record when it carries images that ``consumer`` would otherwise silently drop."""
-    for field in ("images", "image"):
-        if rec.get(field):
-            raise RecordError(path, line, field, f"{consumer} does not take images yet (see docs/multimodal.md); "
-                              "use text-only records")
+def prompt_hash(prompt: Sequence[Message], images: Sequence[str] = ()) -> str:
+    """Stable short id of a prompt (whitespace-normalised, see ``prompt_key``), and of its images' bytes when it
+    shows any: the same question about two pictures is two prompts. A text prompt keeps its old id."""
+    key = prompt_key(list(prompt))
+    if images:
+        key += "\x1d" + ",".join(image_digest(ref) for ref in images)
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
 
-def read_prompts(path: str | Path, limit: int | None = None) -> tuple[list[list[Message]], int]:
-    """Prompts of a file (records with a 'prompt' string or message list), first occurrence of each kept.
+def _image_field(raw: dict[str, Any]) -> str | None:
+    """The raw field holding images (``images``/``image``), or None; image content parts are found by parsing."""
+    return next((k for k in IMAGE_FIELDS if raw.get(k) not in (None, [])), None)
 
-    Returns (prompts, number of duplicate prompts skipped).
+
+def _refuse_images(path: str | Path, line: int, field: str, consumer: str) -> RecordError:
+    return RecordError(path, line, field, f"prompts with images are not taken by {consumer} (text only); they are "
+                                          f"taken by {IMAGE_PROMPT_COMMANDS} (see docs/multimodal.md)")
+
+
+def read_prompt_records(path: str | Path, limit: int | None = None,
+                        text_only: str | None = None) -> tuple[list[PromptRecord], int]:
+    """The prompts of a file with their images, first occurrence of each kept (text and images both count).
+
+    A record holds ``prompt`` (string or messages, OpenAI-style image parts allowed), ms-swift's ``query`` or
+    RLAIF-V's ``question``, optional ``system`` and ``images``/``image``; images follow the conventions of
+    every image source (``data.images``: paths relative to the file, data: URIs, checked when read). Other
+    fields are ignored. ``text_only`` names a consumer that takes no images: a record with images then stops
+    the read with one line naming it. Returns (records, number of duplicate prompts skipped).
     """
-    prompts: list[list[Message]] = []
+    records: list[PromptRecord] = []
     seen: set[str] = set()
     duplicates = 0
-    for line, rec in iter_records(path):
-        if "prompt" not in rec:
-            raise RecordError(path, line, "prompt", "missing (each record needs a 'prompt')")
-        _refuse_images(path, line, rec, "a prompt file")
-        value = rec["prompt"]
-        is_text = isinstance(value, str) and bool(value.strip())
-        is_messages = isinstance(value, list) and bool(value) and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value
-        )
-        if not (is_text or is_messages):
-            raise RecordError(path, line, "prompt", "must be a non-empty string or a list of {role, content} messages")
-        prompt = prompt_from_jsonable(value)
-        key = prompt_hash(prompt)
+    for line, raw in iter_records(path):
+        field = _image_field(raw)
+        if text_only and field:
+            raise _refuse_images(path, line, field, text_only)
+        (record,) = prompts_adapter(raw, SourceContext(str(path), line, "prompts"))
+        if text_only and record.images:  # image parts inside a message list
+            raise _refuse_images(path, line, next(k for k in PROMPT_TEXT_FIELDS if k in raw), text_only)
+        key = prompt_hash(record.prompt, record.images)
         if key in seen:
             duplicates += 1
             continue
         seen.add(key)
-        prompts.append(prompt)
-        if limit is not None and len(prompts) >= limit:
+        records.append(record)
+        if limit is not None and len(records) >= limit:
             break
-    return prompts, duplicates
+    return records, duplicates
+
+
+def read_prompts(path: str | Path, limit: int | None = None,
+                 consumer: str = "this command") -> tuple[list[list[Message]], int]:
+    """Text prompts of a file (see ``read_prompt_records``), first occurrence of each kept; a prompt with images
+    is refused with one line naming ``consumer`` and the commands that take them.
+
+    Returns (prompts, number of duplicate prompts skipped).
+    """
+    records, duplicates = read_prompt_records(path, limit, text_only=consumer)
+    return [r.prompt for r in records], duplicates
 
 
 def load_prompts(paths: str | Sequence[str], max_prompts: int | None = None,
-                 log: Callable[[str], None] = print) -> list[list[dict[str, str]]]:
+                 log: Callable[[str], None] = print,
+                 consumer: str = "PPO and GRPO rollouts") -> list[list[dict[str, str]]]:
     """Prompts of one or more files (records with a 'prompt'), each distinct prompt once, in file order."""
     seen: set[str] = set()
     prompts, duplicates = [], 0
     for path in [paths] if isinstance(paths, str) else list(paths):
-        found, dup = read_prompts(path)
+        found, dup = read_prompts(path, consumer=consumer)
         duplicates += dup
         for prompt in found:
             key = prompt_hash(prompt)
@@ -112,7 +137,10 @@ def load_ptx_examples(path: str, source: str, tokenizer, max_length: int,
     conversations: list[list[dict[str, str]]] = []
     if "messages" in first:
         for line, rec in iter_records(path):
-            _refuse_images(path, line, rec, "ptx data")
+            field = _image_field(rec)
+            if field:
+                raise RecordError(path, line, field, "ptx data does not take images yet (see docs/multimodal.md); "
+                                  "use text-only records")
             msgs = rec.get("messages")
             if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                      for m in msgs):
@@ -167,4 +195,5 @@ class PtxStream:
         return collate_sft([self.examples[i] for i in rows], self.pad_id)
 
 
-__all__ = ["prompt_hash", "read_prompts", "load_prompts", "encode_prompts", "load_ptx_examples", "MicroBatchSampler", "PtxStream"]
+__all__ = ["IMAGE_PROMPT_COMMANDS", "prompt_hash", "read_prompt_records", "read_prompts", "load_prompts",
+           "encode_prompts", "load_ptx_examples", "MicroBatchSampler", "PtxStream"]

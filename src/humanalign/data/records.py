@@ -136,13 +136,17 @@ class SafetyLabel:
 
 @dataclass
 class PromptRecord:
-    """A prompt alone (for generation, PPO rollouts, red-teaming)."""
+    """A prompt alone (for generation, PPO rollouts, red-teaming), with the images it shows, if any."""
 
     prompt: list[Message]
     source: str = ""
+    images: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"prompt": prompt_to_jsonable(self.prompt)}
+        out: dict[str, Any] = {"prompt": prompt_to_jsonable(self.prompt)}
+        if self.images:  # only when present: text-only outputs stay byte-identical
+            out["images"] = list(self.images)
+        return out
 
 
 Record = SFTRecord | PreferencePair | HarmlessPair | SafetyPreference | SafetyLabel | PromptRecord

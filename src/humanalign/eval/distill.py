@@ -6,6 +6,11 @@ the answers with reward >= min_reward and cost <= max_cost, or with ``best_of_n`
 among those; (4) the kept answers are written to ``output`` at once (atomic), with their scores.
 
 Sign conventions: higher reward = more helpful; cost <= 0 = harmless (the cost model's decision boundary).
+
+Prompts may show images when the model is a vision-language one (a text-only model is refused); the kept rows
+carry the prompt's ``images``, so the output reads back as SFT data with its pictures (source
+``conversations``). The reward and cost models read text: they judge those answers without the pictures (said
+when the run starts).
 """
 
 from __future__ import annotations
@@ -16,17 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from humanalign.data.io import atomic_write_jsonl
-from humanalign.data.prompts import prompt_hash, read_prompts
+from humanalign.data.prompts import read_prompt_records
 from humanalign.data.records import prompt_to_jsonable
 from humanalign.errors import UserError
-from humanalign.eval.arena import _free_memory, score_texts
+from humanalign.eval.arena import _free_memory, judges_note, score_texts
 from humanalign.eval.generate import (
     Sampling,
+    check_takes_images,
     generate_to_file,
     generation_settings_match,
     load_generator,
+    record_hash,
     require,
     responses_by_key,
+    with_images,
 )
 
 SAFE_COST = 0.0  # an answer is harmless when its cost is <= 0
@@ -93,22 +101,27 @@ def run(cfg: Any) -> dict[str, int]:
     output = Path(require(cfg.output, "output-path", "distill"))
     if output.exists() and not cfg.overwrite:
         raise UserError(f"{output}: already exists; pass --overwrite to write it again (samples are reused)")
-    prompts, duplicates = read_prompts(prompts_file, cfg.limit)
+    records, duplicates = read_prompt_records(prompts_file, cfg.limit)
     if duplicates:
         print(f"[humanalign] {prompts_file}: {duplicates} duplicate prompts skipped")
+    check_takes_images(records, cfg.model, cfg.model_settings, prompts_file)
+    note = judges_note(sum(bool(r.images) for r in records), len(records))
+    if note and (cfg.reward_model or cfg.cost_model):
+        print(f"[humanalign] {note}")
+    prompts = [r.prompt for r in records]
     sampling = Sampling.from_config(cfg)
     samples = samples_path(output)
     # --overwrite re-filters with the samples already drawn when they were drawn the same way; else resamples.
     restart = cfg.overwrite and not generation_settings_match(samples, cfg.model, sampling)
-    generate_to_file(None, None, prompts, samples, cfg.model, sampling, num_return_sequences=cfg.num_samples,
+    generate_to_file(None, None, records, samples, cfg.model, sampling, num_return_sequences=cfg.num_samples,
                      batch_size=cfg.batch_size, overwrite=restart, progress=cfg.progress_bar,
                      loader=lambda: load_generator(cfg.model, cfg.model_settings))
     _free_memory()  # the judges load next
 
     by_key = responses_by_key(samples)
     flat_prompts, flat_responses = [], []
-    for p in prompts:
-        h = prompt_hash(p)
+    for p, record in zip(prompts, records):
+        h = record_hash(record)
         for s in range(cfg.num_samples):
             flat_prompts.append(p)
             flat_responses.append(by_key[(h, s)])
@@ -126,8 +139,8 @@ def run(cfg: Any) -> dict[str, int]:
                               cfg.min_reward, cfg.max_cost, cfg.best_of_n, usable)
         empty_prompts += not kept
         for k in kept:
-            row: dict[str, Any] = {"prompt": prompt_to_jsonable(p), "response": flat_responses[i * n + k],
-                                   "model": cfg.model, "sample_index": k}
+            row: dict[str, Any] = with_images({"prompt": prompt_to_jsonable(p), "response": flat_responses[i * n + k],
+                                               "model": cfg.model, "sample_index": k}, records[i])
             if rewards is not None:
                 row["reward"] = rewards[i * n + k]
             if costs is not None:

@@ -15,7 +15,17 @@ from humanalign.errors import UserError
 
 _SCORES = ("score_chosen", "score_rejected")
 # Fields a prompt-only file may carry beside the prompt (BeaverTails-Evaluation has a category, ids are common).
-_PROMPT_ONLY_EXTRAS = {"system", "id", "prompt_id", "category", "source", "prompt_source", "metadata", "label"}
+_PROMPT_ONLY_EXTRAS = {"system", "id", "prompt_id", "category", "source", "prompt_source", "metadata", "label",
+                       "images", "image"}
+
+
+def _prompt_only(r: dict[str, Any]) -> bool:
+    """Our prompt files, and ms-swift (``query``) or RLAIF-V (``question``) records without their answers."""
+    if "prompt" in r:
+        return set(r) - {"prompt"} <= _PROMPT_ONLY_EXTRAS
+    if "query" in r:
+        return not {"response", "rejected_response", "messages"} & r.keys()
+    return "question" in r and not {"chosen", "rejected"} & r.keys()
 
 
 def _has_scores(raw: dict[str, Any]) -> bool:
@@ -44,7 +54,7 @@ DETECTORS: dict[str, Callable[[dict[str, Any]], bool]] = {
     "swift": lambda r: ({"query", "response"} <= r.keys()) or ({"messages", "rejected_response"} <= r.keys()),
     "rlaif-v": lambda r: {"question", "chosen", "rejected"} <= r.keys() and bool({"image", "images"} & r.keys()),
     "alpaca": lambda r: "instruction" in r and ("output" in r or "chosen" in r),
-    "prompts": lambda r: "prompt" in r and set(r) - {"prompt"} <= _PROMPT_ONLY_EXTRAS,
+    "prompts": _prompt_only,
     "conversations": lambda r: ("messages" in r and not {"chosen", "rejected", "rejected_response"} & r.keys())
     or ({"prompt", "response"} <= r.keys() and "is_safe" not in r and "rejected_response" not in r),
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from humanalign.data.records import HarmlessPair, PreferencePair, PromptRecord, Record, SFTRecord
+from humanalign.data.records import HarmlessPair, PreferencePair, PromptRecord, Record, SFTRecord, user_prompt
 from humanalign.data.sources import SourceContext, get_source, register_source
 from humanalign.data.sources import fields as F
 from humanalign.errors import ConfigError
@@ -23,7 +23,7 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     ),
     "safety_label": ("prompt", "response", "is_safe", "category"),
     "sft": ("messages", "prompt", "system", "response", "images"),
-    "prompt": ("prompt", "system"),
+    "prompt": ("prompt", "system", "images"),
 }
 
 
@@ -51,11 +51,31 @@ def pairs(raw: dict[str, Any], ctx: SourceContext) -> list[Record]:
                          is_chosen_safe=chosen_safe, is_rejected_safe=rejected_safe, images=images)]
 
 
+PROMPT_TEXT_FIELDS = ("prompt", "query", "question")  # ours (or OpenAI-style messages), ms-swift's, RLAIF-V's
+
+
 @register_source("prompts")
 def prompts(raw: dict[str, Any], ctx: SourceContext) -> list[Record]:
-    """Prompts alone: prompt (string or messages ending with a user turn), optional system."""
-    prompt = F.prompt(ctx.require(raw, "prompt", (str, list)), ctx, "prompt", F.optional_text(raw, "system", ctx))
-    return [PromptRecord(prompt=prompt, source=ctx.source)]
+    """Prompts alone: ``prompt`` (a string, or messages ending with a user turn whose content may be OpenAI-style
+    text and image parts), ms-swift's ``query`` (with its ``history``) or RLAIF-V's ``question``; optional
+    ``system``, and images in ``images`` or ``image`` (the conventions of every image source)."""
+    field = next((k for k in PROMPT_TEXT_FIELDS if raw.get(k) is not None), None)
+    if field is None:
+        raise ctx.error("prompt", "missing (each record needs a 'prompt', or ms-swift's 'query' or RLAIF-V's "
+                                  "'question')")
+    system = F.optional_text(raw, "system", ctx)
+    parts: list[str] = []
+    if field == "prompt":
+        prompt = F.prompt(ctx.require(raw, "prompt", (str, list)), ctx, "prompt", system, parts)
+    else:
+        turns = [*F.history(raw, "history", ctx), *user_prompt(F.text(raw, field, ctx))] if field == "query" \
+            else user_prompt(F.text(raw, field, ctx))
+        prompt = [{"role": "system", "content": system}, *turns] if system else turns
+    key = "images" if raw.get("images") is not None else "image"
+    images = F.prompt_images(raw, key, ctx, prompt, parts, text_field=field)
+    if not prompt[-1]["content"].strip() and not images:
+        raise ctx.error(field, "empty (a prompt needs text or an image)")
+    return [PromptRecord(prompt=prompt, source=ctx.source, images=images)]
 
 
 @register_source("conversations")
