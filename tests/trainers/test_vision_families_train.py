@@ -1,7 +1,8 @@
 """`train dpo` and `train sft` on a saved tiny Idefics3 (tiles: 5-D pixel values and a pixel_attention_mask), the
 generated picture questions: the folder reloads with AutoProcessor / AutoModelForImageTextToText and encodes as
 the in-memory processor does, one step of each trainer moves the connector (projector) and the text model and
-leaves the frozen vision tower alone, and the saved run folder loads with the Auto classes."""
+leaves the frozen vision tower alone, the saved run folder loads with the Auto classes, and LoRA adapts the text
+model only (the connector trained fully)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from humanalign.config.base import load_config
 from humanalign.config.data import PrepareDataConfig
 from humanalign.config.dpo import DPOConfig
 from humanalign.config.sft import SFTConfig
+from humanalign.config.training import LoraSettings
 from humanalign.data.image_demo import write_image_demo
 from humanalign.data.prepare import run as prepare
 from humanalign.models.load import portable_tokenizer_config
 from humanalign.models.tiny_vision_families import tiny_idefics3
-from humanalign.models.vision import model_part
+from humanalign.models.vision import load_vision_lm, model_part
 from humanalign.trainers.dpo import run as train_dpo
 from humanalign.trainers.sft import run as train_sft
 
@@ -91,3 +93,12 @@ def test_train_sft_takes_a_step(idefics3_run, tmp_path):
     AutoProcessor.from_pretrained(summary["final_model"])
     assert changed_parts(Path(summary["final_model"]), idefics3_run["model"]) == {
         "vision": False, "projector": True, "language": True}
+
+
+def test_lora_adapts_the_text_model_and_trains_the_connector(idefics3_run):
+    policy = load_vision_lm(idefics3_run["model"], lora=LoraSettings(enabled=True, r=4, alpha=8))
+    adapted = {n.split(".lora_")[0] for n, _ in policy.named_parameters() if ".lora_" in n}
+    assert adapted and all(".text_model." in n for n in adapted)
+    assert {n.rsplit(".", 1)[-1] for n in adapted} >= {"q_proj", "v_proj", "down_proj"}
+    trained = [n for n, p in policy.named_parameters() if p.requires_grad and ".lora_" not in n]
+    assert trained and all(".connector." in n and model_part(n) == "projector" for n in trained)
