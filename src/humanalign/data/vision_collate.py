@@ -10,7 +10,8 @@ them once and the collator repeats them for the rejected rows.
 
 A batch of B pairs is laid out like ``data.preference_dataset.PairCollator``'s: 2B rows, chosen first. Per-token
 processor outputs (``input_ids``, ``attention_mask``, Qwen2-VL's ``mm_token_type_ids``) are right-padded; per-image
-outputs (``pixel_values``, ``image_grid_thw``) are concatenated in row order, as the models expect.
+outputs (``pixel_values``, ``image_grid_thw``) are concatenated in row order, as the models expect; Idefics3 /
+SmolVLM's per-row tiles are stacked, padded with zero tiles (``batch_image_inputs``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from humanalign.data.tokenize import END_OF_TURN_TOKENS, IGNORE_INDEX
 from humanalign.errors import UserError
 
 TEXT_KEYS = ("input_ids", "attention_mask")
+PIXEL_MASK = "pixel_attention_mask"  # Idefics3 / SmolVLM: which pixels of each tile are real
+ROW_IMAGE_KEYS = ("pixel_values", PIXEL_MASK)  # batched one row each (rows, tiles, ...) where PIXEL_MASK comes
 
 
 def content_parts(messages: Sequence[Message], n_images: int) -> list[dict[str, Any]]:
@@ -110,7 +113,7 @@ def tokenize_vision_pair(pair: PreferencePair, processor, max_length: int | None
 
 
 def _per_token(value: torch.Tensor, input_ids: torch.Tensor) -> bool:
-    return isinstance(value, torch.Tensor) and value.shape[:2] == input_ids.shape
+    return isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == input_ids.shape
 
 
 def tokenize_vision_pairs(
@@ -144,12 +147,38 @@ class VisionPairCollator:
             for i, row in enumerate(rows):
                 out[i, : len(row[key])] = row[key]
             batch[key] = out
-        in_order = list(examples) * 2  # the rejected rows show the same images as the chosen ones
-        for key in sorted({k for e in examples for k in e.image_inputs}):
-            parts = [e.image_inputs[key] for e in in_order if key in e.image_inputs]
-            batch[key] = torch.cat(parts, dim=0)  # (sum of images or patches over rows, ...)
+        # the rejected rows show the same images as the chosen ones
+        batch.update(batch_image_inputs([e.image_inputs for e in examples] * 2))
         return batch
 
 
-__all__ = ["content_parts", "tokenize_vision_pair", "tokenize_vision_pairs", "VisionPairExample",
+def batch_image_inputs(rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The per-image tensors of each row (``{}`` for a row without images), batched the way the model family
+    expects.
+
+    Most processors give a row's images stacked on the first dimension (LLaVA's ``pixel_values`` (images, C, H,
+    W); Qwen2-VL's (patches, D) and ``image_grid_thw`` (images, 3)): they are concatenated in row order. Idefics3 /
+    SmolVLM (recognised by their ``pixel_attention_mask``) give (1, tiles, C, H, W) per row, with the mask
+    (1, tiles, H, W): they are stacked to one row each, the tiles and pixels padded with zeros (all-zero tiles are
+    the models' own padding, dropped before the vision tower; zero mask pixels are ignored), a row without
+    images all zeros."""
+    keys = sorted({k for r in rows for k in r})
+    if PIXEL_MASK not in keys:
+        return {key: torch.cat([r[key] for r in rows if key in r], dim=0) for key in keys}
+    out = {}
+    for key in keys:
+        if key not in ROW_IMAGE_KEYS:
+            raise ValueError(f"a per-image processor output '{key}' next to {PIXEL_MASK} is not supported")
+        present = [r[key] for r in rows if key in r]
+        dims = [max(t.shape[d] for t in present) for d in range(1, present[0].dim())]  # tiles, (C,) H, W
+        batch = torch.zeros((len(rows), *dims), dtype=present[0].dtype)  # (rows, tiles, [C,] H, W)
+        for i, row in enumerate(rows):
+            if key in row:
+                value = row[key][0]
+                batch[(i, *(slice(0, n) for n in value.shape))] = value
+        out[key] = batch
+    return out
+
+
+__all__ = ["batch_image_inputs", "content_parts", "tokenize_vision_pair", "tokenize_vision_pairs", "VisionPairExample",
            "VisionPairCollator"]

@@ -12,7 +12,8 @@ is skipped and counted, as is one with no assistant token left after the cut.
 
 An example is a dict of 1-D per-token tensors (``input_ids``, ``attention_mask``, ``labels`` and, for Qwen2-VL,
 ``mm_token_type_ids``) plus ``image_inputs``: the per-image tensors (``pixel_values``, ``image_grid_thw`` ...) as
-the processor gives them. ``VisionSFTCollator`` right-pads the first and concatenates the second in row order.
+the processor gives them. ``VisionSFTCollator`` right-pads the first and batches the second
+(``data.vision_collate.batch_image_inputs``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from humanalign.data.images import image_digest, load_image
 from humanalign.data.records import Message, prompt_key
 from humanalign.data.tokenize import END_OF_TURN_TOKENS, IGNORE_INDEX, TruncationStats
-from humanalign.data.vision_collate import content_parts
+from humanalign.data.vision_collate import batch_image_inputs, content_parts
 from humanalign.errors import UserError
 
 IMAGE_INPUTS = "image_inputs"
@@ -115,7 +116,7 @@ def tokenize_vision_conversation(conversation: VisionConversation, processor, ma
 
 
 def _per_token(value: Any, input_ids: torch.Tensor) -> bool:
-    return isinstance(value, torch.Tensor) and value.shape[:2] == input_ids.shape
+    return isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == input_ids.shape
 
 
 def tokenize_vision_conversations(conversations: Sequence[VisionConversation], processor, max_length: int
@@ -133,7 +134,8 @@ def tokenize_vision_conversations(conversations: Sequence[VisionConversation], p
 
 class VisionSFTCollator:
     """Examples -> one batch: right-padded per-token tensors (B, T) (``input_ids`` with the pad id, ``labels`` with
-    -100, the rest with 0) and the per-image tensors concatenated in row order. Picklable (workers)."""
+    -100, the rest with 0) and the per-image tensors batched by ``data.vision_collate.batch_image_inputs``
+    (concatenated in row order; Idefics3 / SmolVLM tiles padded per row). Picklable (workers)."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -147,9 +149,7 @@ class VisionSFTCollator:
             for i, example in enumerate(examples):
                 out[i, : len(example[key])] = example[key]
             batch[key] = out
-        for key in sorted({k for e in examples for k in e[IMAGE_INPUTS]}):
-            # (sum of images or patches over the rows, ...)
-            batch[key] = torch.cat([e[IMAGE_INPUTS][key] for e in examples if key in e[IMAGE_INPUTS]], dim=0)
+        batch.update(batch_image_inputs([e[IMAGE_INPUTS] for e in examples]))
         return batch
 
 

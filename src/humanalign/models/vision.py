@@ -5,9 +5,11 @@ A model folder is vision-language when its config has a ``vision_config`` (LLaVA
 ...). It loads through ``AutoProcessor`` and ``AutoModelForImageTextToText``, from safetensors only, running code
 shipped with the checkpoint only when ``model.trust_remote_code`` is set (as ``models.load`` does for text).
 
-Parameters are sorted into three parts by their module names: the vision tower (``vision_tower``, ``visual``,
-``vision_model``), the projector that maps image features into the language model (``multi_modal_projector``,
-Qwen2-VL's ``visual.merger``, ``mm_projector``) and everything else, the language model. ``freeze_vision_tower``,
+Parameters are sorted into three parts by their module names: the vision tower (LLaVA's ``vision_tower``,
+Qwen2-VL / Qwen2.5-VL's ``visual``, Idefics3 / SmolVLM's ``vision_model``), the projector that maps image
+features into the language model (LLaVA's ``multi_modal_projector``, Qwen2-VL / Qwen2.5-VL's ``visual.merger``,
+Idefics3 / SmolVLM's ``connector``, ``mm_projector``) and everything else, the language model (``language_model``,
+Idefics3's ``text_model``, ``lm_head``). ``freeze_vision_tower``,
 ``freeze_projector`` and ``freeze_language_model`` turn off the gradients of each (the last for LLaVA's first
 stage: only the projector trains, aligning image features with the frozen language model). The pair trainers
 (`train dpo`, `train safe-mm-dpo`) and `train sft` load their vision-language policy through ``load_vision_lm``.
@@ -35,7 +37,7 @@ from humanalign.models.load import (
 )
 
 VISION_TOWER_NAMES = ("vision_tower", "visual", "vision_model")
-PROJECTOR_NAMES = ("multi_modal_projector", "merger", "mm_projector")
+PROJECTOR_NAMES = ("multi_modal_projector", "merger", "mm_projector", "connector")
 # LoRA's default targets on the language model: the attention and MLP projections of Llama-like blocks
 LANGUAGE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
