@@ -32,7 +32,8 @@ $(VENV)/.deepspeed-installed: $(STAMP)
 	touch $@
 
 test: setup lint $(VENV)/.deepspeed-installed
-	$(VENV)/bin/python -m pytest -q
+	# One test process per core; a file's tests stay in one process (its module fixtures are built once).
+	$(VENV)/bin/python -m pytest -q -n auto --dist loadfile --durations=25
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
