@@ -387,16 +387,33 @@ def scored_forward(model, batch: Mapping[str, Any], layout: str = "padded", scor
     hf, _ = _unwrap(model)
     plan = _plan_for(batch, layout)
     if layout == "shared":
-        mask = plan["attention_mask"]
-        if hf.config._attn_implementation == "eager":  # eager attention adds the mask to its scores
-            mask = torch.zeros(mask.shape, dtype=hf.dtype, device=mask.device).masked_fill_(
-                ~mask, torch.finfo(hf.dtype).min)
-        inputs = {"input_ids": plan["input_ids"], "position_ids": plan["position_ids"], "attention_mask": mask}
+        inputs = shared_inputs(hf, plan)
     else:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
     with _scoring_head(hf, plan["index"], plan["target"], scorer) as result:
         model(**inputs, use_cache=False)
     return result, plan
+
+
+def shared_inputs(model, plan: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A shared-prompt plan's model inputs (``input_ids``, ``position_ids``, ``attention_mask``): its (B, 1, L, L)
+    boolean mask as is for sdpa, additive in the model's dtype for eager attention (which adds it to its scores)."""
+    hf, _ = _unwrap(model)
+    mask = plan["attention_mask"]
+    if hf.config._attn_implementation == "eager":
+        mask = torch.zeros(mask.shape, dtype=hf.dtype, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(hf.dtype).min)
+    return {"input_ids": plan["input_ids"], "position_ids": plan["position_ids"], "attention_mask": mask}
+
+
+def score_positions(call, model, index: torch.Tensor, target: torch.Tensor, scorer=None) -> dict[str, Any]:
+    """Run ``call()`` (a forward of ``model``, possibly through a wrapper such as DDP) with ``model``'s LM head
+    scoring the flattened positions ``index`` against ``target`` instead of computing logits: the scorer's
+    results (``head_logps``'s ``logps`` / ``sums`` / ``vocab`` without ``scorer``; see ``_scoring_head``)."""
+    hf, _ = _unwrap(model)
+    with _scoring_head(hf, index, target, scorer) as result:
+        call()
+    return result
 
 
 def row_sums(values: torch.Tensor, plan: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -529,6 +546,6 @@ def per_token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: 
 
 __all__ = [
     "LAYOUTS", "LAYOUT_NOTES", "IMAGE_KEYS", "image_inputs", "is_vision_language", "token_logps", "sequence_logps", "forward_logits", "batch_logps",
-    "head_logps", "scored_forward", "row_sums", "scored_logps", "pair_layout", "shared_layout_possible",
+    "head_logps", "scored_forward", "shared_inputs", "score_positions", "row_sums", "scored_logps", "pair_layout", "shared_layout_possible",
     "concatenated_forward", "per_token_kl", "right_padded_mask",
 ]
