@@ -123,7 +123,7 @@ def shared_prompt_plan(batch: RolloutBatch, device: torch.device | None = None) 
     it see the prompt and itself only (DPO's shared layout, ``data.score_plan``, for k answers): every answer
     token has the very context it has in its own ``[prompt | answer]`` row.
 
-    ``batch``: on the CPU (building the plan is pure host work). Returns, on ``device``: ``input_ids`` /
+    ``batch``: on any device (its ids are read on the host once). Returns, on ``device``: ``input_ids`` /
     ``position_ids`` (B', S) and ``attention_mask`` (B', 1, S, S) bool (True: may attend) for the packed rows;
     ``index`` (T,): the flattened position whose hidden state chooses each response token (an answer's first
     token is chosen at the prompt's last position); ``target`` (T,): that token; ``dense`` (T,): where its
@@ -134,30 +134,32 @@ def shared_prompt_plan(batch: RolloutBatch, device: torch.device | None = None) 
     groups: dict[tuple[int, ...], list[int]] = {}
     for row, start in enumerate(starts):
         groups.setdefault(tuple(ids[row][:start]), []).append(row)
-    span = max(len(prompt) + sum(lengths[r] for r in rows) for prompt, rows in groups.items())  # S
-    packed = torch.zeros(len(groups), span, dtype=torch.long)
-    positions = torch.zeros(len(groups), span, dtype=torch.long)
-    segment = torch.full((len(groups), span), -1, dtype=torch.long)  # 0 prompt, j answer j, -1 padding
+    packed, positions, segment = [], [], []  # per packed row; segment: 0 prompt, j answer j, -1 padding
     index, target, dense = [], [], []
+    span = max(len(prompt) + sum(lengths[r] for r in rows) for prompt, rows in groups.items())  # S
     for g, (prompt, rows) in enumerate(groups.items()):
         p = len(prompt)
-        packed[g, :p], positions[g, :p], segment[g, :p] = torch.tensor(prompt), torch.arange(p), 0
-        offset = p
+        tokens, pos, seg = list(prompt), list(range(p)), [0] * p
         for j, row in enumerate(rows, start=1):
-            n = lengths[row]
+            n, offset = lengths[row], len(tokens)
             answer = ids[row][starts[row]:starts[row] + n]
-            packed[g, offset:offset + n] = torch.tensor(answer)
-            positions[g, offset:offset + n] = torch.arange(p, p + n)
-            segment[g, offset:offset + n] = j
-            chooser = [p - 1] + list(range(offset, offset + n - 1))  # the logits that choose answer token t
-            index += [g * span + c for c in chooser]
+            tokens += answer
+            pos += range(p, p + n)
+            seg += [j] * n
+            index.append(g * span + p - 1)  # an answer's first token is chosen at the prompt's last position
+            index += range(g * span + offset, g * span + offset + n - 1)
             target += answer
             dense += range(row * width, row * width + n)
-            offset += n
+        pad = span - len(tokens)
+        packed.append(tokens + [0] * pad)
+        positions.append(pos + [0] * pad)
+        segment.append(seg + [-1] * pad)
+    segment = torch.tensor(segment)  # (B', S)
     query, key = segment.unsqueeze(2), segment.unsqueeze(1)  # (B', S, 1), (B', 1, S)
     causal = torch.ones(span, span, dtype=torch.bool).tril()
     mask = causal & ((query == key) | (key == 0))  # own segment causally, and the whole prompt before it
-    plan = {"input_ids": packed, "position_ids": positions, "attention_mask": mask.unsqueeze(1),
+    plan = {"input_ids": torch.tensor(packed), "position_ids": torch.tensor(positions),
+            "attention_mask": mask.unsqueeze(1),
             "index": torch.tensor(index, dtype=torch.long), "target": torch.tensor(target, dtype=torch.long),
             "dense": torch.tensor(dense, dtype=torch.long)}
     return {k: v.to(device) for k, v in plan.items()} if device is not None else plan
