@@ -27,7 +27,8 @@ forward (``IMAGE_KEYS`` of the batch passed through): the fast layouts rebuild t
 (the shared layout's one-row-per-pair positions and 4-D mask would misplace the image tokens and multimodal
 position ids, and the self-check would need the pixels too), so they are not tried. ``scored_forward`` takes another scorer for the
 head: ``models/kl.py`` computes the exact KL between a policy and its reference that way (``per_token_kl``
-below is the plain forward's).
+below is the plain forward's). GRPO packs the G answers of a prompt the same way (``rollout.batch``'s
+``shared_prompt_plan``) and scores them through ``score_positions`` / ``shared_inputs``.
 """
 
 from __future__ import annotations
@@ -546,6 +547,7 @@ def per_token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: 
 
 __all__ = [
     "LAYOUTS", "LAYOUT_NOTES", "IMAGE_KEYS", "image_inputs", "is_vision_language", "token_logps", "sequence_logps", "forward_logits", "batch_logps",
-    "head_logps", "scored_forward", "shared_inputs", "score_positions", "row_sums", "scored_logps", "pair_layout", "shared_layout_possible",
+    "head_logps", "scored_forward", "shared_inputs", "score_positions", "row_sums", "scored_logps", "pair_layout",
+    "shared_layout_possible",
     "concatenated_forward", "per_token_kl", "right_padded_mask",
 ]
