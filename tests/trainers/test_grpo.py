@@ -116,6 +116,27 @@ def test_weighted_rewards_add_up(world, tmp_path):
     assert total == [pytest.approx(2.0 * parts["reward_fn_score"] - parts["reward_fn1_score"])]
 
 
+def test_training_forwards_compute_each_prompt_once(world, tmp_path):
+    """The shared-prompt layout passes its self-check on the first rollout and gives the padded rows' old and
+    reference log-probs within 1e-5 (the values themselves: tests/rollout/test_batch.py)."""
+    from humanalign.engine import Engine
+    from humanalign.trainers.grpo import GRPOTrainer
+
+    cfg = load_config(GRPOConfig, values=grpo_values(world, tmp_path, reward_fn="keyword_reward",
+                                                     reward_fn_kwargs={"keywords": ["good"]}, beta=0.1,
+                                                     update_iters=2))
+    with Engine(cfg, name="grpo") as engine:
+        trainer = GRPOTrainer(cfg, engine)
+        assert trainer.shared is None  # decided on the first rollout
+        batch, _ = trainer.rollout(0)
+        assert trainer.shared is True
+        with torch.no_grad():
+            for name, logps in (("old", trainer._old_logps), ("ref", trainer._ref_logps)):
+                torch.testing.assert_close(logps(batch, shared=True), logps(batch, shared=False), atol=1e-5,
+                                           rtol=1e-5, msg=name)
+            torch.testing.assert_close(batch.old_logps, trainer._old_logps(batch, shared=False), atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------- behaviour
 
 

@@ -47,12 +47,15 @@ class PolicyAndCritics(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 ptx_input_ids: torch.Tensor | None = None, ptx_attention_mask: torch.Tensor | None = None,
-                generate_kwargs: dict[str, Any] | None = None, logits_to_keep: int = 0
-                ) -> dict[str, torch.Tensor] | torch.Tensor:
-        """``logits_to_keep`` > 0: the actor's LM head runs on the last that many positions only."""
+                generate_kwargs: dict[str, Any] | None = None, logits_to_keep: int = 0,
+                position_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
+        """``logits_to_keep`` > 0: the actor's LM head runs on the last that many positions only.
+        ``position_ids``: the actor's own (a packed layout, e.g. GRPO's shared prompt; critics never get them)."""
         if generate_kwargs is not None:  # sampling, through the prepared module's forward: see ActorGeneration
             return self.actor.generate(**generate_kwargs)
         keep = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+        if position_ids is not None:
+            keep["position_ids"] = position_ids
         out = {"logits": self.actor(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                     **keep).logits}
         for name, critic in self.critics().items():

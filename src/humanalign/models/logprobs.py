@@ -27,7 +27,8 @@ forward (``IMAGE_KEYS`` of the batch passed through): the fast layouts rebuild t
 (the shared layout's one-row-per-pair positions and 4-D mask would misplace the image tokens and multimodal
 position ids, and the self-check would need the pixels too), so they are not tried. ``scored_forward`` takes another scorer for the
 head: ``models/kl.py`` computes the exact KL between a policy and its reference that way (``per_token_kl``
-below is the plain forward's).
+below is the plain forward's). GRPO packs the G answers of a prompt the same way (``rollout.batch``'s
+``shared_prompt_plan``) and scores them through ``score_positions`` / ``shared_inputs``.
 """
 
 from __future__ import annotations
@@ -387,16 +388,33 @@ def scored_forward(model, batch: Mapping[str, Any], layout: str = "padded", scor
     hf, _ = _unwrap(model)
     plan = _plan_for(batch, layout)
     if layout == "shared":
-        mask = plan["attention_mask"]
-        if hf.config._attn_implementation == "eager":  # eager attention adds the mask to its scores
-            mask = torch.zeros(mask.shape, dtype=hf.dtype, device=mask.device).masked_fill_(
-                ~mask, torch.finfo(hf.dtype).min)
-        inputs = {"input_ids": plan["input_ids"], "position_ids": plan["position_ids"], "attention_mask": mask}
+        inputs = shared_inputs(hf, plan)
     else:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
     with _scoring_head(hf, plan["index"], plan["target"], scorer) as result:
         model(**inputs, use_cache=False)
     return result, plan
+
+
+def shared_inputs(model, plan: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A shared-prompt plan's model inputs (``input_ids``, ``position_ids``, ``attention_mask``): its (B, 1, L, L)
+    boolean mask as is for sdpa, additive in the model's dtype for eager attention (which adds it to its scores)."""
+    hf, _ = _unwrap(model)
+    mask = plan["attention_mask"]
+    if hf.config._attn_implementation == "eager":
+        mask = torch.zeros(mask.shape, dtype=hf.dtype, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(hf.dtype).min)
+    return {"input_ids": plan["input_ids"], "position_ids": plan["position_ids"], "attention_mask": mask}
+
+
+def score_positions(call, model, index: torch.Tensor, target: torch.Tensor, scorer=None) -> dict[str, Any]:
+    """Run ``call()`` (a forward of ``model``, possibly through a wrapper such as DDP) with ``model``'s LM head
+    scoring the flattened positions ``index`` against ``target`` instead of computing logits: the scorer's
+    results (``head_logps``'s ``logps`` / ``sums`` / ``vocab`` without ``scorer``; see ``_scoring_head``)."""
+    hf, _ = _unwrap(model)
+    with _scoring_head(hf, index, target, scorer) as result:
+        call()
+    return result
 
 
 def row_sums(values: torch.Tensor, plan: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -529,6 +547,7 @@ def per_token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: 
 
 __all__ = [
     "LAYOUTS", "LAYOUT_NOTES", "IMAGE_KEYS", "image_inputs", "is_vision_language", "token_logps", "sequence_logps", "forward_logits", "batch_logps",
-    "head_logps", "scored_forward", "row_sums", "scored_logps", "pair_layout", "shared_layout_possible",
+    "head_logps", "scored_forward", "shared_inputs", "score_positions", "row_sums", "scored_logps", "pair_layout",
+    "shared_layout_possible",
     "concatenated_forward", "per_token_kl", "right_padded_mask",
 ]

@@ -21,13 +21,16 @@ boundaries, so a resumed run regenerates nothing and continues exactly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 
 from humanalign.config.grpo import GRPOConfig, GRPOLagConfig
 from humanalign.data.prompts import encode_prompts, load_prompts
@@ -40,10 +43,17 @@ from humanalign.losses.grpo import group_advantages, grpo_token_loss, reduce_grp
 from humanalign.losses.ppo import PPOLagLambda, lagrangian_advantage, masked_mean
 from humanalign.models.actor_critic import PolicyAndCritics, disable_all_dropout
 from humanalign.models.load import load_causal_lm, load_tokenizer, resolve_model, save_pretrained_model
+from humanalign.models.logprobs import shared_layout_possible
 from humanalign.models.lora_merge import merged_gathered_weights
 from humanalign.models.pretrained import is_peft_model
 from humanalign.rollout import GenerationSettings, actor_rollout_engine
-from humanalign.rollout.batch import RolloutBatch, response_logps, rollout_seed
+from humanalign.rollout.batch import (
+    RolloutBatch,
+    response_logps,
+    rollout_seed,
+    shared_prompt_plan,
+    shared_response_logps,
+)
 from humanalign.rollout.scorers import SequenceScorer, score_held_out_prompts
 
 
@@ -97,6 +107,11 @@ class GRPOTrainer:
         groups = build_param_groups(module, cfg.learning_rate, cfg.learning_rate, cfg.weight_decay)
         self.model, self.optimizer, _ = engine.prepare(module, groups=groups, total_steps=self.total_steps)
         self.unwrapped: PolicyAndCritics = engine.unwrap(self.model)
+        # the G answers of a prompt in one row, the prompt once (decided on the first rollout: None), unless a
+        # model cannot take the packed layout (attention kind, sharded weights): padded rows then
+        sharded = engine.distributed_type == DistributedType.FSDP or engine.zero_stage == 3
+        possible = all(shared_layout_possible(m) for m in (self.unwrapped.actor, self.ref) if m is not None)
+        self.shared: bool | None = None if possible and not sharded else False
         self.lam = None
         if self.lagrangian:  # J_c = the mean cost of the whole rollout (every rank's answers)
             window = cfg.sequences_per_rollout * engine.num_processes
@@ -155,14 +170,50 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------ rollout
 
-    def _ref_logits(self, batch: RolloutBatch) -> torch.Tensor:
-        """The reference's logits on the response positions (the last ``batch.logits_to_keep()``)."""
-        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                      logits_to_keep=batch.logits_to_keep())
-        if self.ref is not None:
-            return self.ref(**inputs).logits
-        with self.unwrapped.actor.disable_adapter():
-            return self.unwrapped.actor(**inputs).logits
+    def _response_logps(self, forward, model, chunk: RolloutBatch, with_entropy: bool = False, shared=None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, R) log-probs of ``chunk``'s answers (and entropies, no grad) under ``forward(**inputs) -> logits``
+        (``model``: the Hugging Face model whose LM head scores): in the shared-prompt layout (each group's
+        prompt once, the LM head on the answer tokens only), or as padded rows with the LM head on the response
+        positions (``logits_to_keep``). Both equal the full forward's numbers up to float round-off."""
+        if self.shared if shared is None else shared:
+            plan = shared_prompt_plan(chunk, self.engine.device)
+            return shared_response_logps(forward, model, plan, chunk, with_entropy)
+        logits = forward(input_ids=chunk.input_ids, attention_mask=chunk.attention_mask,
+                         logits_to_keep=chunk.logits_to_keep())
+        return response_logps(logits, chunk, with_entropy)
+
+    def _old_logps(self, chunk: RolloutBatch, shared=None) -> torch.Tensor:
+        return self._response_logps(lambda **kw: self.unwrapped(**kw)["logits"], self.unwrapped.actor, chunk,
+                                    shared=shared)[0]
+
+    def _ref_logps(self, chunk: RolloutBatch, shared=None) -> torch.Tensor:
+        """The reference's log-probs: the frozen reference, or the actor with its LoRA adapter disabled."""
+        model = self.ref if self.ref is not None else self.unwrapped.actor
+        adapter_off = self.unwrapped.actor.disable_adapter() if self.ref is None else contextlib.nullcontext()
+        with adapter_off:
+            return self._response_logps(lambda **kw: model(**kw, use_cache=False).logits, model, chunk,
+                                        shared=shared)[0]
+
+    @torch.no_grad()
+    def _shared_layout_agrees(self, batch: RolloutBatch) -> bool:
+        """Whether the shared-prompt layout reproduces the padded rows' log-probs (the policy's, and the
+        reference's when it is a model of its own) on the rollout's first rows, in eval mode; checked once."""
+        rows = batch.select(list(range(min(len(batch), self.cfg.num_generations + 2))))  # two groups at least
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            pairs = [(self._old_logps(rows, shared=False), self._old_logps(rows, shared=True))]
+            if self.ref is not None:
+                pairs.append((self._ref_logps(rows, shared=False), self._ref_logps(rows, shared=True)))
+        finally:
+            self.model.train(was_training)
+        tolerance = 1e-3 if pairs[0][0].dtype == torch.float32 else 5e-2
+        agrees = all(((a - b).abs() <= tolerance * a.abs().clamp(min=1)).all() for a, b in pairs)
+        if not agrees:
+            warnings.warn(f"{type(self.unwrapped.actor).__name__}: GRPO's forwards use padded rows (the shared-"
+                          "prompt layout did not reproduce the model's own log-probs)", stacklevel=2)
+        return agrees
 
     @torch.no_grad()
     def _forward_rollout(self, batch: RolloutBatch) -> None:
@@ -178,12 +229,10 @@ class GRPOTrainer:
             chunk = batch.select(rows)
             with self.engine.accelerator.autocast():
                 if wanted["old_logps"]:
-                    logits = self.unwrapped(chunk.input_ids, chunk.attention_mask,
-                                            logits_to_keep=chunk.logits_to_keep())["logits"]
-                    value = response_logps(logits, chunk)[0]
+                    value = self._old_logps(chunk)
                     outputs["old_logps"][start:start + len(rows), : value.shape[1]] = value
                 if wanted["ref_logps"]:
-                    value = response_logps(self._ref_logits(chunk), chunk)[0]
+                    value = self._ref_logps(chunk)
                     outputs["ref_logps"][start:start + len(rows), : value.shape[1]] = value
         for name, value in outputs.items():
             setattr(batch, name, value)
@@ -226,6 +275,8 @@ class GRPOTrainer:
         scored = time.perf_counter()
 
         batch = RolloutBatch.from_generation(gen.prompt_ids, gen.response_ids, self.pad_id, engine.device)
+        if self.shared is None:
+            self.shared = self._shared_layout_agrees(batch)
         self._forward_rollout(batch)
         lengths = batch.response_mask.sum(-1).float()  # (N,)
         metrics.update({
@@ -258,10 +309,10 @@ class GRPOTrainer:
     def _loss(self, mb: RolloutBatch, advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(loss numerator, its count, metrics) of one micro-batch (see ``reduce_grpo_loss``)."""
         cfg = self.cfg
-        # the LM head on the response positions only (with a 49k vocabulary it is a fifth of a small model)
-        logits = self.model(mb.input_ids, mb.attention_mask, logits_to_keep=mb.logits_to_keep())["logits"]
+        # the LM head on the answer tokens only (with a 49k vocabulary it is a fifth of a small model)
+        logps, entropy = self._response_logps(lambda **kw: self.model(**kw)["logits"], self.unwrapped.actor, mb,
+                                              with_entropy=True)
         mask = mb.response_mask
-        logps, entropy = response_logps(logits, mb, with_entropy=True)
         old = logps.detach() if mb.old_logps is None else mb.old_logps
         token_loss, metrics = grpo_token_loss(logps, old, advantages, mask, cfg.epsilon_low, cfg.epsilon_high,
                                               cfg.beta, mb.ref_logps)
