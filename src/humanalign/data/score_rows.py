@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from humanalign.data.score_plan import score_plan
-from humanalign.data.tokenize import collate_pairs
+from humanalign.data.tokenize import IGNORE_INDEX, collate_pairs
 
 SHARED_ROWS_KEY = "shared_rows"  # the batch's shared-prompt rows: {"input_ids", "position_ids", "attention_mask", "ends"}
 
@@ -34,33 +33,47 @@ def last_non_pad_index(input_ids: torch.Tensor, pad_token_id: int | None) -> tor
 
 def shared_score_rows(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
                       pad_token_id: int | None) -> dict[str, torch.Tensor]:
-    """The shared-prompt rows of a right-padded (2B, T) pair batch (CPU tensors, chosen rows first) and where
-    each of its 2B sequences ends in them.
+    """The shared-prompt rows of a right-padded (2B, T) pair batch (chosen rows first) and where each of its 2B
+    sequences ends in them: ``score_plan``'s shared layout, built for the whole batch at once (no loop over the
+    pairs: the collator runs on every training step, and a score model needs no label positions).
 
-    Returns ``input_ids`` / ``position_ids`` (B, L), ``attention_mask`` (B, 1, L, L) bool (True: may attend),
-    as ``score_plan``'s shared layout, and ``ends`` (2B,): the flattened index into the (B, L) rows of the token
-    whose score is each sequence's end score (the last non-pad token, ``last_non_pad_index``, as the plain
-    forward reads it), chosen first. Chosen and rejected share the longest common prefix of their ids holding
-    no label (the prompt); a position of the rejected answer inside that prefix reads the chosen row's token,
-    which is the same token with the same context."""
-    rows = input_ids.shape[0]
+    Returns ``input_ids`` (B, L) (``pad_token_id``, or 0, after each row's end), ``position_ids`` (B, L) and
+    ``attention_mask`` (B, 1, L, L) bool (True: may attend) as ``score_plan(...)["shared"]`` has them, and
+    ``ends`` (2B,): the flattened index into the (B, L) rows of the token whose score is each sequence's end
+    score (its last non-pad token, ``last_non_pad_index``, as the plain forward reads it), chosen first.
+    Chosen and rejected share the longest common prefix of their ids holding no label (the prompt); a position
+    of the rejected answer inside that prefix reads the chosen row's token: the same token, the same context."""
+    rows, width = input_ids.shape
     if rows % 2:
         raise ValueError(f"a pair batch has an even number of rows (chosen then rejected), got {rows}")
     half = rows // 2
-    plan = score_plan(input_ids, labels, attention_mask)["shared"]
-    span = plan["input_ids"].shape[1]  # L
     lengths = attention_mask.sum(-1)  # (2B,)
-    chosen, rejected = lengths[:half], lengths[half:]  # c, r
-    # a pair row's real columns all see column 0; its padding columns see only themselves
-    total = plan["attention_mask"][:, 0, :, 0].sum(-1)  # (B,) c + r - k
-    prefix = chosen + rejected - total  # (B,) k, the shared prompt's length
+    c, r = lengths[:half], lengths[half:]  # (B,) each
+    pos = torch.arange(width)  # (T,)
+    has_label = labels != IGNORE_INDEX  # (2B, T)
+    first_label = torch.where(has_label, pos, width).amin(-1)  # (2B,) T when a row has no label
+    limit = torch.minimum(torch.minimum(first_label[:half], first_label[half:]), torch.minimum(c, r))  # (B,)
+    same = (input_ids[:half] == input_ids[half:]) & (pos < limit.unsqueeze(1))  # (B, T)
+    k = same.long().cumprod(-1).sum(-1)  # (B,) the shared prompt's length
+    total = c + r - k  # (B,) real tokens of each pair row
+    span = int(total.max())  # L
+    col = torch.arange(span)  # (L,)
+    in_chosen = col < c.unsqueeze(1)  # (B, L)
+    real = col < total.unsqueeze(1)  # (B, L)
+    source = torch.where(in_chosen, col, col - c.unsqueeze(1) + k.unsqueeze(1))  # (B, L) position in its own row
+    source = torch.where(real, source, 0).clamp(max=width - 1)
+    ids = torch.where(in_chosen, input_ids[:half].gather(1, source), input_ids[half:].gather(1, source))
+    ids = ids.masked_fill(~real, 0 if pad_token_id is None else pad_token_id)
+    causal = col.unsqueeze(1) >= col.unsqueeze(0)  # (L, L) query row may see key column
+    rejected_query = real & ~in_chosen  # (B, L)
+    chosen_answer_key = in_chosen & (col >= k.unsqueeze(1))  # (B, L)
+    mask = causal & ~(rejected_query.unsqueeze(2) & chosen_answer_key.unsqueeze(1))  # (B, L, L)
+    mask = torch.where(real.unsqueeze(2), mask, torch.eye(span, dtype=torch.bool))  # padding sees itself only
     end = last_non_pad_index(input_ids, pad_token_id)  # (2B,) in the padded rows
-    end_rejected = end[half:]
-    end_rejected = torch.where(end_rejected < prefix, end_rejected, end_rejected + chosen - prefix)
+    end_rejected = torch.where(end[half:] < k, end[half:], end[half:] + c - k)
     start = torch.arange(half) * span  # (B,) each pair row's first index
-    ends = torch.cat([start + end[:half], start + end_rejected])  # (2B,)
-    return {"input_ids": plan["input_ids"], "position_ids": plan["position_ids"],
-            "attention_mask": plan["attention_mask"], "ends": ends}
+    return {"input_ids": ids, "position_ids": source.masked_fill(~real, 0), "attention_mask": mask.unsqueeze(1),
+            "ends": torch.cat([start + end[:half], start + end_rejected])}
 
 
 class ScorePairCollator:
