@@ -6,7 +6,12 @@ from __future__ import annotations
 import torch
 
 from humanalign.data.score_plan import score_plan
-from humanalign.data.score_rows import SHARED_ROWS_KEY, ScorePairCollator, last_non_pad_index, shared_score_rows
+from humanalign.data.score_rows import (
+    SHARED_ROWS_KEY,
+    ScorePairCollator,
+    last_non_pad_index,
+    shared_score_rows,
+)
 
 I = -100  # noqa: E741 - the ignored label, short for the hand-written tables
 PAD = 0
@@ -47,7 +52,7 @@ def test_same_layout_as_the_score_plan_on_random_batches():
         seqs, labels = [], []
         prompts = [torch.randint(3, 9, (int(torch.randint(1, 5, (1,), generator=gen)),), generator=gen)
                    for _ in range(half)]
-        for side in range(2):
+        for _side in range(2):
             for prompt in prompts:
                 answer = torch.randint(3, 9, (int(torch.randint(1, 7, (1,), generator=gen)),), generator=gen)
                 seqs.append(torch.cat([prompt, answer]))

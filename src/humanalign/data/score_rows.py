@@ -5,9 +5,10 @@ runs the shared prompt through the backbone twice, once in the chosen row and on
 ``shared`` layout of ``data.score_plan`` (the DPO trainer's: one row per pair, ``prompt + chosen + rejected``,
 position ids restarting at the end of the prompt for the rejected answer, a 4-D mask that hides the chosen
 answer from the rejected one) computes the prompt once; every token then sees exactly what it sees in its own
-row, so the hidden state at each answer's last token is the plain forward's. ``shared_score_rows`` adds to
-that layout where those last tokens sit (``ends``); ``ScorePairCollator`` builds it on the CPU, so the training
-step needs no host-device sync. Pure tensor layout, no model involved.
+row, so the hidden state at each answer's last token is the plain forward's. ``shared_score_rows`` builds that
+layout (tests/data/test_score_rows.py checks it against ``score_plan``'s) and where those last tokens sit
+(``ends``); ``ScorePairCollator`` builds it on the CPU, so the training step needs no host-device sync. Pure
+tensor layout, no model involved.
 """
 
 from __future__ import annotations

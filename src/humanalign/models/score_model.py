@@ -14,7 +14,9 @@ What the "end score" is:
   transformers does; the input therefore starts with ``[CLS]`` (see ``encode_score_input``).
 Token-wise scores (B, T) are the same head applied at every position (through the pooler's dense+tanh for
 encoders); Safe RLHF's token-wise loss and a PPO critic use them. Architectures with another head layout
-still score (through transformers' own forward) but have no token-wise scores.
+still score (through transformers' own forward) but have no token-wise scores. A decoder scores a pair batch
+with the prompt once per pair when given its shared-prompt rows (``forward(..., shared_rows=...)``,
+``data.score_rows``): the same end scores, no token-wise scores.
 
 Score statistics (Safe RLHF's normaliser: running mean/var or an exponential moving average) travel in the
 model's ``config.json`` under ``humanalign_score`` together with ``score_type`` ("reward" or "cost").

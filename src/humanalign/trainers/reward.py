@@ -7,6 +7,10 @@ RLHF's loss: the pairwise term plus the sign terms that put safe answers below c
 
 Inputs are built by ``encode_score_pair``, the function ``Scorer`` uses, so a trained model sees at scoring time
 exactly what it saw in training; the effective ``max_length`` / ``max_prompt_length`` are saved with the model.
+The pair forward computes the shared prompt once per pair (``data.score_rows``: one row per pair, prompt +
+chosen + rejected, a 4-D mask, the head on each answer's last token) when the model allows it and a self-check
+on two training pairs reproduces the plain forward's scores; else (encoders, flash attention or sliding windows,
+sharded parameters, the token-wise loss) it forwards the chosen and rejected rows. The run log says which.
 The score normaliser's statistics (``normalizer``: running mean/var or EMA) are updated from every training
 micro-batch's end scores, gathered across processes so that every rank holds the same statistics; they are
 checkpointed with the run and saved in the model's config.json.
