@@ -6,7 +6,9 @@ directly), the same tokenised pairs (``encode_score_pair``: prompt + response, s
 same batches in the same order (ours: seeded, grouped by length; TRL is fed those examples with a sequential
 sampler), the same optimiser settings (AdamW, constant learning rate, clipping at 1.0) and the plain
 Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) (our score regularisation and margins off, as TRL's
-defaults). Each run is a fresh subprocess; runs alternate ours, trl, ours, trl. Measured as in
+defaults). Ours computes each pair's prompt once (the shared-prompt rows of ``data.score_rows``); TRL forwards
+the chosen and the rejected sequence, the prompt in each; tokens are counted the same for both (the pairs'
+non-pad tokens, the prompt twice). Each run is a fresh subprocess; runs alternate ours, trl, ours, trl. Measured as in
 ``dpo_vs_trl.py``: steps/s, tokens/s (non-pad), peak resident memory while training, the loss after the last
 step, and MFU (6 x params per token; 4 x params with LoRA; params without the input embedding table, a lookup:
 ``common.matmul_params``).

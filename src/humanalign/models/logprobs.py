@@ -339,6 +339,19 @@ def right_padded_mask(model, attention_mask: torch.Tensor | None) -> torch.Tenso
     return mask
 
 
+def takes_4d_mask(model) -> bool:
+    """Whether ``model`` (a Hugging Face model, possibly inside DDP / DeepSpeed / PEFT wrappers) takes a 4-D
+    attention mask of our own making: sdpa or eager attention without sliding windows (``_shared_supported``),
+    as ``right_padded_mask`` and the shared-prompt layout need."""
+    inner = model
+    for _ in range(8):
+        if is_peft_model(inner):
+            inner = inner.get_base_model()
+        elif isinstance(getattr(inner, "module", None), torch.nn.Module):
+            inner = inner.module
+    return getattr(inner, "config", None) is not None and _shared_supported(inner)
+
+
 @contextlib.contextmanager
 def _scoring_head(hf, index: torch.Tensor, target: torch.Tensor, scorer=None) -> Iterator[dict[str, Any]]:
     """While active, the model's LM head scores the positions ``index`` of its (R, L, H) input instead of
@@ -549,5 +562,5 @@ __all__ = [
     "LAYOUTS", "LAYOUT_NOTES", "IMAGE_KEYS", "image_inputs", "is_vision_language", "token_logps", "sequence_logps", "forward_logits", "batch_logps",
     "head_logps", "scored_forward", "shared_inputs", "score_positions", "row_sums", "scored_logps", "pair_layout",
     "shared_layout_possible",
-    "concatenated_forward", "per_token_kl", "right_padded_mask",
+    "concatenated_forward", "per_token_kl", "right_padded_mask", "takes_4d_mask",
 ]

@@ -14,7 +14,9 @@ What the "end score" is:
   transformers does; the input therefore starts with ``[CLS]`` (see ``encode_score_input``).
 Token-wise scores (B, T) are the same head applied at every position (through the pooler's dense+tanh for
 encoders); Safe RLHF's token-wise loss and a PPO critic use them. Architectures with another head layout
-still score (through transformers' own forward) but have no token-wise scores.
+still score (through transformers' own forward) but have no token-wise scores. A decoder scores a pair batch
+with the prompt once per pair when given its shared-prompt rows (``forward(..., shared_rows=...)``,
+``data.score_rows``): the same end scores, no token-wise scores.
 
 Score statistics (Safe RLHF's normaliser: running mean/var or an exponential moving average) travel in the
 model's ``config.json`` under ``humanalign_score`` together with ``score_type`` ("reward" or "cost").
@@ -38,10 +40,11 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from humanalign.config.training import ModelSettings
+from humanalign.data.score_rows import last_non_pad_index
 from humanalign.data.tokenize import IGNORE_INDEX, encode_prompt_response
 from humanalign.errors import UserError
 from humanalign.models.load import load_tokenizer, plain_float_model, portable_name, resolve_model
-from humanalign.models.logprobs import right_padded_mask
+from humanalign.models.logprobs import is_vision_language, right_padded_mask, takes_4d_mask
 from humanalign.models.lora_merge import merged_gathered_weights, merged_weights
 from humanalign.models.pretrained import (
     bnb_config,
@@ -172,15 +175,6 @@ def head_layout(hf_model: nn.Module) -> str:
     return "opaque"
 
 
-def last_non_pad_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
-    """(B, T) -> (B,) rightmost position whose token is not the pad token (transformers' rule; 0 if all pad)."""
-    if pad_token_id is None:
-        return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
-    non_pad = (input_ids != pad_token_id).long()  # (B, T)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
-    return (positions * non_pad).argmax(dim=-1)
-
-
 class ScoreModel(nn.Module):
     """A transformers ``*ForSequenceClassification`` (optionally peft-wrapped) returning ``ScoreModelOutput``."""
 
@@ -224,17 +218,40 @@ class ScoreModel(nn.Module):
     def update_normalizer(self, end_scores: torch.Tensor) -> None:
         self.normalizer.update(end_scores)
 
+    def shared_prompt_refusal(self) -> str | None:
+        """Why this model cannot score pairs in the shared-prompt layout (``data.score_rows``), or None when it
+        can: the layout needs a decoder (causal attention: an encoder's prompt would see both answers) whose
+        attention takes a 4-D mask (sdpa or eager, no sliding window: ``takes_4d_mask``) and no images."""
+        inner = peft_base(self.model)
+        if self.layout != "decoder":
+            return f"{self.layout} head layout (the shared prompt needs a decoder's causal attention)"
+        if is_vision_language(inner):
+            return "a vision-language model (image tokens and their positions are laid out per sequence)"
+        backbone = getattr(inner, inner.base_model_prefix)
+        if not takes_4d_mask(backbone):
+            kind = getattr(self.config, "_attn_implementation", None)
+            return f"its attention ({kind}, or a sliding window) takes no 4-D mask"
+        return None
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                normalize: bool = False, **kwargs) -> ScoreModelOutput:
+                normalize: bool = False, shared_rows: dict[str, torch.Tensor] | None = None,
+                **kwargs) -> ScoreModelOutput:
         """Right-padded ``input_ids`` (B, T) -> end scores (B,) and token-wise scores (B, T), float32.
 
         ``attention_mask`` (B, T): 1 on real tokens; ``None`` attends to every position (as transformers does).
         A decoder gets it as a 4-D mask where it takes one (``right_padded_mask``): transformers would test a 2-D
         mask on the host (``padding_mask.all()``, a GPU sync per forward). Encoders get the 2-D mask (that sync
         remains there).
+
+        ``shared_rows`` (``data.score_rows.shared_score_rows`` of this pair batch; decoders only, see
+        ``shared_prompt_refusal``): the backbone runs on one row per pair, the prompt once, and the head on the
+        2B end tokens only; the end scores are the plain forward's (up to float round-off), token-wise scores
+        and ``end_index`` are None.
         """
         inner = peft_base(self.model)
-        if self.layout == "decoder":
+        if shared_rows is not None:
+            end_scores, scores, end_index = self._shared_end_scores(inner, shared_rows, **kwargs), None, None
+        elif self.layout == "decoder":
             backbone = getattr(inner, inner.base_model_prefix)
             hidden = backbone(input_ids=input_ids, attention_mask=right_padded_mask(backbone, attention_mask),
                               use_cache=False, **kwargs).last_hidden_state  # (B, T, H)
@@ -268,6 +285,21 @@ class ScoreModel(nn.Module):
             end_scores = self.normalizer.normalize(end_scores)
             scores = self.normalizer.normalize(scores) if scores is not None else None
         return ScoreModelOutput(end_scores=end_scores, scores=scores, end_index=end_index)
+
+    def _shared_end_scores(self, inner: nn.Module, rows: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
+        """End scores (2B,) of a pair batch from its shared-prompt rows: the backbone on the (B, L) rows, the
+        head on the hidden states at ``rows["ends"]`` (2B,)."""
+        if self.layout != "decoder":
+            raise ValueError(f"the shared-prompt layout needs a decoder, not a {self.layout} head layout")
+        backbone = getattr(inner, inner.base_model_prefix)
+        mask = rows["attention_mask"]  # (B, 1, L, L) bool, True: may attend
+        if self.config._attn_implementation == "eager":  # eager adds the mask to its scores
+            dtype = backbone.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+        hidden = backbone(input_ids=rows["input_ids"], position_ids=rows["position_ids"], attention_mask=mask,
+                          use_cache=False, **kwargs).last_hidden_state  # (B, L, H)
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows["ends"])  # (2B, H)
+        return inner.score(picked.to(inner.score.weight.dtype)).squeeze(-1).float()  # (2B,)
 
     def score_config(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The ``humanalign_score`` block written into config.json."""

@@ -7,6 +7,10 @@ RLHF's loss: the pairwise term plus the sign terms that put safe answers below c
 
 Inputs are built by ``encode_score_pair``, the function ``Scorer`` uses, so a trained model sees at scoring time
 exactly what it saw in training; the effective ``max_length`` / ``max_prompt_length`` are saved with the model.
+The pair forward computes the shared prompt once per pair (``data.score_rows``: one row per pair, prompt +
+chosen + rejected, a 4-D mask, the head on each answer's last token) when the model allows it and a self-check
+on two training pairs reproduces the plain forward's scores; else (encoders, flash attention or sliding windows,
+sharded parameters, the token-wise loss) it forwards the chosen and rejected rows. The run log says which.
 The score normaliser's statistics (``normalizer``: running mean/var or EMA) are updated from every training
 micro-batch's end scores, gathered across processes so that every rank holds the same statistics; they are
 checkpointed with the run and saved in the model's config.json.
@@ -38,12 +42,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 
 from humanalign.config.rm import RewardModelConfig
 from humanalign.data.io import atomic_write_json
 from humanalign.data.records import PreferencePair
 from humanalign.data.score_pairs import count_labelled, load_pairs, pair_length
-from humanalign.data.tokenize import CHATML_TEMPLATE, TruncationStats, collate_pairs
+from humanalign.data.score_rows import SHARED_ROWS_KEY, ScorePairCollator
+from humanalign.data.tokenize import CHATML_TEMPLATE, TruncationStats
 from humanalign.engine import Engine
 from humanalign.engine import checkpoint as ckpt
 from humanalign.engine.data import EncodedDataset
@@ -215,7 +221,50 @@ def score_pair_loss(output, batch: dict[str, Any], settings: LossSettings) -> Sc
 
 
 def forward_scores(model, batch: dict[str, Any]):
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    """The score model's output on a pair batch: from its shared-prompt rows when the collator built them
+    (``ScorePairCollator``; end scores only), else the plain forward of its (2B, T) rows."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 shared_rows=batch.get(SHARED_ROWS_KEY))
+
+
+@torch.no_grad()
+def shared_rows_agree(model, probe: dict[str, Any], tolerance: float) -> bool:
+    """Whether the shared-prompt end scores of ``probe`` (a pair batch with its ``SHARED_ROWS_KEY`` rows, on the
+    model's device) match the plain forward's within ``tolerance`` (relative, absolute below 1), in eval mode
+    (no dropout, so no random numbers are drawn)."""
+    was_training = model.training
+    model.eval()
+    try:
+        plain = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).end_scores  # (2B,)
+        shared = forward_scores(model, probe).end_scores  # (2B,)
+    finally:
+        model.train(was_training)
+    return bool(((shared - plain).abs() <= tolerance * plain.abs().clamp(min=1)).all())
+
+
+def pick_pair_layout(cfg: RewardModelConfig, engine: Engine, model, score_model, collate: ScorePairCollator,
+                     features: Sequence[dict[str, Any]]) -> str:
+    """Turn the collator's shared-prompt rows on when ``model`` can score pairs that way and, on the first two
+    training pairs, gives the plain forward's end scores; else every batch takes the plain forward. Says which
+    in the run log and returns "shared" or "plain"."""
+    refusal = score_model.shared_prompt_refusal()
+    if refusal is None and cfg.loss_granularity == "token":
+        refusal = "the token-wise loss reads the score at every position of both rows"
+    if refusal is None and (engine.distributed_type == DistributedType.FSDP or engine.zero_stage == 3):
+        refusal = "sharded parameters (FSDP, ZeRO-3): not checked with the shared-prompt rows"
+    if refusal is None:
+        collate.shared = True
+        probe = engine.to_device(collate(list(features[:2])))
+        low_precision = cfg.mixed_precision not in ("no", "auto") or any(
+            p.dtype in (torch.bfloat16, torch.float16) for p in score_model.parameters())
+        if not shared_rows_agree(model, probe, 5e-2 if low_precision else 1e-3):
+            collate.shared = False
+            refusal = "the shared-prompt rows did not reproduce the plain forward's scores on two training pairs"
+    if refusal is None:
+        engine.print(f"[{NAME}] pair forward: one row per pair (the prompt once, 4-D mask), head on the 2 end tokens")
+        return "shared"
+    engine.print(f"[{NAME}] pair forward: plain (chosen and rejected rows, the prompt twice): {refusal}")
+    return "plain"
 
 
 def val_scores(engine: Engine, model, loader, settings: LossSettings) -> tuple[list, ...]:
@@ -376,7 +425,7 @@ class ScoreModelTrainer:
             center_coef=cfg.center_rewards_coefficient, use_margin=cfg.use_margin,
             use_sign_terms=cfg.use_sign_terms and (cfg.task == "helpful" or self.data.labelled_train > 0))
         self.metric_keys = REWARD_METRICS if cfg.task == "helpful" else COST_METRICS
-        collate = partial(collate_pairs, pad_token_id=score_model.pad_token_id)
+        collate = ScorePairCollator(score_model.pad_token_id)  # shared rows: turned on by pick_pair_layout
         train_set = EncodedDataset(self.data.train, pair_length)
         self.train_loader = engine.train_loader(train_set, collate, lengths=train_set.lengths())
         self.eval_loader = None
@@ -385,6 +434,7 @@ class ScoreModelTrainer:
             self.eval_loader = engine.eval_loader(val_set, collate, lengths=val_set.lengths())
         engine.register_state(NORMALIZER_STATE, NormalizerState(self.normalizer))
         self.model, _, _ = engine.prepare(score_model, self.train_loader, groups=score_groups(cfg, score_model))
+        self.pair_forward = pick_pair_layout(cfg, engine, self.model, score_model, collate, self.data.train)
         self.eval_seconds = self.eval_cpu = 0.0  # wall and process CPU time spent evaluating
 
     def step(self, batch: dict[str, Any]) -> None:
@@ -493,7 +543,7 @@ class ScoreModelTrainer:
         cfg, engine, harmless = self.cfg, self.engine, self.cfg.task == "harmless"
         return {
             "task": cfg.task, "score_type": cfg.score_type, "base_model": cfg.base_model_path,
-            "steps": engine.step, "train_pairs": len(self.data.train), "val_pairs": len(self.data.val),
+            "steps": engine.step, "pair_forward": self.pair_forward, "train_pairs": len(self.data.train), "val_pairs": len(self.data.val),
             "labelled_train_pairs": self.data.labelled_train if harmless else None,
             "sign_terms": self.settings.use_sign_terms if harmless else None,
             "max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
