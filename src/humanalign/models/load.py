@@ -36,6 +36,7 @@ from humanalign.models.pretrained import (
     resolve_dtype,
 )
 from humanalign.models.tiny import tiny_model_path
+from humanalign.models.trunk_cache import install_trunk_cache, top_layer_indices
 
 ADAPTER_INFO_FILE = "humanalign_model.json"  # how to load an adapter's base (preset name, GGUF file)
 SMOLLM2_NAMES = ("smollm2-135m-instruct", "smollm2-135m", "smollm2")
@@ -196,10 +197,11 @@ def load_tokenizer(name_or_path: str | Path, settings: ModelSettings | None = No
 # --------------------------------------------------------------------------------------------- models
 
 
-def _lora_config(lora: LoraSettings) -> LoraConfig:
+def _lora_config(lora: LoraSettings, model) -> LoraConfig:
     target = None if lora.target_modules == "auto" else lora.target_modules  # None: peft's default for the arch
+    layers = top_layer_indices(model, lora.top_layers) if lora.top_layers else None  # None: every layer
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
-                      task_type="CAUSAL_LM", bias="none")
+                      task_type="CAUSAL_LM", bias="none", layers_to_transform=layers)
 
 
 @contextlib.contextmanager
@@ -299,12 +301,14 @@ def load_causal_lm(
     if trainable and lora.enabled and not is_peft_model(model):
         try:
             with _quiet_peft():
-                model = get_peft_model(model, _lora_config(lora))
+                model = get_peft_model(model, _lora_config(lora, model))
         except ValueError as exc:
             raise UserError(f"LoRA on '{name_or_path}': {str(exc).splitlines()[0]} "
                             "(set lora.target_modules: all-linear or list module names)") from None
     if trainable and gradient_checkpointing and is_peft_model(model):
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    if trainable and lora.trunk_cache_dir:  # the frozen lower trunk's states cached: forwards run the top layers
+        install_trunk_cache(model, lora.top_layers, lora.trunk_cache_dir, lora.trunk_cache_dtype)
     if not trainable:
         model.eval()
         model.requires_grad_(False)
