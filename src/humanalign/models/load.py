@@ -284,7 +284,10 @@ def load_causal_lm(
       gets no adapter but keeps the quantization, e.g. for a memory-light reference model;
     - a PEFT adapter folder loads as its base with the adapter merged in; a quantized base cannot take a merge
       and keeps the adapter (trained further when ``trainable``; a new LoRA is then not added);
-    - gradient checkpointing (trainable models only) uses the non-reentrant implementation.
+    - gradient checkpointing (trainable models only) uses the non-reentrant implementation;
+    - ``lora.top_layers`` adapts the top N decoder layers only, and ``lora.trunk_cache_dir`` then caches the frozen
+      lower trunk's hidden states on disk (``models/trunk_cache.py``; a frozen model of the same base given the
+      same settings shares that cache, e.g. the precomputed reference).
     Returns a ``PreTrainedModel`` (a ``PeftModel`` with LoRA).
     """
     settings = settings or ModelSettings()
@@ -307,11 +310,11 @@ def load_causal_lm(
                             "(set lora.target_modules: all-linear or list module names)") from None
     if trainable and gradient_checkpointing and is_peft_model(model):
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-    if trainable and lora.trunk_cache_dir:  # the frozen lower trunk's states cached: forwards run the top layers
-        install_trunk_cache(model, lora.top_layers, lora.trunk_cache_dir, lora.trunk_cache_dtype)
     if not trainable:
         model.eval()
         model.requires_grad_(False)
+    if lora.trunk_cache_dir:  # the frozen lower trunk's states cached (shared with a frozen reference of the base)
+        install_trunk_cache(model, lora.top_layers, lora.trunk_cache_dir, lora.trunk_cache_dtype)
     return model
 
 
