@@ -99,3 +99,21 @@ def test_a_trained_lower_trunk_is_refused(tmp_path):
         install_trunk_cache(everywhere, 1, tmp_path / "trunk")
     with pytest.raises(ValueError, match="set enabled: true and top_layers"):
         LoraSettings(enabled=True, trunk_cache_dir=str(tmp_path))
+
+
+def test_a_frozen_reference_of_the_base_fills_the_policys_cache(tmp_path, pair_batch):
+    """The precomputed reference loads the base frozen with the policy's LoRA settings: same trunk fingerprint,
+    so the rows it forwards are cache hits for the policy, with the adapter-disabled policy's log-probs."""
+    _, batch = pair_batch
+    lora = LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0, top_layers=1, trunk_cache_dir=str(tmp_path / "t"))
+    frozen = load_causal_lm("tiny", lora=lora, trainable=False)
+    policy = load_causal_lm("tiny", lora=lora)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    with torch.no_grad():
+        ref = concatenated_forward(frozen, batch, layout="shared")["chosen_logps"]
+        store = decoder_of(policy).forward.store
+        assert store.folder == decoder_of(frozen).forward.store.folder
+        with policy.disable_adapter():
+            again = concatenated_forward(policy, batch, layout="shared")["chosen_logps"]
+    assert store.misses == 0 and store.hits == 3
+    torch.testing.assert_close(again, ref, atol=1e-5, rtol=0)
