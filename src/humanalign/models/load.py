@@ -36,6 +36,7 @@ from humanalign.models.pretrained import (
     resolve_dtype,
 )
 from humanalign.models.tiny import tiny_model_path
+from humanalign.models.trunk_cache import install_trunk_cache, top_layer_indices
 
 ADAPTER_INFO_FILE = "humanalign_model.json"  # how to load an adapter's base (preset name, GGUF file)
 SMOLLM2_NAMES = ("smollm2-135m-instruct", "smollm2-135m", "smollm2")
@@ -196,10 +197,11 @@ def load_tokenizer(name_or_path: str | Path, settings: ModelSettings | None = No
 # --------------------------------------------------------------------------------------------- models
 
 
-def _lora_config(lora: LoraSettings) -> LoraConfig:
+def _lora_config(lora: LoraSettings, model) -> LoraConfig:
     target = None if lora.target_modules == "auto" else lora.target_modules  # None: peft's default for the arch
+    layers = top_layer_indices(model, lora.top_layers) if lora.top_layers else None  # None: every layer
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
-                      task_type="CAUSAL_LM", bias="none")
+                      task_type="CAUSAL_LM", bias="none", layers_to_transform=layers)
 
 
 @contextlib.contextmanager
@@ -282,7 +284,10 @@ def load_causal_lm(
       gets no adapter but keeps the quantization, e.g. for a memory-light reference model;
     - a PEFT adapter folder loads as its base with the adapter merged in; a quantized base cannot take a merge
       and keeps the adapter (trained further when ``trainable``; a new LoRA is then not added);
-    - gradient checkpointing (trainable models only) uses the non-reentrant implementation.
+    - gradient checkpointing (trainable models only) uses the non-reentrant implementation;
+    - ``lora.top_layers`` adapts the top N decoder layers only, and ``lora.trunk_cache_dir`` then caches the frozen
+      lower trunk's hidden states on disk (``models/trunk_cache.py``; a frozen model of the same base given the
+      same settings shares that cache, e.g. the precomputed reference).
     Returns a ``PreTrainedModel`` (a ``PeftModel`` with LoRA).
     """
     settings = settings or ModelSettings()
@@ -299,7 +304,7 @@ def load_causal_lm(
     if trainable and lora.enabled and not is_peft_model(model):
         try:
             with _quiet_peft():
-                model = get_peft_model(model, _lora_config(lora))
+                model = get_peft_model(model, _lora_config(lora, model))
         except ValueError as exc:
             raise UserError(f"LoRA on '{name_or_path}': {str(exc).splitlines()[0]} "
                             "(set lora.target_modules: all-linear or list module names)") from None
@@ -308,6 +313,8 @@ def load_causal_lm(
     if not trainable:
         model.eval()
         model.requires_grad_(False)
+    if lora.trunk_cache_dir:  # the frozen lower trunk's states cached (shared with a frozen reference of the base)
+        install_trunk_cache(model, lora.top_layers, lora.trunk_cache_dir, lora.trunk_cache_dtype)
     return model
 
 

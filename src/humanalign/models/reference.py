@@ -187,7 +187,9 @@ def load_reference_model(cfg, engine) -> tuple[torch.nn.Module, str]:
     engine.print(f"[reference] loading the frozen reference model from {source}")
     if is_vision_model(source, cfg.model):
         return load_vision_lm(source, cfg.model, trainable=False), source
-    return load_causal_lm(source, cfg.model, trainable=False), source
+    lora = getattr(cfg, "lora", None)
+    trunk = lora if lora is not None and lora.trunk_cache_dir else None  # fills the policy's trunk cache
+    return load_causal_lm(source, cfg.model, trunk, trainable=False), source
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
