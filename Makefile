@@ -25,7 +25,7 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/lint-imports  # layers point down: see [tool.importlinter] in pyproject.toml
 
-# The tests also run DeepSpeed ZeRO-2/3 on two CPU processes (tests/engine/test_scale_out.py); the demo does not
+# The tests also run DeepSpeed ZeRO-2/3 on two CPU processes (tests/engine/test_scale_out_*.py); the demo does not
 # need it. Its first run compiles DeepSpeed's CPU ops (a few minutes, cached in ~/.cache/torch_extensions).
 $(VENV)/.deepspeed-installed: $(STAMP)
 	$(PIP) install -q 'deepspeed>=0.15'

