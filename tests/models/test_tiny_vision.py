@@ -119,6 +119,8 @@ def test_tiny_qwen2_vl_sees_its_picture():
 
 def test_vision_position_std_sets_the_towers_position_spread():
     """CLIP's 0.02 by default; the pixels recipe widens it so a random tower's features say where a patch is."""
-    spread = {std: tiny_llava(vision_position_std=std)[0].model.vision_tower.embeddings.position_embedding.weight.std()
-              for std in (None, 0.3)}
-    assert abs(float(spread[None]) - 0.02) < 0.005 and abs(float(spread[0.3]) - 0.3) < 0.08
+    spread = {}
+    for std in (None, 0.3):
+        tower = tiny_llava(vision_position_std=std)[0].model.vision_tower
+        spread[std] = tower.embeddings.position_embedding.weight.std().item()
+    assert abs(spread[None] - 0.02) < 0.005 and abs(spread[0.3] - 0.3) < 0.08
