@@ -8,7 +8,15 @@ import random
 import re
 from collections import Counter
 
-from humanalign.data.image_demo import ANSWERS, COLOURS, QUESTIONS, image_demo_records, write_image_demo
+from humanalign.data.image_demo import (
+    ANSWERS,
+    COLOURS,
+    FIXED_COLOUR,
+    QUESTIONS,
+    image_demo_records,
+    image_demo_texts,
+    write_image_demo,
+)
 from humanalign.data.load import load_source
 
 
@@ -44,34 +52,41 @@ def test_colour_answers_match_the_pixels():
 
 
 def test_side_and_count_answers_match_the_pixels():
-    checked = 0
+    checked = {"side": 0, "count": 0}
     for record, picture in image_demo_records(40, seed=2):
         question = record["query"].split("\n", 1)[1]
+        coloured = [(i % picture.width, i // picture.width) for i, c in enumerate(picture.getdata())
+                    if c != (255, 255, 255)]
+        assert {c for c in picture.getdata()} <= {(255, 255, 255), *COLOURS.values()}
         if question.startswith("Is the square"):
-            # the square is the colour that fills its whole bounding box (a circle does not)
-            boxes = {}
-            for i, colour in enumerate(picture.getdata()):
-                if colour != (255, 255, 255):
-                    x, y = i % picture.width, i // picture.width
-                    x0, y0, x1, y1, n = boxes.get(colour, (x, y, x, y, 0))
-                    boxes[colour] = (min(x0, x), min(y0, y), max(x1, x), max(y1, y), n + 1)
-            squares = [b for b in boxes.values() if b[4] == (b[2] - b[0] + 1) * (b[3] - b[1] + 1)]
-            if len(boxes) == 2 and len(squares) == 1:  # two colours: the square is told apart
-                x0, _, x1, _, _ = squares[0]
-                side = "left" if (x0 + x1) / 2 < picture.width / 2 else "right"
-                assert record["response"] == f"The square is on the {side}."
-                checked += 1
+            # one square, in one half: its pixels' mean x says which
+            x = sum(x for x, _ in coloured) / len(coloured)
+            side = "left" if x < picture.width / 2 else "right"
+            assert record["response"] == f"The square is on the {side}." != record["rejected_response"]
+            assert {picture.getpixel(p) for p in coloured} == {COLOURS[FIXED_COLOUR]}
+            checked["side"] += 1
         if question.startswith("How many circles"):
             n = int(re.search(r"(\d+) circle", record["response"]).group(1))
             wrong = int(re.search(r"(\d+) circle", record["rejected_response"]).group(1))
-            assert 1 <= n <= 4 and wrong != n
-            # circles sit one per cell of a 3x3 grid: count the cells whose centre has the circles' colour
-            step = picture.width // 3
-            centres = [picture.getpixel((cx * step + step // 2, cy * step + step // 2))
-                       for cx in range(3) for cy in range(3)]
-            counts = {c: centres.count(c) for c in set(centres) if c != (255, 255, 255)}
-            assert n in counts.values()
-    assert checked >= 5
+            assert 1 <= n <= 4 and 1 <= wrong <= 4 and wrong != n
+            # circles sit one per quarter of the picture: count the quarters whose centre is coloured
+            q = picture.width // 4
+            centres = [picture.getpixel((x, y)) for x in (q, 3 * q) for y in (q, 3 * q)]
+            assert sum(c == COLOURS[FIXED_COLOUR] for c in centres) == n
+            checked["count"] += 1
+    assert checked == {"side": 10, "count": 10}
+
+
+def test_a_shape_fills_most_of_its_picture():
+    """Legible to a tiny random-init tower: the colour and shape questions' shape covers a quarter or more of the
+    picture, the placed square a tenth or more (half to nearly all of its quarter)."""
+    for record, picture in image_demo_records(40, seed=4, size=32):
+        share = sum(c != (255, 255, 255) for c in picture.getdata()) / (32 * 32)
+        question = record["query"].split("\n", 1)[1]
+        if question.startswith(("What colour", "What shape")):
+            assert share >= 0.25, question
+        elif question.startswith("Is the square"):
+            assert share >= 0.1, question
 
 
 def test_the_swift_adapter_reads_it_with_resolved_images(tmp_path):
@@ -93,7 +108,7 @@ def test_text_alone_cannot_tell_the_answers_apart():
     for kind, answers in ANSWERS.items():
         pairs = Counter()
         for record, _ in records:
-            if record["query"] == f"<image>\n{QUESTIONS[kind](random.Random(0), 64, 8, *answers[:2])[1]}":
+            if record["query"] == f"<image>\n{QUESTIONS[kind](random.Random(0), 64, *answers[:2])[1]}":
                 pairs[(answer_word(record["response"], answers), answer_word(record["rejected_response"], answers))] += 1
         assert sum(pairs.values()) == 120
         chosen = Counter(c for (c, _), n in pairs.items() for _ in range(n))
@@ -119,3 +134,12 @@ def test_blank_control_keeps_the_pairs_and_whitens_the_pictures(tmp_path):
     assert [{**r, "images": None} for r in after] == [{**r, "images": None} for r in before]
     assert {img for r in after for img in r["images"]} == {str((tmp_path / "blank.png").resolve())}
     assert set(Image.open(tmp_path / "blank.png").getdata()) == {(255, 255, 255)}
+
+
+def test_texts_list_every_question_and_answer_once(tmp_path):
+    path = write_image_demo(tmp_path / "set", n=24, seed=0)
+    texts = image_demo_texts(path)
+    assert len(texts) == len(set(texts))
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        assert {row["query"].split("\n", 1)[1], row["response"], row["rejected_response"]} <= set(texts)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from humanalign.cli import main as cli_main
-from humanalign.models.tiny_vision import build_tiny_vision_model, tiny_qwen2_vl
+from humanalign.models.tiny_vision import build_tiny_vision_model, tiny_llava, tiny_qwen2_vl
 
 CORPUS = [f"User {i} asks what colour the {shape} is. The assistant says it is {colour}."
           for i in range(30) for shape in ("circle", "square") for colour in ("red", "blue", "green")]
@@ -115,3 +115,12 @@ def test_tiny_qwen2_vl_sees_its_picture():
             logits.append(model(**batch).logits[0, -1])
     assert all(torch.isfinite(x).all() for x in logits)
     assert (logits[0] - logits[1]).abs().max() > 1e-4
+
+
+def test_vision_position_std_sets_the_towers_position_spread():
+    """CLIP's 0.02 by default; the pixels recipe widens it so a random tower's features say where a patch is."""
+    spread = {}
+    for std in (None, 0.3):
+        tower = tiny_llava(vision_position_std=std)[0].model.vision_tower
+        spread[std] = tower.embeddings.position_embedding.weight.std().item()
+    assert abs(spread[None] - 0.02) < 0.005 and abs(spread[0.3] - 0.3) < 0.08

@@ -25,16 +25,17 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
 SHAPES = ("circle", "square", "triangle")
 JSONL_NAME = "image_pairs.jsonl"
 IMAGE_SUBDIR = "images"
+FIXED_COLOUR = "blue"  # the circles counted and the square placed: one colour, so only the layout varies
 SYSTEM = "You answer questions about a picture in one short sentence."
 
-Shape = tuple[str, str, int, int]  # (shape, colour name, centre x, centre y)
+Shape = tuple[str, str, int, int, int]  # (shape, colour name, centre x, centre y, radius)
 
 
-def draw(shapes: list[Shape], size: int, radius: int) -> Image.Image:
+def draw(shapes: list[Shape], size: int) -> Image.Image:
     """A white picture with each shape drawn at its centre."""
     img = Image.new("RGB", (size, size), (255, 255, 255))
     pen = ImageDraw.Draw(img)
-    for shape, colour, x, y in shapes:
+    for shape, colour, x, y, radius in shapes:
         box = (x - radius, y - radius, x + radius, y + radius)
         fill = COLOURS[colour]
         if shape == "circle":
@@ -46,48 +47,55 @@ def draw(shapes: list[Shape], size: int, radius: int) -> Image.Image:
     return img
 
 
-def _spot(rng: random.Random, size: int, radius: int, x_range: tuple[float, float] = (0.0, 1.0)) -> tuple[int, int]:
-    lo, hi = int(x_range[0] * size) + radius, int(x_range[1] * size) - radius - 1
-    return rng.randint(lo, max(lo, hi)), rng.randint(radius, size - radius - 1)
+Question = Callable[[random.Random, int, str, str], tuple[list[Shape], str, str, str]]
 
 
-Question = Callable[[random.Random, int, int, str, str], tuple[list[Shape], str, str, str]]
+def _jitter(rng: random.Random, size: int) -> int:
+    return rng.randint(-(size // 16), size // 16)
 
 
-def _colour_question(rng: random.Random, size: int, radius: int, colour: str, wrong: str):
+def _big_shape(rng: random.Random, size: int, shape: str, colour: str) -> Shape:
+    """One shape filling most of the picture (radius 3/8 of the side), near the centre."""
+    return shape, colour, size // 2 + _jitter(rng, size), size // 2 + _jitter(rng, size), 3 * size // 8
+
+
+def _colour_question(rng: random.Random, size: int, colour: str, wrong: str):
     shape = rng.choice(SHAPES)
-    return ([(shape, colour, *_spot(rng, size, radius))], "What colour is the shape?",
+    return ([_big_shape(rng, size, shape, colour)], "What colour is the shape?",
             f"The {shape} is {colour}.", f"The {shape} is {wrong}.")
 
 
-def _count_question(rng: random.Random, size: int, radius: int, right: str, wrong: str):
-    n = int(right)
-    colour = rng.choice(list(COLOURS))
-    cells = rng.sample([(cx, cy) for cx in range(3) for cy in range(3)], n + 1)  # no overlaps: one per cell
-    step = size // 3
-    shapes = [("circle", colour, cx * step + step // 2, cy * step + step // 2) for cx, cy in cells[:n]]
-    cx, cy = cells[n]
-    shapes.append(("square", rng.choice([c for c in COLOURS if c != colour]), cx * step + step // 2,
-                   cy * step + step // 2))
-    return shapes, "How many circles are there?", _circles(n), _circles(int(wrong))
+def _quadrant_centre(size: int, quadrant: int) -> tuple[int, int]:
+    return (quadrant % 2) * size // 2 + size // 4, (quadrant // 2) * size // 2 + size // 4
+
+
+def _nudged(rng: random.Random, size: int, quadrant: int) -> tuple[int, int]:
+    x, y = _quadrant_centre(size, quadrant)
+    return x + _jitter(rng, size) // 2, y + _jitter(rng, size) // 2
+
+
+def _count_question(rng: random.Random, size: int, right: str, wrong: str):
+    """``right`` circles (1 to 4) of one colour, one per quarter of the picture, in a random choice of quarters."""
+    shapes = [("circle", FIXED_COLOUR, *_nudged(rng, size, q), size // 4 - 1 - rng.randint(0, size // 16))
+              for q in rng.sample(range(4), int(right))]
+    return shapes, "How many circles are there?", _circles(int(right)), _circles(int(wrong))
 
 
 def _circles(k: int) -> str:
     return "There is 1 circle." if k == 1 else f"There are {k} circles."
 
 
-def _side_question(rng: random.Random, size: int, radius: int, side: str, wrong: str):
-    span = (0.0, 0.5) if side == "left" else (0.5, 1.0)
-    other = (0.5, 1.0) if side == "left" else (0.0, 0.5)
-    shapes = [("square", rng.choice(list(COLOURS)), *_spot(rng, size, radius, span)),
-              ("circle", rng.choice(list(COLOURS)), *_spot(rng, size, radius, other))]
+def _side_question(rng: random.Random, size: int, side: str, wrong: str):
+    """One square filling a quarter of the picture, in the left or the right half, high or low."""
+    x, y = _nudged(rng, size, rng.randrange(2) * 2 + (side == "right"))
+    shapes = [("square", FIXED_COLOUR, x, y, size // 4 - 1 - rng.randint(0, size // 16))]
     return shapes, "Is the square on the left or on the right?", f"The square is on the {side}.", \
         f"The square is on the {wrong}."
 
 
-def _shape_question(rng: random.Random, size: int, radius: int, shape: str, wrong: str):
+def _shape_question(rng: random.Random, size: int, shape: str, wrong: str):
     colour = rng.choice(list(COLOURS))
-    return ([(shape, colour, *_spot(rng, size, radius))], "What shape is in the picture?",
+    return ([_big_shape(rng, size, shape, colour)], "What shape is in the picture?",
             f"It is a {colour} {shape}.", f"It is a {colour} {wrong}.")
 
 
@@ -119,20 +127,19 @@ def image_demo_records(n: int, seed: int = 0, size: int = 64, kinds: tuple[str, 
     """``n`` (ms-swift record, picture) pairs, the question kinds (``kinds``, default all of ``QUESTIONS``) in
     turn; the record's ``images`` is filled in when written."""
     rng = random.Random(seed)
-    radius = max(3, size // 8)
     kinds = tuple(kinds or QUESTIONS)
     decks = {kind: _Deck(ANSWERS[kind], rng) for kind in kinds}
     out = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
-        shapes, question, right, wrong = QUESTIONS[kind](rng, size, radius, *decks[kind].draw())
+        shapes, question, right, wrong = QUESTIONS[kind](rng, size, *decks[kind].draw())
         record: dict[str, Any] = {"query": f"{IMAGE_PLACEHOLDER}\n{question}", "response": right,
                                   "rejected_response": wrong}
         if i % 5 == 1:
             record["system"] = SYSTEM
         if i % 7 == 3:  # a text-only earlier turn: the picture belongs to the last question
             record["history"] = [["I will show you a picture.", "Please do, I will look at it carefully."]]
-        out.append((record, draw(shapes, size, radius)))
+        out.append((record, draw(shapes, size)))
     return out
 
 
@@ -160,6 +167,19 @@ def blank_pictures(pairs_path: str | Path, blank_png: str | Path, size: int = 64
     return atomic_write_jsonl(pairs_path, rows)
 
 
+def image_demo_texts(path: str | Path) -> list[str]:
+    """Every text of a written set (questions, answers, system prompts, earlier turns), once each: the corpus of
+    a tokenizer that knows the set's words (so "yellow" is one token, not five)."""
+    texts: dict[str, None] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        for text in (row["query"].split("\n", 1)[-1], row["response"], row["rejected_response"], row.get("system"),
+                     *(turn for pair in row.get("history", []) for turn in pair)):
+            if text:
+                texts[text] = None
+    return list(texts)
+
+
 def describe(path: str | Path) -> dict[str, int]:
     """Records per question kind in a written set (for summaries and tests)."""
     counts: dict[str, int] = {}
@@ -170,4 +190,4 @@ def describe(path: str | Path) -> dict[str, int]:
 
 
 __all__ = ["write_image_demo", "image_demo_records", "draw", "COLOURS", "SHAPES", "QUESTIONS", "ANSWERS", "JSONL_NAME",
-           "blank_pictures"]
+           "blank_pictures", "image_demo_texts", "FIXED_COLOUR"]
