@@ -16,6 +16,7 @@ from humanalign.config.base import load_config
 from humanalign.config.data import PrepareDataConfig
 from humanalign.config.evaluation import EvalRMConfig
 from humanalign.config.rm import RewardModelConfig
+from humanalign.config.safe_mm_dpo import SafeMMDPOConfig
 from humanalign.data.image_demo import write_image_demo
 from humanalign.data.pairs import load_preference_pairs
 from humanalign.data.prepare import run as prepare
@@ -27,6 +28,7 @@ from humanalign.models.tiny_vision import build_tiny_vision_model
 from humanalign.models.vision_score import HEAD_FILE, HEAD_MARKER, load_vision_score_model
 from humanalign.trainers.reward import run as train_rm
 from humanalign.trainers.reward import train_score_model
+from humanalign.trainers.safe_mm_dpo import run as train_safe_mm_dpo
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +93,20 @@ def test_final_folder_reloads_with_the_same_scores_and_eval_rm_reports_them(trai
     report = eval_rm(EvalRMConfig(model=str(final), data=str(vision_run["val"]), batch_size=4))
     assert report["pairs"] == len(pairs)
     assert report["accuracy"] == pytest.approx(ev["eval/accuracy"])
+
+
+def test_safe_mm_dpo_takes_its_helpful_margins_from_the_vision_reward_model(trained, vision_run, tmp_path):
+    final = trained["summary"]["model"]
+    cfg = load_config(SafeMMDPOConfig, values={
+        "policy_model_path": str(vision_run["model"]), "helpful_rm_path": final, "harmless_rm_path": None,
+        "train_helpful_path": str(vision_run["train"]), "train_harmless_path": None, "val_helpful_path": None,
+        "val_harmless_path": None, "output_dir": str(tmp_path / "smd"), "max_length": 128, "batch_size": 4,
+        "max_steps": 1, "learning_rate": 1e-3, "save_steps": 100, "report_to": [], "progress_bar": False,
+        "seed": 0})
+    result = train_safe_mm_dpo(cfg)
+    assert result["steps"] == 1
+    helpful = json.dumps(result["margins"])
+    assert final in helpful or "helpful" in helpful
 
 
 def test_harmless_sign_term_trains_on_image_pairs(vision_run, tmp_path):
