@@ -105,8 +105,9 @@ def test_safe_mm_dpo_takes_its_helpful_margins_from_the_vision_reward_model(trai
         "seed": 0})
     result = train_safe_mm_dpo(cfg)
     assert result["steps"] == 1
-    helpful = json.dumps(result["margins"])
-    assert final in helpful or "helpful" in helpful
+    helpful = result["margins"]["helpful"]  # delta_h = r(chosen) - r(rejected), scored with the pictures
+    assert helpful["model"] == final and helpful["margins"]["n"] == result["pairs"]["train_helpful"] > 0
+    assert helpful["margins"]["nonfinite"] == 0 and helpful["margins"]["std"] > 0
 
 
 def test_harmless_sign_term_trains_on_image_pairs(vision_run, tmp_path):
