@@ -7,8 +7,8 @@ the ``AutoModelForImageTextToText`` (its inner ``model``: vision tower, projecto
 
 Saved folder (``save_vision_score_model``): the VLM as its own transformers folder (safetensors, ``config.json``
 with the ``humanalign_score`` block whose ``head`` is ``HEAD_MARKER``), the head in ``HEAD_FILE`` and the
-processor beside them. ``load_vision_score_model`` reloads it (``load_score_folder`` picks this loader or the
-text one for any score-model folder); LoRA adapters are merged into the saved weights.
+processor beside them. ``load_vision_score_model`` reloads it (``models.scorer.load_scorer`` picks it for such a
+folder; `train rm` for a vision-language base model); LoRA adapters are merged into the saved weights.
 """
 
 from __future__ import annotations
@@ -37,10 +37,9 @@ from humanalign.models.score_model import (
     ScoreModelOutput,
     ScoreNormalizer,
     _move_into_place,
-    load_score_model,
     read_score_config,
 )
-from humanalign.models.vision import describe_parts, is_vision_model, load_processor, load_vision_lm
+from humanalign.models.vision import describe_parts, load_processor, load_vision_lm
 
 HEAD_MARKER = "vision_last_attended_token"  # ``humanalign_score.head`` of a vision score model's config
 HEAD_FILE = "score_head.safetensors"  # the head's weight and bias (``score.weight`` (1, H), ``score.bias`` (1,))
@@ -64,14 +63,12 @@ class VisionScoreModel(nn.Module):
         if score_type not in SCORE_TYPES:
             raise UserError(f"unknown score type '{score_type}' (use 'reward' or 'cost')")
         self.model = vlm
-        dtype = next(vlm.parameters()).dtype
         self.score = head if head is not None else nn.Linear(hidden_size(vlm), 1, dtype=torch.float32)
         if head is None:  # a small start: the first scores sit near 0 whatever the hidden states' scale
             nn.init.normal_(self.score.weight, std=1.0 / (hidden_size(vlm) + 1))
             nn.init.zeros_(self.score.bias)
         self.score_type, self.score_offset = score_type, float(score_offset)
         self.normalizer = normalizer or ScoreNormalizer()
-        self.backbone_dtype = dtype
 
     @property
     def config(self):
@@ -171,17 +168,6 @@ def load_vision_score_model(
     return model, processor
 
 
-def load_score_folder(path: str, settings=None, lora=None, **kwargs):
-    """``load_score_model`` for text models, ``load_vision_score_model`` for vision-language ones (a saved vision
-    score model or a vision-language backbone): (model, tokenizer or processor)."""
-    if is_vision_model(path, settings):
-        keep = ("score_type", "normalizer", "allow_new_head", "trainable", "device", "freeze_vision_tower",
-                "freeze_projector")
-        return load_vision_score_model(path, settings, lora, **{k: v for k, v in kwargs.items() if k in keep})
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("freeze_vision_tower", "freeze_projector")}
-    return load_score_model(path, settings, lora, **kwargs)
-
-
 def save_vision_score_model(model: VisionScoreModel, processor, output_dir: str | Path,
                             normalizer_state: ScoreNormalizer | None = None, score_type: str | None = None,
                             extra: dict[str, Any] | None = None, state_dict: dict | None = None) -> Path:
@@ -217,4 +203,4 @@ def save_vision_score_model(model: VisionScoreModel, processor, output_dir: str 
 
 
 __all__ = ["HEAD_MARKER", "HEAD_FILE", "VisionScoreModel", "is_vision_score_dir", "load_vision_score_model",
-           "load_score_folder", "save_vision_score_model"]
+           "save_vision_score_model"]

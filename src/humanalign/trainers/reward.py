@@ -19,6 +19,11 @@ Harmless pairs without ``is_safe`` labels (hh-rlhf harmless-base, a generic file
 on the ordering alone: the sign terms are off for them, which the run says in one line. A pair whose safety
 labels contradict its order is rejected while reading (file, line, field).
 
+A vision-language base model (``models.vision.is_vision_model``) trains a ``VisionScoreModel``
+(``models.vision_score``: the VLM's hidden states + a scalar head, the vision tower frozen by default, LoRA on the
+language model) on pairs read with their images, tokenised and batched by the processor (``data.vision_pairs``,
+``VisionScoreCollator``); the forward is the plain one, and the model is saved as that module describes.
+
 The final model is a plain ``*ForSequenceClassification`` folder in ``<output_dir>/final``, as every trainer
 saves it, so ``AutoModelForSequenceClassification.from_pretrained(<output_dir>/final)`` loads it; a run folder
 stands for its ``final/`` model wherever a model is expected (``load_scorer(output_dir)``, the other commands'
