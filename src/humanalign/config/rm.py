@@ -26,6 +26,12 @@ class RewardModelConfig(TrainingConfig):
         "models/harmless_rm).",
     )
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    freeze_vision_tower: bool = Field(
+        True, description="Vision-language score model: keep the vision tower's weights fixed (under LoRA they always are)."
+    )
+    freeze_projector: bool = Field(
+        False, description="Vision-language score model: keep the image projector fixed (else it trains, also under LoRA)."
+    )
     train_helpful_path: str = Field("data/train/helpful_pairs.jsonl", description="Helpful pairs for training.")
     val_helpful_path: str | None = Field("data/val/helpful_pairs.jsonl", description="Helpful pairs for validation.")
     train_harmless_path: str = Field("data/train/harmless_pairs.jsonl", description="Harmless pairs for training.")

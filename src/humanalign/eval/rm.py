@@ -34,6 +34,7 @@ from humanalign.models import (
 from humanalign.models.calibration import costs_and_labels, sign_accuracies
 from humanalign.models.load import resolve_model_path
 from humanalign.models.score_model import CALIBRATION_KEY, read_score_config
+from humanalign.models.vision_score import HEAD_MARKER
 
 
 def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
@@ -149,15 +150,16 @@ def plot_histograms(path: str | Path, chosen: Sequence[float], rejected: Sequenc
     return path
 
 
-def _load_pairs(data: str, score_type: str):
+def _load_pairs(data: str, score_type: str, allow_images: bool = False):
     """Cost models read harmless pairs (with is_safe labels when the file has them); reward models read helpful
-    pairs, or harmless pairs when the file holds only those."""
+    pairs, or harmless pairs when the file holds only those. Pairs with images only for a vision-language score
+    model (``allow_images``); a text one refuses them."""
     if score_type == "cost":
-        return load_preference_pairs(data, kind="harmless")
-    pairs, skipped = load_preference_pairs(data, kind="helpful", allow_empty=True)
+        return load_preference_pairs(data, kind="harmless", allow_images=allow_images)
+    pairs, skipped = load_preference_pairs(data, kind="helpful", allow_empty=True, allow_images=allow_images)
     if pairs:
         return pairs, skipped
-    return load_preference_pairs(data, kind="harmless")
+    return load_preference_pairs(data, kind="harmless", allow_images=allow_images)
 
 
 def _report_paths(output: str | None) -> tuple[Path | None, Path | None]:
@@ -182,7 +184,7 @@ def run(cfg) -> dict[str, Any]:
 
     # the data is read first (its mistakes surface before a model loads); the saved score type picks the pair kind
     block = read_score_config(resolve_model_path(cfg.model)) or {}
-    pairs, skipped = _load_pairs(cfg.data, block.get("score_type", "reward"))
+    pairs, skipped = _load_pairs(cfg.data, block.get("score_type", "reward"), block.get("head") == HEAD_MARKER)
     scorer = scorer_module.load_scorer(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length,
                          settings=getattr(cfg, "model_settings", None))
     print(f"[eval rm] {len(pairs)} pairs from {cfg.data} ({sum(skipped.values())} skipped); "

@@ -26,8 +26,11 @@ from tqdm.auto import tqdm
 
 from humanalign.data.records import Message, prompt_from_jsonable
 from humanalign.data.tokenize import TruncationStats, pad_sequences, render_prompt
+from humanalign.data.vision_collate import VisionPairCollator, tokenize_vision_pair
+from humanalign.errors import UserError
 from humanalign.models.load import resolve_model_path
 from humanalign.models.score_model import ScoreModel, encode_score_input, load_score_model, read_score_config
+from humanalign.models.vision_score import VisionScoreModel, is_vision_score_dir, load_vision_score_model
 from humanalign.paths import cache_dir
 
 DEFAULT_MAX_LENGTH = 512
@@ -165,19 +168,76 @@ class Scorer:
         return scores[: len(pairs)], scores[len(pairs) :]
 
 
+class VisionScorer:
+    """Scores preference pairs with images with a ``VisionScoreModel``: each pair tokenised by the model's
+    processor exactly as `train rm` tokenised it (``tokenize_vision_pair``), batched by ``VisionPairCollator``.
+    Scores are not cached on disk (the cache keys hold no images). A pair that cannot be tokenised (its prompt
+    alone reaches ``max_length``) scores NaN, counted in ``skipped``."""
+
+    def __init__(self, model: VisionScoreModel, processor, device: torch.device | str | None = None,
+                 batch_size: int = 8, max_length: int = DEFAULT_MAX_LENGTH, normalize: bool = False):
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model, self.processor = model.to(self.device).eval(), processor
+        self.batch_size, self.max_length, self.normalize = int(batch_size), int(max_length), bool(normalize)
+        self.max_prompt_length = None  # the prompt (with its image tokens) is never cut
+        self.stats = TruncationStats()
+        self.skipped: dict[str, int] = {}
+        self.fingerprint = None
+        self.forward_calls = 0
+
+    @property
+    def score_type(self) -> str:
+        return self.model.score_type
+
+    def score(self, prompts, responses, batch_size=None) -> list[float]:
+        raise UserError("a vision-language score model scores preference pairs (with their images), not loose "
+                        "(prompt, response) texts")
+
+    @torch.inference_mode()
+    def score_pairs(self, pairs: Sequence[Any], batch_size: int | None = None) -> tuple[list[float], list[float]]:
+        """(chosen scores, rejected scores) of preference pairs with their images, in input order."""
+        batch_size = int(batch_size or self.batch_size)
+        collate = VisionPairCollator(self.processor.tokenizer.pad_token_id)
+        chosen, rejected = [float("nan")] * len(pairs), [float("nan")] * len(pairs)
+        examples = []
+        for i, pair in enumerate(pairs):
+            out = tokenize_vision_pair(pair, self.processor, self.max_length)
+            if isinstance(out, str):
+                self.skipped[out] = self.skipped.get(out, 0) + 1
+            else:
+                examples.append((i, out))
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            batch = collate([e for _, e in chunk])
+            batch.pop("labels", None)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            end = self.model(normalize=self.normalize, **batch).end_scores.float().cpu().tolist()  # (2B,)
+            self.forward_calls += 1
+            for k, (i, _) in enumerate(chunk):
+                chosen[i], rejected[i] = end[k], end[len(chunk) + k]
+        return chosen, rejected
+
+
 def load_scorer(model_dir: str, device: torch.device | str | None = None, batch_size: int = 32,
                 max_length: int | None = None, max_prompt_length: int | None = None, normalize: bool = False,
-                settings=None, progress: bool = True) -> Scorer:
-    """A ``Scorer`` for a saved score model (folder or preset name; a bare backbone is refused).
+                settings=None, progress: bool = True) -> Scorer | VisionScorer:
+    """A ``Scorer`` for a saved score model (folder or preset name; a bare backbone is refused); a
+    ``VisionScorer`` for a vision-language one (``models.vision_score``).
 
     ``max_length`` / ``max_prompt_length`` default to the values the model was trained with (when its
     config records them), else 512 and half of it. ``device`` defaults to CUDA when available; the dtype comes
     from ``settings.dtype`` (auto: bf16 on a GPU that supports it, fp32 on the CPU: the model only scores).
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_score_model(model_dir, settings, allow_new_head=False, device=device, trainable=False)
     local = Path(str(resolve_model_path(model_dir)))
     block = read_score_config(local) or {}
+    if is_vision_score_dir(local):
+        vision_model, processor = load_vision_score_model(model_dir, settings, allow_new_head=False, device=device,
+                                                          trainable=False)
+        return VisionScorer(vision_model, processor, device=device, batch_size=batch_size,
+                            max_length=max_length or int(block.get("max_length") or DEFAULT_MAX_LENGTH),
+                            normalize=normalize)
+    model, tokenizer = load_score_model(model_dir, settings, allow_new_head=False, device=device, trainable=False)
     if max_length is None:
         max_length = int(block.get("max_length") or DEFAULT_MAX_LENGTH)
         if max_prompt_length is None and block.get("max_prompt_length"):
@@ -254,11 +314,14 @@ def cached_score(scorer: Scorer, prompts: Sequence[PromptLike], responses: Seque
 
 def cached_score_pairs(scorer: Scorer, pairs: Sequence[Any],
                        cache_root: str | Path | None = None) -> tuple[list[float], list[float]]:
-    """(chosen scores, rejected scores) of preference pairs, through the disk cache."""
+    """(chosen scores, rejected scores) of preference pairs, through the disk cache (a ``VisionScorer``
+    scores them uncached: the cache keys hold no images)."""
+    if isinstance(scorer, VisionScorer):
+        return scorer.score_pairs(pairs)
     prompts = [p.prompt for p in pairs]
     scores = cached_score(scorer, prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs],
                           cache_root)
     return scores[: len(pairs)], scores[len(pairs) :]
 
 
-__all__ = ["Scorer", "load_scorer", "model_fingerprint", "ScoreCache", "cached_score", "cached_score_pairs"]
+__all__ = ["Scorer", "VisionScorer", "load_scorer", "model_fingerprint", "ScoreCache", "cached_score", "cached_score_pairs"]

@@ -19,6 +19,11 @@ Harmless pairs without ``is_safe`` labels (hh-rlhf harmless-base, a generic file
 on the ordering alone: the sign terms are off for them, which the run says in one line. A pair whose safety
 labels contradict its order is rejected while reading (file, line, field).
 
+A vision-language base model (``models.vision.is_vision_model``) trains a ``VisionScoreModel``
+(``models.vision_score``: the VLM's hidden states + a scalar head, the vision tower frozen by default, LoRA on the
+language model) on pairs read with their images, tokenised and batched by the processor (``data.vision_pairs``,
+``VisionScoreCollator``); the forward is the plain one, and the model is saved as that module describes.
+
 The final model is a plain ``*ForSequenceClassification`` folder in ``<output_dir>/final``, as every trainer
 saves it, so ``AutoModelForSequenceClassification.from_pretrained(<output_dir>/final)`` loads it; a run folder
 stands for its ``final/`` model wherever a model is expected (``load_scorer(output_dir)``, the other commands'
@@ -50,6 +55,8 @@ from humanalign.data.records import PreferencePair
 from humanalign.data.score_pairs import count_labelled, load_pairs, pair_length
 from humanalign.data.score_rows import SHARED_ROWS_KEY, ScorePairCollator
 from humanalign.data.tokenize import CHATML_TEMPLATE, TruncationStats
+from humanalign.data.vision_collate import VisionPairCollator
+from humanalign.data.vision_pairs import build_vision_pair_dataset
 from humanalign.engine import Engine
 from humanalign.engine import checkpoint as ckpt
 from humanalign.engine.data import EncodedDataset
@@ -74,10 +81,13 @@ from humanalign.models.score_model import (
     score_param_groups,
 )
 from humanalign.models.scorer import _position_limit
+from humanalign.models.vision import is_vision_model
+from humanalign.models.vision_score import VisionScoreModel, load_vision_score_model, save_vision_score_model
 
 NAME = "rm"
 FINAL_METRICS_FILE = "final_metrics.json"
 NORMALIZER_STATE = "score_normalizer"
+IMAGE_INPUTS = "image_inputs"  # a vision batch's processor outputs besides input_ids / attention_mask
 UNKNOWN_LABEL = -1.0  # is_*_safe of a response without a label (the cost losses skip its sign term)
 # train metrics of the loss functions that are logged (min/max of a micro-batch average into nothing useful)
 REWARD_METRICS = ("accuracy", "margin", "reward_chosen", "reward_rejected", "reward_mean")
@@ -185,6 +195,69 @@ def prepare_score_data(
     return ScoreData(train=encoded["train"], val=encoded["val"], labelled_train=labelled, stats=stats)
 
 
+class VisionScoreCollator:
+    """Vision pair features -> a ``VisionPairCollator`` batch (2B rows, chosen first, pixel values repeated for
+    the rejected rows; processor outputs under ``IMAGE_INPUTS``) plus the loss's ``margin`` / ``is_*_safe``."""
+
+    def __init__(self, pad_token_id: int):
+        self.rows = VisionPairCollator(pad_token_id)
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        rows = self.rows([f["example"] for f in features])
+        batch: dict[str, Any] = {"input_ids": rows.pop("input_ids"), "attention_mask": rows.pop("attention_mask")}
+        rows.pop("labels", None)
+        batch[IMAGE_INPUTS] = rows
+        for key in ("margin", "is_chosen_safe", "is_rejected_safe"):
+            if key in features[0]:
+                batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32)  # (B,)
+        return batch
+
+
+def vision_pair_length(feature: dict[str, Any]) -> int:
+    example = feature["example"]
+    return max(len(example.chosen["input_ids"]), len(example.rejected["input_ids"]))
+
+
+def prepare_vision_score_data(
+    cfg: RewardModelConfig, processor, *, train_pairs: Sequence[PreferencePair],
+    val_pairs: Sequence[PreferencePair], skipped: dict[str, Counter[str]], sources: dict[str, str],
+    say: Callable[[str], None],
+) -> ScoreData:
+    """Both splits tokenised by the processor (``data.vision_pairs``: image tokens expanded, answers cut at
+    ``max_length``, the prompt never), each feature the pair's example plus its margin / safety labels."""
+    with_margin = cfg.task == "helpful" and cfg.use_margin and any(p.margin is not None for p in train_pairs)
+    stats: dict[str, Any] = {"task": cfg.task, "max_length": cfg.max_length, "vision": True}
+    encoded: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
+    for split, pairs in (("train", train_pairs), ("val", val_pairs)):
+        if not pairs:
+            continue
+        dataset, more = build_vision_pair_dataset(pairs, processor, cfg.max_length)
+        for example, pair in zip(dataset.examples, dataset.pairs):
+            feature: dict[str, Any] = {"example": example}
+            if with_margin:
+                feature["margin"] = float(pair.margin or 0.0)
+            if cfg.task == "harmless":
+                feature["is_chosen_safe"] = _label_value(getattr(pair, "is_chosen_safe", None))
+                feature["is_rejected_safe"] = _label_value(getattr(pair, "is_rejected_safe", None))
+            encoded[split].append(feature)
+        all_skipped = Counter(skipped.get(split, {})) + more
+        stats[split] = {"source": sources.get(split, ""), "pairs": len(pairs), "examples": len(encoded[split]),
+                        "images": dataset.images, "skipped": dict(all_skipped)}
+        say(f"[{NAME}] {split}: {sources.get(split, '')}: {len(pairs):,} {cfg.task} pairs ({dataset.images:,} with "
+            f"images) -> {len(encoded[split]):,} examples")
+        if all_skipped:
+            say(f"[{NAME}] {split} skipped: " + ", ".join(f"{k}: {v}" for k, v in all_skipped.most_common()))
+    if not encoded["train"]:
+        raise UserError(f"{sources.get('train', 'training data')}: no pair left to train on after tokenisation "
+                        f"(max_length {cfg.max_length}); raise max_length")
+    labelled = count_labelled(train_pairs) if cfg.task == "harmless" else 0
+    if cfg.task == "harmless":
+        note = safety_label_note(train_pairs, sources.get("train", "training data"), cfg.use_sign_terms)
+        if note:
+            say(note)
+    return ScoreData(train=encoded["train"], val=encoded["val"], labelled_train=labelled, stats=stats)
+
+
 # ----------------------------------------------------------------------------------------------- loss
 
 
@@ -222,9 +295,10 @@ def score_pair_loss(output, batch: dict[str, Any], settings: LossSettings) -> Sc
 
 def forward_scores(model, batch: dict[str, Any]):
     """The score model's output on a pair batch: from its shared-prompt rows when the collator built them
-    (``ScorePairCollator``; end scores only), else the plain forward of its (2B, T) rows."""
+    (``ScorePairCollator``; end scores only), else the plain forward of its (2B, T) rows (with their pixel
+    values for a vision-language model: ``VisionScoreCollator``)."""
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 shared_rows=batch.get(SHARED_ROWS_KEY))
+                 shared_rows=batch.get(SHARED_ROWS_KEY), **batch.get(IMAGE_INPUTS, {}))
 
 
 @torch.no_grad()
@@ -362,6 +436,9 @@ def effective_lengths(cfg: RewardModelConfig, score_model, tokenizer, say: Calla
 
 
 def check_backbone(cfg: RewardModelConfig, score_model) -> None:
+    if cfg.loss_granularity == "token" and score_model.layout == "vision":
+        raise ConfigError("loss_granularity: token is not supported for a vision-language score model yet; "
+                          "use sequence")
     if cfg.loss_granularity == "token" and score_model.layout != "decoder":
         raise ConfigError("loss_granularity: token needs a decoder backbone (a causal LM scores every token); "
                           f"{cfg.base_model_path} is an encoder that scores its first token: use sequence")
@@ -405,6 +482,37 @@ class ScoreModelTrainer:
                  val_pairs: Sequence[PreferencePair], skipped: dict[str, Counter[str]], sources: dict[str, str]):
         self.cfg, self.engine = cfg, engine
         self.normalizer = ScoreNormalizer(cfg.normalizer, cfg.normalizer_momentum)
+        self.vision = is_vision_model(cfg.base_model_path, cfg.model)
+        score_model, collate, length_of = (self._vision_model_and_data if self.vision else self._text_model_and_data)(
+            train_pairs, val_pairs, skipped, sources)
+        if engine.is_main_process:
+            atomic_write_json(engine.run_dir / "data_stats.json", self.data.stats)
+        trainable, total = count_parameters(score_model)
+        engine.print(f"[{NAME}] {cfg.score_type} model on {cfg.base_model_path} ({score_model.layout}): "
+                     f"{trainable:,} of {total:,} parameters trained" + (" (LoRA)" if cfg.lora.enabled else "")
+                     + f", {cfg.loss_granularity}-wise loss")
+        if self.vision:
+            engine.print(f"[{NAME}] vision-language score model, trainable: {score_model.describe()} (images: the "
+                         "shared-prompt fast path does not apply)")
+        self.settings = LossSettings(
+            task=cfg.task, granularity=cfg.loss_granularity, regularization=cfg.regularization,
+            center_coef=cfg.center_rewards_coefficient, use_margin=cfg.use_margin,
+            use_sign_terms=cfg.use_sign_terms and (cfg.task == "helpful" or self.data.labelled_train > 0))
+        self.metric_keys = REWARD_METRICS if cfg.task == "helpful" else COST_METRICS
+        train_set = EncodedDataset(self.data.train, length_of)
+        self.train_loader = engine.train_loader(train_set, collate, lengths=train_set.lengths())
+        self.eval_loader = None
+        if self.data.val:
+            val_set = EncodedDataset(self.data.val, length_of)
+            self.eval_loader = engine.eval_loader(val_set, collate, lengths=val_set.lengths())
+        engine.register_state(NORMALIZER_STATE, NormalizerState(self.normalizer))
+        self.model, _, _ = engine.prepare(score_model, self.train_loader, groups=score_groups(cfg, score_model))
+        self.pair_forward = pick_pair_layout(cfg, engine, self.model, score_model, collate, self.data.train)
+        self.eval_seconds = self.eval_cpu = 0.0  # wall and process CPU time spent evaluating
+
+    def _text_model_and_data(self, train_pairs, val_pairs, skipped, sources):
+        """A text score model (``load_score_model``) and its pairs encoded as ``Scorer`` encodes them."""
+        cfg, engine = self.cfg, self.engine
         score_model, self.tokenizer = load_score_model(cfg.base_model_path, cfg.model, cfg.lora,
                                                        score_type=cfg.score_type, normalizer=self.normalizer)
         check_backbone(cfg, score_model)
@@ -414,28 +522,21 @@ class ScoreModelTrainer:
                                        max_length=self.max_length, max_prompt_length=self.max_prompt_length,
                                        train_pairs=train_pairs, val_pairs=val_pairs, skipped=skipped,
                                        sources=sources, say=engine.print)
-        if engine.is_main_process:
-            atomic_write_json(engine.run_dir / "data_stats.json", self.data.stats)
-        trainable, total = count_parameters(score_model)
-        engine.print(f"[{NAME}] {cfg.score_type} model on {cfg.base_model_path} ({score_model.layout}): "
-                     f"{trainable:,} of {total:,} parameters trained" + (" (LoRA)" if cfg.lora.enabled else "")
-                     + f", {cfg.loss_granularity}-wise loss")
-        self.settings = LossSettings(
-            task=cfg.task, granularity=cfg.loss_granularity, regularization=cfg.regularization,
-            center_coef=cfg.center_rewards_coefficient, use_margin=cfg.use_margin,
-            use_sign_terms=cfg.use_sign_terms and (cfg.task == "helpful" or self.data.labelled_train > 0))
-        self.metric_keys = REWARD_METRICS if cfg.task == "helpful" else COST_METRICS
-        collate = ScorePairCollator(score_model.pad_token_id)  # shared rows: turned on by pick_pair_layout
-        train_set = EncodedDataset(self.data.train, pair_length)
-        self.train_loader = engine.train_loader(train_set, collate, lengths=train_set.lengths())
-        self.eval_loader = None
-        if self.data.val:
-            val_set = EncodedDataset(self.data.val, pair_length)
-            self.eval_loader = engine.eval_loader(val_set, collate, lengths=val_set.lengths())
-        engine.register_state(NORMALIZER_STATE, NormalizerState(self.normalizer))
-        self.model, _, _ = engine.prepare(score_model, self.train_loader, groups=score_groups(cfg, score_model))
-        self.pair_forward = pick_pair_layout(cfg, engine, self.model, score_model, collate, self.data.train)
-        self.eval_seconds = self.eval_cpu = 0.0  # wall and process CPU time spent evaluating
+        # shared rows: turned on by pick_pair_layout
+        return score_model, ScorePairCollator(score_model.pad_token_id), pair_length
+
+    def _vision_model_and_data(self, train_pairs, val_pairs, skipped, sources):
+        """A vision-language score model (``models.vision_score``: frozen tower, LoRA on the language model)
+        and its pairs tokenised with their images by the processor (saved as ``self.tokenizer``)."""
+        cfg = self.cfg
+        score_model, self.tokenizer = load_vision_score_model(
+            cfg.base_model_path, cfg.model, cfg.lora, score_type=cfg.score_type, normalizer=self.normalizer,
+            freeze_vision_tower=cfg.freeze_vision_tower, freeze_projector=cfg.freeze_projector)
+        check_backbone(cfg, score_model)
+        self.max_length, self.max_prompt_length = cfg.max_length, cfg.max_length  # the prompt is never cut
+        self.data = prepare_vision_score_data(cfg, self.tokenizer, train_pairs=train_pairs, val_pairs=val_pairs,
+                                              skipped=skipped, sources=sources, say=self.engine.print)
+        return score_model, VisionScoreCollator(self.tokenizer.tokenizer.pad_token_id), vision_pair_length
 
     def step(self, batch: dict[str, Any]) -> None:
         """Forward, loss and backward of one micro-batch; the normaliser learns from its end scores."""
@@ -485,6 +586,10 @@ class ScoreModelTrainer:
         extra = {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length, "task": cfg.task,
                  "loss_granularity": cfg.loss_granularity, "base_model": cfg.base_model_path}
         kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+        if isinstance(unwrapped, VisionScoreModel):
+            save_vision_score_model(unwrapped, self.tokenizer, folder, normalizer_state=self.normalizer,
+                                    score_type=cfg.score_type, extra=extra, **kwargs)
+            return
         save_score_model(unwrapped, self.tokenizer, folder, normalizer_state=self.normalizer,
                          score_type=cfg.score_type, extra=extra, **kwargs)
 
@@ -543,7 +648,7 @@ class ScoreModelTrainer:
         cfg, engine, harmless = self.cfg, self.engine, self.cfg.task == "harmless"
         return {
             "task": cfg.task, "score_type": cfg.score_type, "base_model": cfg.base_model_path,
-            "steps": engine.step, "pair_forward": self.pair_forward, "train_pairs": len(self.data.train), "val_pairs": len(self.data.val),
+            "steps": engine.step, "pair_forward": self.pair_forward, "vision": self.vision, "train_pairs": len(self.data.train), "val_pairs": len(self.data.val),
             "labelled_train_pairs": self.data.labelled_train if harmless else None,
             "sign_terms": self.settings.use_sign_terms if harmless else None,
             "max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
@@ -599,10 +704,11 @@ def calibration_line(block: dict[str, Any]) -> str:
 
 def run(cfg: RewardModelConfig) -> dict[str, Any]:
     """`humanalign train rm`: read the task's train/val pairs, train, save the score model in output_dir/final."""
-    train_pairs, train_skipped = load_pairs(cfg, cfg.train_path, cfg.max_train_samples)
+    images = is_vision_model(cfg.base_model_path, cfg.model)  # a vision-language score model reads image pairs
+    train_pairs, train_skipped = load_pairs(cfg, cfg.train_path, cfg.max_train_samples, allow_images=images)
     val_pairs, val_skipped = [], Counter()
     if cfg.val_path:
-        val_pairs, val_skipped = load_pairs(cfg, cfg.val_path, cfg.max_eval_samples)
+        val_pairs, val_skipped = load_pairs(cfg, cfg.val_path, cfg.max_eval_samples, allow_images=images)
     sources = {"train": cfg.train_path, "val": cfg.val_path or ""}
     return train_score_model(cfg, train_pairs, val_pairs, skipped={"train": train_skipped, "val": val_skipped},
                              sources=sources)
