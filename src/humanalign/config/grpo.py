@@ -8,6 +8,8 @@ The rollout's sequences are trained on for ``update_iters`` passes in micro-batc
 steps; ``max_steps`` and ``save_steps`` count those steps and are rounded to whole rollouts.
 
 TRL's names are accepted as aliases (``num_iterations``, ``epsilon``, ``max_completion_length``...).
+The keys shared with the other online RL command (models, scores, prompts, sampling, rollout size, dual
+ascent) are in ``config/online_rl.py``; the ones redefined here differ in default, alias or description.
 """
 
 from __future__ import annotations

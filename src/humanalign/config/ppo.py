@@ -7,6 +7,8 @@ rollout's sequences are then trained on for ``update_iters`` passes in micro-bat
 optimizer steps; ``max_steps`` and ``save_steps`` count those steps and are rounded to whole rollouts.
 
 Safe RLHF's names are accepted as aliases (``policy_model_path``, ``gae_lambda``, ``threshold``...).
+The keys shared with the other online RL command (models, scores, prompts, sampling, rollout size, dual
+ascent) are in ``config/online_rl.py``; the ones redefined here differ in default, alias or description.
 """
 
 from __future__ import annotations
