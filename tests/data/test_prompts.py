@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from humanalign.config.ppo import PPOConfig
 from humanalign.data.prompts import (
     PtxStream,
+    encode_prompts,
+    load_online_prompts,
     load_prompts,
     load_ptx_examples,
     prompt_hash,
@@ -20,6 +23,7 @@ from humanalign.data.prompts import (
 )
 from humanalign.engine.data import StepBatchSampler
 from humanalign.errors import RecordError
+from humanalign.models.load import load_tokenizer
 
 
 def test_read_prompts_counts_duplicates_and_names_bad_lines(tmp_path):
@@ -136,6 +140,21 @@ def test_load_prompts_merges_files_and_keeps_each_prompt_once(tmp_path):
     assert prompts == [[{"role": "user", "content": "say good"}], [{"role": "user", "content": "x"}]]
     assert notes and "2 duplicate prompts" in notes[0]
     assert load_prompts(str(a), max_prompts=1, log=notes.append) == prompts[:1]
+
+
+def test_load_online_prompts_reads_encodes_and_holds_out(tmp_path):
+    train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text('{"prompt": "a b c d e f g h"}\n{"prompt": "x"}\n{"prompt": "x"}\n{"prompt": "y"}\n')
+    held.write_text('{"prompt": "p"}\n{"prompt": "q"}\n')
+    tokenizer, notes = load_tokenizer("tiny"), []
+    cfg = PPOConfig(reward_fn="m:f", prompts_path=str(train), max_prompts=2, max_prompt_length=8)
+    prompts, ids, held_out = load_online_prompts(cfg, tokenizer, notes.append, "ppo")
+    assert prompts == load_prompts(str(train), 2, log=notes.append)
+    assert [p[0]["content"] for p in prompts] == ["a b c d e f g h", "x"]  # the duplicate skipped, then cut at 2
+    assert ids == encode_prompts(tokenizer, prompts, 8, notes.append, "ppo") and max(map(len, ids)) <= 8
+    assert held_out == []  # no eval_prompts_path
+    cfg = cfg.model_copy(update={"eval_prompts_path": str(held), "eval_max_prompts": 1})
+    assert [p[0]["content"] for p in load_online_prompts(cfg, tokenizer, notes.append, "ppo")[2]] == ["p"]
 
 
 def _stream(examples, seed: int) -> PtxStream:

@@ -8,6 +8,8 @@ The rollout's sequences are trained on for ``update_iters`` passes in micro-batc
 steps; ``max_steps`` and ``save_steps`` count those steps and are rounded to whole rollouts.
 
 TRL's names are accepted as aliases (``num_iterations``, ``epsilon``, ``max_completion_length``...).
+The keys shared with the other online RL command (models, scores, prompts, sampling, rollout size, dual
+ascent) are in ``config/online_rl.py``; the ones redefined here differ in default, alias or description.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, model_validator
 
 from humanalign.config.base import ConfigBase
-from humanalign.config.training import TrainingConfig
+from humanalign.config.online_rl import LagrangianFields, OnlineRLConfig
 
 
 class WeightedScoreFn(ConfigBase):
@@ -28,23 +30,14 @@ class WeightedScoreFn(ConfigBase):
     weight: float = Field(1.0, description="Weight of this function's score in the total.")
 
 
-class GRPOConfig(TrainingConfig):
+class GRPOConfig(OnlineRLConfig):
     """GRPO on prompt-only data: rewards from a reward model, Python functions, or a weighted sum of them."""
 
-    actor_model_path: str = Field(
-        "tiny", validation_alias=AliasChoices("actor_model_path", "policy_model_path", "model_name_or_path"),
-        description="Policy to train (usually the SFT model): folder, hub name or preset.",
-    )
     ref_model_path: str | None = Field(
         None, description="Frozen reference for the KL term (default: the actor's start; with LoRA the actor with "
         "its adapter disabled, no second copy). Not loaded when beta is 0."
     )
-    reward_model_path: str | None = Field(
-        None, description="Reward score model (`humanalign train rm`); it reads the decoded text with its own tokenizer."
-    )
     reward_model_weight: float = Field(1.0, description="Weight of the reward model's score in the total reward.")
-    reward_fn: str | None = Field(None, description="Python reward 'module:function' (see humanalign.rewards).")
-    reward_fn_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for reward_fn.")
     reward_fn_weight: float = Field(1.0, description="Weight of reward_fn's score in the total reward.")
     more_reward_fns: list[WeightedScoreFn] = Field(
         default_factory=list, description="Further weighted reward functions, added to the total."
@@ -52,33 +45,13 @@ class GRPOConfig(TrainingConfig):
     cost_model_path: str | None = Field(
         None, description="Cost score model (cost > 0 = unsafe). In plain GRPO it is only scored and logged."
     )
-    cost_fn: str | None = Field(None, description="Python cost 'module:function' (added to the cost model's score).")
-    cost_fn_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for cost_fn.")
     output_dir: str = Field("models/grpo", description="Run folder; the final policy is saved in final/.")
     learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate.")
-    epochs: float = Field(
-        1, gt=0, validation_alias=AliasChoices("epochs", "num_train_epochs"),
-        description="Passes over the prompts (rounded up to whole rollouts; max_steps overrides).",
-    )
-    metric_for_best_model: str = Field("eval/reward", description="Eval metric that picks the best checkpoint.")
-    greater_is_better: bool = Field(True, description="Whether a larger metric_for_best_model is better.")
-
-    prompts_path: str | list[str] = Field(
-        "data/train/helpful_pairs.jsonl", validation_alias=AliasChoices("prompts_path", "train_path", "train_prompts_path"),
-        description="Prompt file(s): any records with a 'prompt' (string or messages); duplicates are skipped.",
-    )
-    max_prompts: int | None = Field(None, ge=1, description="Use at most this many prompts (after deduplication).")
-    eval_prompts_path: str | None = Field(None, description="Held-out prompts answered and scored at each evaluation.")
-    eval_max_prompts: int = Field(64, ge=1, description="Prompts used per evaluation.")
 
     num_generations: int = Field(
         4, ge=2, validation_alias=AliasChoices("num_generations", "num_return_sequences", "group_size"),
         description="Answers sampled per prompt (the group G whose scores are the baseline).",
     )
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts (1: off).")
-    top_k: int = Field(0, ge=0, description="Top-k sampling of the rollouts (0: off).")
-    repetition_penalty: float = Field(1.0, gt=0, description="Repetition penalty of the rollouts (1: off).")
     max_new_tokens: int = Field(
         128, ge=1, validation_alias=AliasChoices("max_new_tokens", "max_completion_length"),
         description="Longest answer (Dr. GRPO's constant normaliser); prompt + answer must fit in max_length.",
@@ -86,12 +59,6 @@ class GRPOConfig(TrainingConfig):
     rollout_batch_size: int = Field(
         8, ge=1, validation_alias=AliasChoices("rollout_batch_size", "per_device_prompt_batch_size"),
         description="Prompts per process per rollout (each answered num_generations times).",
-    )
-    generation_batch_size: int | None = Field(
-        None, ge=1, description="Prompts generated at once (default: the whole rollout); lower it to save memory."
-    )
-    forward_batch_size: int | None = Field(
-        None, ge=1, description="Sequences per no-grad forward when scoring a rollout (default: batch_size)."
     )
     update_iters: int = Field(
         1, ge=1, validation_alias=AliasChoices("update_iters", "num_iterations"),
@@ -119,15 +86,6 @@ class GRPOConfig(TrainingConfig):
         0.04, ge=0, validation_alias=AliasChoices("beta", "kl_coeff"),
         description="Weight of the per-token k3 KL(pi || ref) in the loss (0: no reference model is loaded).",
     )
-    disable_dropout: bool = Field(True, description="Turn dropout off (ratios start at exactly 1).")
-
-    @property
-    def uses_cost(self) -> bool:
-        return bool(self.cost_model_path or self.cost_fn)
-
-    @property
-    def is_lagrangian(self) -> bool:
-        return False
 
     @property
     def sequences_per_rollout(self) -> int:
@@ -137,33 +95,16 @@ class GRPOConfig(TrainingConfig):
     def _check_grpo(self):
         if not (self.reward_model_path or self.reward_fn or self.more_reward_fns):
             raise ValueError("set reward_model_path, reward_fn or more_reward_fns")
-        if self.max_prompt_length + self.max_new_tokens > self.max_length:
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) + max_new_tokens ({self.max_new_tokens}) "
-                             f"must fit in max_length ({self.max_length})")
-        per_step = self.batch_size * self.gradient_accumulation_steps
-        if self.sequences_per_rollout % per_step:
-            raise ValueError(
-                f"a rollout's {self.sequences_per_rollout} sequences (rollout_batch_size x num_generations) must "
-                f"split into whole optimizer steps of batch_size x gradient_accumulation_steps = {per_step}"
-            )
+        self._check_rollout_shape("num_generations")
         return self
 
 
-class GRPOLagConfig(GRPOConfig):
+class GRPOLagConfig(LagrangianFields, GRPOConfig):
     """GRPO-Lagrangian: maximise the reward subject to E[cost] <= cost_threshold, with group-normalised reward and
     cost advantages combined as (A_r - lambda A_c) / (1 + lambda)."""
 
     output_dir: str = Field("models/grpo_lag", description="Run folder; the final policy is saved in final/.")
-    cost_threshold: float = Field(
-        0.0, validation_alias=AliasChoices("cost_threshold", "threshold", "d"),
-        description="Constraint J_c <= d on the rollout's mean cost (cost <= 0 means safe).",
-    )
-    lambda_init: float = Field(1.0, gt=0, description="Starting Lagrange multiplier.")
     lambda_lr: float = Field(0.1, ge=0, description="Step size of log-lambda's ascent (as PPO-Lagrangian).")
-    lambda_max: float | None = Field(10.0, gt=0, description="Cap on lambda (null: none).")
-    lambda_update_delay_steps: int = Field(
-        0, ge=0, description="No lambda update before this optimizer step (costs are still measured)."
-    )
 
     @property
     def is_lagrangian(self) -> bool:
@@ -171,10 +112,7 @@ class GRPOLagConfig(GRPOConfig):
 
     @model_validator(mode="after")
     def _check_cost(self):
-        if not self.uses_cost:
-            raise ValueError("grpo-lag needs cost_model_path, cost_fn, or both")
-        if self.lambda_max is not None and self.lambda_init > self.lambda_max:
-            raise ValueError(f"lambda_init ({self.lambda_init}) is above lambda_max ({self.lambda_max})")
+        self._check_lagrangian("grpo-lag", self.uses_cost)
         return self
 
 

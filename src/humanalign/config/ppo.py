@@ -7,16 +7,18 @@ rollout's sequences are then trained on for ``update_iters`` passes in micro-bat
 optimizer steps; ``max_steps`` and ``save_steps`` count those steps and are rounded to whole rollouts.
 
 Safe RLHF's names are accepted as aliases (``policy_model_path``, ``gae_lambda``, ``threshold``...).
+The keys shared with the other online RL command (models, scores, prompts, sampling, rollout size, dual
+ascent) are in ``config/online_rl.py``; the ones redefined here differ in default, alias or description.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 
 from humanalign.config.base import ConfigBase, lower_default
-from humanalign.config.training import TrainingConfig
+from humanalign.config.online_rl import LagrangianFields, OnlineRLConfig
 
 
 class AdaptiveKLSettings(ConfigBase):
@@ -28,70 +30,26 @@ class AdaptiveKLSettings(ConfigBase):
     horizon: int = Field(10000, ge=1, description="Responses over which the coefficient may change by at most 20%.")
 
 
-class PPOConfig(TrainingConfig):
+class PPOConfig(OnlineRLConfig):
     """PPO on prompt-only data with a reward model, a reward function, or both (their scores add up)."""
 
     input_fields: ClassVar[tuple[str, ...]] = ("prompts_path",)  # checked by the CLI before any work
 
-    actor_model_path: str = Field(
-        "tiny", validation_alias=AliasChoices("actor_model_path", "policy_model_path", "model_name_or_path"),
-        description="Policy to train (usually the SFT model): folder, hub name or preset.",
-    )
-    ref_model_path: str | None = Field(
-        None, description="Frozen reference policy for the KL penalty (default: the actor's start; with LoRA the "
-        "actor with its adapter disabled, no second copy)."
-    )
-    reward_model_path: str | None = Field(
-        None, description="Reward score model (`humanalign train rm`); it reads the decoded text with its own tokenizer."
-    )
     reward_fn: str | None = Field(
         None, description="Python reward 'module:function' or 'file.py:function' (see humanalign.rewards); "
         "added to the reward model's score when both are set."
     )
-    reward_fn_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for reward_fn.")
     cost_model_path: str | None = Field(
         None, description="Cost score model (cost > 0 = unsafe). In plain PPO it is only scored and logged."
     )
-    cost_fn: str | None = Field(None, description="Python cost 'module:function' (added to the cost model's score).")
-    cost_fn_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for cost_fn.")
     reward_critic_model_path: str | None = Field(
         None, description="Start of the reward critic (a value head on a backbone): default the reward model when "
         "it shares the actor's tokenizer, else the actor with a fresh head."
     )
     output_dir: str = Field("models/ppo", description="Run folder; the final policy is saved in final/.")
     learning_rate: float = Field(1e-5, gt=0, description="Actor peak learning rate.")
-    epochs: float = Field(
-        1, gt=0, validation_alias=AliasChoices("epochs", "num_train_epochs"),
-        description="Passes over the prompts (rounded up to whole rollouts; max_steps overrides).",
-    )
-    metric_for_best_model: str = Field("eval/reward", description="Eval metric that picks the best checkpoint.")
-    greater_is_better: bool = Field(True, description="Whether a larger metric_for_best_model is better.")
-
-    prompts_path: str | list[str] = Field(
-        "data/train/helpful_pairs.jsonl", validation_alias=AliasChoices("prompts_path", "train_path", "train_prompts_path"),
-        description="Prompt file(s): any records with a 'prompt' (string or messages); duplicates are skipped.",
-    )
-    max_prompts: int | None = Field(None, ge=1, description="Use at most this many prompts (after deduplication).")
-    eval_prompts_path: str | None = Field(None, description="Held-out prompts answered and scored at each evaluation.")
-    eval_max_prompts: int = Field(64, ge=1, description="Prompts used per evaluation.")
 
     num_return_sequences: int = Field(1, ge=1, description="Answers sampled per prompt in a rollout.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts (1: off).")
-    top_k: int = Field(0, ge=0, description="Top-k sampling of the rollouts (0: off).")
-    repetition_penalty: float = Field(1.0, gt=0, description="Repetition penalty of the rollouts (1: off).")
-    max_new_tokens: int = Field(128, ge=1, description="Longest answer; prompt + answer must fit in max_length.")
-    rollout_batch_size: int = Field(
-        16, ge=1, validation_alias=AliasChoices("rollout_batch_size", "per_device_prompt_batch_size"),
-        description="Prompts per process per rollout.",
-    )
-    generation_batch_size: int | None = Field(
-        None, ge=1, description="Prompts generated at once (default: the whole rollout); lower it to save memory."
-    )
-    forward_batch_size: int | None = Field(
-        None, ge=1, description="Sequences per no-grad forward when scoring a rollout (default: batch_size)."
-    )
-    update_iters: int = Field(1, ge=1, description="Passes over each rollout (PPO epochs).")
 
     kl_coeff: float = Field(0.02, ge=0, description="Weight of the per-token KL(pi || ref) penalty in the reward.")
     adaptive_kl: AdaptiveKLSettings = Field(default_factory=AdaptiveKLSettings, description="Adaptive KL control.")
@@ -123,14 +81,6 @@ class PPOConfig(TrainingConfig):
     ptx_coeff: float = Field(16.0, ge=0, description="Weight of the ptx language-modelling loss (with ptx_path).")
 
     @property
-    def uses_cost(self) -> bool:
-        return bool(self.cost_model_path or self.cost_fn)
-
-    @property
-    def is_lagrangian(self) -> bool:
-        return False
-
-    @property
     def sequences_per_rollout(self) -> int:
         return self.rollout_batch_size * self.num_return_sequences
 
@@ -139,19 +89,11 @@ class PPOConfig(TrainingConfig):
         if not (self.reward_model_path or self.reward_fn):
             raise ValueError("set reward_model_path, reward_fn, or both")
         lower_default(self, "max_prompt_length", self.max_length - self.max_new_tokens)  # a prompt must leave room
-        if self.max_prompt_length + self.max_new_tokens > self.max_length:
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) + max_new_tokens ({self.max_new_tokens}) "
-                             f"must fit in max_length ({self.max_length})")
-        per_step = self.batch_size * self.gradient_accumulation_steps
-        if self.sequences_per_rollout % per_step:
-            raise ValueError(
-                f"a rollout's {self.sequences_per_rollout} sequences (rollout_batch_size x num_return_sequences) must "
-                f"split into whole optimizer steps of batch_size x gradient_accumulation_steps = {per_step}"
-            )
+        self._check_rollout_shape("num_return_sequences")
         return self
 
 
-class PPOLagConfig(PPOConfig):
+class PPOLagConfig(LagrangianFields, PPOConfig):
     """PPO-Lagrangian (Safe RLHF): maximise reward subject to E[cost] <= cost_threshold."""
 
     cost_critic_model_path: str | None = Field(
@@ -159,6 +101,7 @@ class PPOLagConfig(PPOConfig):
         "else the actor with a fresh head."
     )
     output_dir: str = Field("models/ppo_lag", description="Run folder; the final policy is saved in final/.")
+    # Safe RLHF's names and texts for the shared dual-ascent keys
     cost_threshold: float = Field(
         0.0, validation_alias=AliasChoices("cost_threshold", "threshold", "d"),
         description="Constraint J_c <= d on the mean episode cost (cost <= 0 means safe).",
@@ -187,10 +130,7 @@ class PPOLagConfig(PPOConfig):
 
     @model_validator(mode="after")
     def _check_cost(self):
-        if not self.uses_cost:
-            raise ValueError("ppo-lag needs cost_model_path, cost_fn, or both")
-        if self.lambda_max is not None and self.lambda_init > self.lambda_max:
-            raise ValueError(f"lambda_init ({self.lambda_init}) is above lambda_max ({self.lambda_max})")
+        self._check_lagrangian("ppo-lag", self.uses_cost)
         return self
 
 

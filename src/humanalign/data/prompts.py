@@ -2,7 +2,8 @@
 
 ``read_prompt_records`` reads one file's prompts with their images (generation, arena, distill with a
 vision-language model), ``read_prompts`` its text prompts for a consumer that takes no images (refusing a
-prompt with images), ``load_prompts`` merges several (each distinct prompt once);
+prompt with images), ``load_prompts`` merges several (each distinct prompt once), ``load_online_prompts`` an
+online RL run's training prompts (encoded once) and held-out ones;
 ``load_ptx_examples`` encodes conversations or pairs' chosen answers for the ptx loss, and ``PtxStream`` hands
 out their micro-batch for any optimizer step.
 """
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from humanalign.config.data import SourceSpec
+from humanalign.config.online_rl import OnlineRLConfig
 from humanalign.data.images import IMAGE_FIELDS, image_digest, reject_images
 from humanalign.data.io import iter_records
 from humanalign.data.load import load_source
@@ -127,6 +129,17 @@ def encode_prompts(tokenizer, prompts: Sequence[list[Message]], max_prompt_lengt
         say(f"[{name}] {stats.prompt_truncated} of {len(prompts)} prompts cut from the left "
             f"to max_prompt_length = {max_prompt_length}")
     return ids
+
+
+def load_online_prompts(cfg: OnlineRLConfig, tokenizer, say: Callable[[str], None], name: str
+                        ) -> tuple[list[list[Message]], list[list[int]], list[list[Message]]]:
+    """PPO's and GRPO's prompts: the training ones (each distinct prompt once, at most ``max_prompts``), their
+    chat-template ids, and the held-out evaluation ones (none without ``eval_prompts_path``)."""
+    prompts = load_prompts(cfg.prompts_path, cfg.max_prompts, log=say)
+    prompt_ids = encode_prompts(tokenizer, prompts, cfg.max_prompt_length, say, name)
+    eval_prompts = (load_prompts(cfg.eval_prompts_path, cfg.eval_max_prompts, log=say)
+                    if cfg.eval_prompts_path else [])
+    return prompts, prompt_ids, eval_prompts
 
 
 def load_ptx_examples(path: str, source: str, tokenizer, max_length: int,

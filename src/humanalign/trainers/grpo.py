@@ -33,7 +33,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from humanalign.config.grpo import GRPOConfig, GRPOLagConfig
-from humanalign.data.prompts import encode_prompts, load_prompts
+from humanalign.data.prompts import load_online_prompts
 from humanalign.engine import Engine
 from humanalign.engine.data import StepBatchSampler
 from humanalign.engine.optim import build_param_groups
@@ -129,10 +129,8 @@ class GRPOTrainer:
         cfg, engine = self.cfg, self.engine
         self.tokenizer = load_tokenizer(cfg.actor_model_path, cfg.model)
         self.pad_id = self.tokenizer.pad_token_id
-        self.prompts = load_prompts(cfg.prompts_path, cfg.max_prompts, log=engine.print)
-        self.prompt_ids = encode_prompts(self.tokenizer, self.prompts, cfg.max_prompt_length, engine.print, engine.name)
-        self.eval_prompts = (load_prompts(cfg.eval_prompts_path, cfg.eval_max_prompts, log=engine.print)
-                             if cfg.eval_prompts_path else [])
+        self.prompts, self.prompt_ids, self.eval_prompts = load_online_prompts(cfg, self.tokenizer, engine.print,
+                                                                               engine.name)
         with engine.loading_whole_models():  # each rank scores its own answers with a whole score model
             self.reward_scorer, self.cost_scorer = build_scorers(cfg, engine.device, engine.print)
 

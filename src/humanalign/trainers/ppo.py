@@ -34,7 +34,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from humanalign.config.ppo import PPOConfig, PPOLagConfig
-from humanalign.data.prompts import PtxStream, encode_prompts, load_prompts, load_ptx_examples
+from humanalign.data.prompts import PtxStream, load_online_prompts, load_ptx_examples
 from humanalign.engine import Engine
 from humanalign.engine.data import StepBatchSampler
 from humanalign.engine.optim import build_param_groups, clip_per_role, per_group_scheduler
@@ -99,10 +99,8 @@ class PPOTrainer:
         cfg, engine = self.cfg, self.engine
         self.tokenizer = load_tokenizer(cfg.actor_model_path, cfg.model)
         self.pad_id = self.tokenizer.pad_token_id
-        self.prompts = load_prompts(cfg.prompts_path, cfg.max_prompts, log=engine.print)
-        self.prompt_ids = encode_prompts(self.tokenizer, self.prompts, cfg.max_prompt_length, engine.print, engine.name)
-        self.eval_prompts = (load_prompts(cfg.eval_prompts_path, cfg.eval_max_prompts, log=engine.print)
-                             if cfg.eval_prompts_path else [])
+        self.prompts, self.prompt_ids, self.eval_prompts = load_online_prompts(cfg, self.tokenizer, engine.print,
+                                                                               engine.name)
         device, forward_bs = engine.device, cfg.forward_batch_size or cfg.batch_size
         with engine.loading_whole_models():  # each rank scores its own answers with a whole score model
             self.reward_scorer = SequenceScorer("reward", cfg.reward_model_path, cfg.reward_fn, cfg.reward_fn_kwargs,
