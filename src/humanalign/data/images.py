@@ -189,14 +189,16 @@ def check_images_kept(raw: dict[str, Any], records: list, ctx: SourceContext) ->
 MAX_IMAGES_SETTING = "max_images_per_prompt"  # the config field that raises or lowers the limit
 
 
-def check_image_count(raw: dict[str, Any], records: list, ctx: SourceContext, limit: int | None) -> None:
+def check_image_count(raw: dict[str, Any], records: list, ctx: SourceContext, limit: int | None,
+                      parts_field: str = "images") -> None:
     """A record with more images than the model takes in one prompt (``limit``; None: no limit): an error naming
-    the file, line and field, here where they are still known rather than inside a training step."""
+    the file, line and field (``parts_field`` when the images are content parts of the messages), here where
+    they are still known rather than inside a training step."""
     if limit is None:
         return
     count = max((len(getattr(rec, "images", None) or ()) for rec in records), default=0)
     if count > limit:
-        field = next((k for k in IMAGE_FIELDS if raw.get(k) not in (None, [])), "images")
+        field = next((k for k in IMAGE_FIELDS if raw.get(k) not in (None, [])), parts_field)
         raise ctx.error(field, f"{count} images, the model takes at most {limit} per prompt "
                                f"(set {MAX_IMAGES_SETTING} to change)")
 
