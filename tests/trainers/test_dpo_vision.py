@@ -163,7 +163,7 @@ def test_precomputed_reference_is_refused_with_images(vision_run, tmp_path):
 
 def test_a_pair_with_more_images_than_the_policy_takes_is_one_line_and_exit_2(vision_run, tmp_path, capsys):
     """`train dpo` with max_images_per_prompt 1: a two-image pair stops the run before any step, naming the file,
-    line and field; without the setting the tiny LLaVA takes (512 - 1) // 16 = 31 images a prompt."""
+    line and field."""
     image = json.loads(vision_run["train"].read_text().splitlines()[0])["images"][0]
     pair = {"query": "<image>\nWhat colour is the shape?", "response": "Red.", "rejected_response": "Blue."}
     data = tmp_path / "two.jsonl"
