@@ -173,6 +173,19 @@ def test_bad_image_through_prepare_data_is_one_line_and_exit_2(pics, write_jsonl
     assert not (tmp_path / "out" / "train").exists()
 
 
+def test_more_images_than_the_model_takes_stop_the_load_or_are_counted_under_skip_invalid(pics, write_jsonl):
+    path = write_jsonl(pics.parent / "swift.jsonl", [
+        {"query": "<image>Colour?", "response": "Red.", "rejected_response": "Blue.", "images": ["pics/red.png"]},
+        {"query": "<image> or <image>?", "response": "Red.", "rejected_response": "Blue.",
+         "images": ["pics/red.png", "pics/blue.png"]}])
+    assert len(load_source(SourceSpec(path=str(path)), max_images=2).records) == 2
+    with pytest.raises(RecordError, match=r"swift.jsonl:2: field 'images': 2 images, the model takes at most 1 "
+                                          r"per prompt \(set max_images_per_prompt to change\)"):
+        load_source(SourceSpec(path=str(path)), max_images=1)
+    result = load_source(SourceSpec(path=str(path)), skip_invalid=True, max_images=1)
+    assert len(result.records) == 1 and result.skipped == {"bad field 'images'": 1}
+
+
 def test_split_key_is_prompt_plus_image_content(pics):
     red, copy, blue = (str(pics / n) for n in ("red.png", "red_copy.png", "blue.png"))
     same = PreferencePair(user_prompt("Colour?"), "Red.", "Blue.", images=[red])

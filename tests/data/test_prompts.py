@@ -111,6 +111,20 @@ def test_bad_images_in_prompt_files_name_file_line_field_and_image(pics, write_j
         read_prompt_records(path)
 
 
+def test_a_prompt_with_more_images_than_the_model_takes_names_file_line_and_field(pics, write_jsonl):
+    two = ["pics/red.png", "pics/blue.png"]
+    path = write_jsonl(pics.parent / "p.jsonl", [{"prompt": "a", "images": ["pics/red.png"]},
+                                                 {"query": "b", "images": two}])
+    assert [len(r.images) for r in read_prompt_records(path, max_images=2)[0]] == [1, 2]
+    with pytest.raises(RecordError, match=r"p.jsonl:2: field 'images': 2 images, the model takes at most 1 per "
+                                          r"prompt \(set max_images_per_prompt to change\)"):
+        read_prompt_records(path, max_images=1)
+    parts = [{"type": "image", "image": p} for p in two]
+    write_jsonl(path, [{"prompt": [{"role": "user", "content": [*parts, {"type": "text", "text": "Which?"}]}]}])
+    with pytest.raises(RecordError, match=r"p.jsonl:1: field 'prompt': 2 images, the model takes at most 1"):
+        read_prompt_records(path, max_images=1)
+
+
 def test_text_only_consumers_refuse_image_prompts_naming_the_commands_that_take_them(pics, write_jsonl):
     """PPO/GRPO rollouts (load_prompts), any text-only read_prompts and PPO's ptx data: one line, never a drop."""
     path = write_jsonl(pics.parent / "p.jsonl", [{"prompt": "a"}, {"prompt": "b", "images": ["pics/red.png"]}])

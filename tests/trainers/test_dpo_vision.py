@@ -5,6 +5,7 @@ AutoModelForImageTextToText, and the refusals (precomputed reference; text consu
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from humanalign.cli import main as cli_main
 from humanalign.config.base import load_config
 from humanalign.config.data import PrepareDataConfig
 from humanalign.config.dpo import DPOConfig
@@ -157,6 +159,25 @@ def test_lora_adapts_the_language_model_only(vision_run, tmp_path):
 def test_precomputed_reference_is_refused_with_images(vision_run, tmp_path):
     with pytest.raises(ConfigError, match="precomputed is not supported with a vision-language policy"):
         train_dpo(dpo_config(vision_run, tmp_path, reference_mode="precomputed"))
+
+
+def test_a_pair_with_more_images_than_the_policy_takes_is_one_line_and_exit_2(vision_run, tmp_path, capsys):
+    """`train dpo` with max_images_per_prompt 1: a two-image pair stops the run before any step, naming the file,
+    line and field."""
+    image = json.loads(vision_run["train"].read_text().splitlines()[0])["images"][0]
+    pair = {"query": "<image>\nWhat colour is the shape?", "response": "Red.", "rejected_response": "Blue."}
+    data = tmp_path / "two.jsonl"
+    data.write_text(json.dumps({**pair, "images": [image]}) + "\n" + json.dumps(
+        {**pair, "query": "<image> and <image>: same colour?", "images": [image, image]}) + "\n")
+    code = cli_main(["train", "dpo", "--policy-model-path", str(vision_run["model"]), "--train-path", str(data),
+                     "--source", "swift", "--output-dir", str(tmp_path / "run"), "--max-images-per-prompt", "1",
+                     "--max-steps", "1", "--report-to", "[none]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1] == (f"humanalign: error: {data}:2: field 'images': 2 images, the model takes at most 1 per prompt "
+                       "(set max_images_per_prompt to change)")
+    assert not any("Traceback" in line for line in err)
+    assert not (tmp_path / "run" / "final").exists()
 
 
 def test_text_consumers_still_refuse_image_pairs_and_say_who_takes_them(vision_run):

@@ -5,6 +5,7 @@ AutoModelForImageTextToText and reproduces the run's last evaluation, and the re
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -133,3 +134,9 @@ def test_refusals(vision_run, tmp_path):
         sft_config(vision_run, tmp_path, freeze_language_model=True, lora={"enabled": True})
     with pytest.raises(UserError, match=r"carry images, which `train sft` with a text model does not take"):
         train_sft(sft_config(vision_run, tmp_path, model_name_or_path="tiny"))
+    image = json.loads(vision_run["train"].read_text().splitlines()[0])["images"][0]
+    two = tmp_path / "two.jsonl"
+    two.write_text(json.dumps({"query": "<image> and <image>: same colour?", "response": "Yes.",
+                               "images": [image, image]}) + "\n")
+    with pytest.raises(UserError, match=r"two.jsonl:1: field 'images': 2 images, the model takes at most 1 per prompt"):
+        train_sft(sft_config(vision_run, tmp_path, train_path=str(two), source="swift", max_images_per_prompt=1))

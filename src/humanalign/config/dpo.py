@@ -63,6 +63,10 @@ class DPOConfig(TrainingConfig):
     freeze_projector: bool = Field(
         False, description="Vision-language policy: keep the image projector fixed (else it trains, also under LoRA)."
     )
+    max_images_per_prompt: int | None = Field(
+        None, ge=1, description="Vision-language model: the most images one record may show (default: what the "
+        "model's context length allows); a record with more stops the load naming its file and line.",
+    )
     disable_dropout: bool = Field(
         True, description="Set the policy's dropout to 0 (not LoRA's), so log-probs are deterministic (TRL's default)."
     )

@@ -27,6 +27,10 @@ class SamplingFields(ConfigBase):
     batch_size: int = Field(8, ge=1, description="Prompts generated together (left-padded).")
     seed: int = Field(42, description="Seed; each batch is seeded from it and the batch's prompts.")
     limit: int | None = Field(None, ge=1, description="Use only the first N prompts of the file.")
+    max_images_per_prompt: int | None = Field(
+        None, ge=1, description="Vision-language model: the most images one prompt may show (default: what the "
+        "model's context length allows); a prompt with more stops the read naming its file and line.",
+    )
     progress_bar: bool = Field(True, description="Show a progress bar.")
     model_settings: ModelSettings = Field(default_factory=ModelSettings, description="How models are loaded.")
 

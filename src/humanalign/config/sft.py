@@ -64,6 +64,10 @@ class SFTConfig(TrainingConfig):
     freeze_projector: bool = Field(
         False, description="Vision-language model: keep the image projector fixed (else it trains, also under LoRA)."
     )
+    max_images_per_prompt: int | None = Field(
+        None, ge=1, description="Vision-language model: the most images one record may show (default: what the "
+        "model's context length allows); a record with more stops the load naming its file and line.",
+    )
     freeze_language_model: bool = Field(
         False, description="Vision-language model: keep the language model fixed, so that only the projector (and "
         "the tower, if not frozen) trains: LLaVA's first stage, aligning image features with the language model.",

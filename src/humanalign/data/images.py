@@ -186,6 +186,23 @@ def check_images_kept(raw: dict[str, Any], records: list, ctx: SourceContext) ->
                                "alpaca, generic with field_map images)")
 
 
+MAX_IMAGES_SETTING = "max_images_per_prompt"  # the config field that raises or lowers the limit
+
+
+def check_image_count(raw: dict[str, Any], records: list, ctx: SourceContext, limit: int | None,
+                      parts_field: str = "images") -> None:
+    """A record with more images than the model takes in one prompt (``limit``; None: no limit): an error naming
+    the file, line and field (``parts_field`` when the images are content parts of the messages), here where
+    they are still known rather than inside a training step."""
+    if limit is None:
+        return
+    count = max((len(getattr(rec, "images", None) or ()) for rec in records), default=0)
+    if count > limit:
+        field = next((k for k in IMAGE_FIELDS if raw.get(k) not in (None, [])), parts_field)
+        raise ctx.error(field, f"{count} images, the model takes at most {limit} per prompt "
+                               f"(set {MAX_IMAGES_SETTING} to change)")
+
+
 def reject_images(records: list, where: str, consumer: str) -> None:
     """Stop with one line when ``records`` carry images that ``consumer`` would otherwise silently drop."""
     with_images = sum(1 for rec in records if getattr(rec, "images", None))
@@ -194,5 +211,5 @@ def reject_images(records: list, where: str, consumer: str) -> None:
                         f"take yet ({IMAGE_TRAINERS}; see docs/multimodal.md); use text-only data")
 
 
-__all__ = ["IMAGE_DIR_OPTION", "check_images_kept", "reject_images", "image_ref", "images", "check_placeholders", "image_digest", "load_image",
+__all__ = ["IMAGE_DIR_OPTION", "MAX_IMAGES_SETTING", "check_image_count", "check_images_kept", "reject_images", "image_ref", "images", "check_placeholders", "image_digest", "load_image",
            "split_key", "decode_data_uri"]

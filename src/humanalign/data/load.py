@@ -16,7 +16,7 @@ from typing import Any
 import datasets
 
 from humanalign.config.data import SourceSpec
-from humanalign.data.images import IMAGE_DIR_OPTION, check_images_kept
+from humanalign.data.images import IMAGE_DIR_OPTION, check_image_count, check_images_kept
 from humanalign.data.io import DATA_SUFFIXES, iter_records
 from humanalign.data.records import Record
 from humanalign.data.sources import SourceContext, get_source
@@ -80,11 +80,13 @@ def data_files(path: Path) -> list[Path]:
 
 def load_source(
     spec: SourceSpec | str | Path, skip_invalid: bool = False, seed: int = 0, image_dir: str | None = None,
+    max_images: int | None = None,
 ) -> LoadResult:
     """Read one source through its adapter (or the detected one for source 'auto').
 
     ``spec.ratio`` < 1 keeps a seeded sample of the records (in file order); ``spec.max_records`` caps them.
     ``image_dir`` is where image objects (a datasets Image column) are written as files (default: the cache).
+    ``max_images`` is the most images one record may show (the model's limit per prompt; None: no limit).
     """
 
     if not isinstance(spec, SourceSpec):
@@ -123,6 +125,7 @@ def load_source(
             try:
                 records = adapter(raw, ctx)
                 check_images_kept(raw, records, ctx)
+                check_image_count(raw, records, ctx, max_images)
                 result.records.extend(records)
             except RecordError as err:
                 on_error(err)

@@ -141,19 +141,20 @@ def has_safety_labels(pairs: Iterable[PreferencePair]) -> bool:
 
 def load_preference_pairs(
     path: str | Path | SourceSpec, *, kind: Kind = "helpful", skip_invalid: bool = False, allow_empty: bool = False,
-    allow_images: bool = False,
+    allow_images: bool = False, max_images: int | None = None,
 ) -> tuple[list[PreferencePair], Counter[str]]:
     """Pairs of ``kind`` from a prepared *_pairs.jsonl (or any source a SourceSpec names), plus skip counts.
 
     Pairs whose responses are empty or identical are skipped and counted; bad records raise RecordError
     (file, line, field) unless ``skip_invalid``, contradictory safety labels included. Harmless pairs from a
     source without is_safe labels come back with None labels (see ``has_safety_labels``). Pairs with images are
-    refused unless ``allow_images`` (a consumer that feeds them to a vision-language model: `train dpo`).
+    refused unless ``allow_images`` (a consumer that feeds them to a vision-language model: `train dpo`); a pair
+    with more than ``max_images`` images (the model's limit per prompt) is a bad record.
     """
     if kind not in KINDS:
         raise UserError(f"unknown pair kind '{kind}' (helpful or harmless)")
     spec = path if isinstance(path, SourceSpec) else SourceSpec(path=str(path))
-    result = load_source(spec, skip_invalid=skip_invalid)
+    result = load_source(spec, skip_invalid=skip_invalid, max_images=max_images)
     skipped: Counter[str] = Counter(result.skipped)
     plain_kind: Kind = kind if spec.pair_kind == "auto" else spec.pair_kind
     pairs = records_to_pairs(result.records, kind, skipped, plain_kind=plain_kind)

@@ -19,7 +19,7 @@ import torch
 
 from humanalign.config.data import SourceSpec
 from humanalign.config.online_rl import OnlineRLConfig
-from humanalign.data.images import IMAGE_FIELDS, image_digest, reject_images
+from humanalign.data.images import IMAGE_FIELDS, check_image_count, image_digest, reject_images
 from humanalign.data.io import iter_records
 from humanalign.data.load import load_source
 from humanalign.data.records import Message, PreferencePair, PromptRecord, SFTRecord, prompt_key
@@ -52,15 +52,16 @@ def _refuse_images(path: str | Path, line: int, field: str, consumer: str) -> Re
                                           f"taken by {IMAGE_PROMPT_COMMANDS} (see docs/multimodal.md)")
 
 
-def read_prompt_records(path: str | Path, limit: int | None = None,
-                        text_only: str | None = None) -> tuple[list[PromptRecord], int]:
+def read_prompt_records(path: str | Path, limit: int | None = None, text_only: str | None = None,
+                        max_images: int | None = None) -> tuple[list[PromptRecord], int]:
     """The prompts of a file with their images, first occurrence of each kept (text and images both count).
 
     A record holds ``prompt`` (string or messages, OpenAI-style image parts allowed), ms-swift's ``query`` or
     RLAIF-V's ``question``, optional ``system`` and ``images``/``image``; images follow the conventions of
     every image source (``data.images``: paths relative to the file, data: URIs, checked when read). Other
     fields are ignored. ``text_only`` names a consumer that takes no images: a record with images then stops
-    the read with one line naming it. Returns (records, number of duplicate prompts skipped).
+    the read with one line naming it; so does a record with more than ``max_images`` images (the model's limit
+    per prompt). Returns (records, number of duplicate prompts skipped).
     """
     records: list[PromptRecord] = []
     seen: set[str] = set()
@@ -69,9 +70,12 @@ def read_prompt_records(path: str | Path, limit: int | None = None,
         field = _image_field(raw)
         if text_only and field:
             raise _refuse_images(path, line, field, text_only)
-        (record,) = prompts_adapter(raw, SourceContext(str(path), line, "prompts"))
+        ctx = SourceContext(str(path), line, "prompts")
+        (record,) = prompts_adapter(raw, ctx)
+        text_field = next((k for k in PROMPT_TEXT_FIELDS if k in raw), "prompt")
         if text_only and record.images:  # image parts inside a message list
-            raise _refuse_images(path, line, next(k for k in PROMPT_TEXT_FIELDS if k in raw), text_only)
+            raise _refuse_images(path, line, text_field, text_only)
+        check_image_count(raw, [record], ctx, max_images, parts_field=text_field)
         key = prompt_hash(record.prompt, record.images)
         if key in seen:
             duplicates += 1

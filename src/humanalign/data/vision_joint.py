@@ -78,10 +78,12 @@ def _item(example: VisionPairExample, index: int) -> dict[str, Any]:
     return item
 
 
-def load_vision_stream(path: str | Path, kind: Kind, processor, cfg, engine=None, *, name: str | None = None
-                       ) -> VisionStream:
-    """``load_vision_pair_dataset`` (pairs with their images, skips counted and printed) as a stream."""
-    return VisionStream(load_vision_pair_dataset(path, kind, processor, cfg, engine, name=name))
+def load_vision_stream(path: str | Path, kind: Kind, processor, cfg, engine=None, *, name: str | None = None,
+                       max_images: int | None = None) -> VisionStream:
+    """``load_vision_pair_dataset`` (pairs with their images, at most ``max_images`` each, skips counted and
+    printed) as a stream."""
+    return VisionStream(load_vision_pair_dataset(path, kind, processor, cfg, engine, name=name,
+                                                 max_images=max_images))
 
 
 class VisionJointCollator(JointCollator):

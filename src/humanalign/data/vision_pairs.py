@@ -67,13 +67,14 @@ def build_vision_pair_dataset(pairs, processor, max_length: int | None) -> tuple
 
 
 def load_vision_pair_dataset(path: str | Path, kind: Kind, processor, cfg, engine=None, *,
-                             name: str | None = None) -> VisionPairDataset:
-    """Read pairs of ``kind`` (images allowed) from ``path`` with the config's ``source`` adapter, tokenise them
-    with ``cfg.max_length``, print how many were kept and skipped; raises UserError when none is left."""
+                             name: str | None = None, max_images: int | None = None) -> VisionPairDataset:
+    """Read pairs of ``kind`` (images allowed, at most ``max_images`` each) from ``path`` with the config's
+    ``source`` adapter, tokenise them with ``cfg.max_length``, print how many were kept and skipped; raises
+    UserError when none is left."""
     label = name or str(path)
     spec = SourceSpec(source=getattr(cfg, "source", "pairs"), path=str(path))
     pairs, skipped = load_preference_pairs(spec, kind=kind, skip_invalid=getattr(cfg, "skip_invalid", False),
-                                           allow_empty=True, allow_images=True)
+                                           allow_empty=True, allow_images=True, max_images=max_images)
     dataset, more = build_vision_pair_dataset(pairs, processor, cfg.max_length)
     skipped.update(more)
     dataset.skipped, dataset.name = skipped, label

@@ -36,6 +36,7 @@ from humanalign.eval.generate import (
     generate_to_file,
     generation_settings_match,
     load_generator,
+    prompt_image_limit,
     record_hash,
     require,
     responses_by_key,
@@ -232,7 +233,8 @@ def run(cfg: Any) -> dict[str, Any]:
     blue_name = cfg.blue_name or Path(cfg.blue).name
     if red_name == blue_name:
         red_name, blue_name = f"{red_name} (red)", f"{blue_name} (blue)"
-    records, duplicates = read_prompt_records(cfg.prompts, cfg.limit)
+    records, duplicates = read_prompt_records(cfg.prompts, cfg.limit, max_images=prompt_image_limit(
+        [cfg.red, cfg.blue], cfg.model_settings, cfg.max_images_per_prompt))
     if duplicates:
         print(f"[humanalign] {cfg.prompts}: {duplicates} duplicate prompts skipped")
     for color in ("red", "blue"):  # both sides, before either generates

@@ -31,6 +31,7 @@ from humanalign.eval.generate import (
     generate_to_file,
     generation_settings_match,
     load_generator,
+    prompt_image_limit,
     record_hash,
     require,
     responses_by_key,
@@ -101,7 +102,8 @@ def run(cfg: Any) -> dict[str, int]:
     output = Path(require(cfg.output, "output-path", "distill"))
     if output.exists() and not cfg.overwrite:
         raise UserError(f"{output}: already exists; pass --overwrite to write it again (samples are reused)")
-    records, duplicates = read_prompt_records(prompts_file, cfg.limit)
+    records, duplicates = read_prompt_records(prompts_file, cfg.limit, max_images=prompt_image_limit(
+        [cfg.model], cfg.model_settings, cfg.max_images_per_prompt))
     if duplicates:
         print(f"[humanalign] {prompts_file}: {duplicates} duplicate prompts skipped")
     check_takes_images(records, cfg.model, cfg.model_settings, prompts_file)

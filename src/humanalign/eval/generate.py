@@ -36,7 +36,13 @@ from humanalign.data.tokenize import encode_prompt, pad_sequences, stop_token_id
 from humanalign.errors import RecordError, UserError
 from humanalign.eval.vision_generate import is_processor, vision_generation_inputs
 from humanalign.models.load import load_causal_lm, load_tokenizer, resolve_model_path
-from humanalign.models.vision import is_vision_model, load_processor, load_vision_lm
+from humanalign.models.vision import (
+    is_vision_model,
+    load_processor,
+    load_vision_lm,
+    max_images_per_prompt,
+    model_config,
+)
 
 PromptLike = Sequence[Message] | str | PromptRecord
 
@@ -87,6 +93,16 @@ def check_takes_images(records: Sequence[PromptRecord], model_name: str, setting
         raise UserError(f"{where}: {shown} of {len(records)} prompts show images, but the {role} '{model_name}' is "
                         "a text-only model (a vision-language model's config.json has a vision_config); "
                         "give a vision-language model or text-only prompts")
+
+
+def prompt_image_limit(model_names: Sequence[str], settings: Any, override: int | None = None) -> int | None:
+    """The most images one prompt may show to every vision-language model of ``model_names`` (``override`` when
+    set; None: no known limit). A text-only model sets none: ``check_takes_images`` refuses its image prompts."""
+    if override is not None:
+        return override
+    limits = [max_images_per_prompt(model_config(name, settings), load_processor(name, settings))
+              for name in model_names if is_vision_model(name, settings)]
+    return min((n for n in limits if n is not None), default=None)
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
@@ -453,7 +469,8 @@ def run(cfg: Any) -> dict[str, int]:
     model_name = require(cfg.model, "model", "generate")
     prompts_file = require(cfg.prompts, "prompts", "generate")
     output = Path(require(cfg.output, "output", "generate"))
-    prompts, duplicates = read_prompt_records(prompts_file, cfg.limit)
+    prompts, duplicates = read_prompt_records(prompts_file, cfg.limit, max_images=prompt_image_limit(
+        [model_name], cfg.model_settings, cfg.max_images_per_prompt))
     if duplicates:
         print(f"[humanalign] {prompts_file}: {duplicates} duplicate prompts skipped (each prompt is answered once)")
     check_takes_images(prompts, model_name, cfg.model_settings, prompts_file)

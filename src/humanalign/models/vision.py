@@ -91,6 +91,36 @@ def load_processor(name_or_path: str | Path, settings: ModelSettings | None = No
     return processor
 
 
+def _tokens_per_image(config: dict, processor) -> int | None:
+    """The fewest tokens one image expands into: the processor's count for a 1-pixel image (a fixed-size model
+    gives its one count, a resizing one its smallest), else the config's ``image_seq_length``; None if unknown."""
+    try:
+        counts = processor._get_num_multimodal_tokens(image_sizes=[(1, 1)]).num_image_tokens
+        return int(counts[0]) if counts else None
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError, ZeroDivisionError):
+        pass
+    found = getattr(processor, "image_seq_length", None) or config.get("image_seq_length")
+    return int(found) if found else None
+
+
+def max_images_per_prompt(config: dict | None, processor, override: int | None = None) -> int | None:
+    """The most images one prompt may carry for this model, or None for no known limit.
+
+    ``override`` (the ``max_images_per_prompt`` setting) wins. Otherwise the limit is what the context length
+    allows: a prompt whose image tokens alone (``_tokens_per_image`` each) fill ``max_position_embeddings``,
+    leaving no room for a single text token, cannot be taken by the model at all."""
+    if override is not None:
+        return override
+    if not config:
+        return None
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    positions = text.get("max_position_embeddings") or config.get("max_position_embeddings")
+    per_image = _tokens_per_image(config, processor)
+    if not positions or not per_image:
+        return None
+    return max(0, (int(positions) - 1) // per_image)
+
+
 def model_part(name: str) -> str:
     """"vision", "projector" or "language" for a parameter or module name."""
     parts = set(name.split("."))
@@ -192,6 +222,6 @@ def describe_parts(model: torch.nn.Module) -> str:
     return f"vision tower {counts['vision']:,}, projector {counts['projector']:,}, language model {counts['language']:,}"
 
 
-__all__ = ["is_vision_model", "model_config", "load_processor", "load_vision_lm", "model_part", "language_lora_targets",
+__all__ = ["is_vision_model", "model_config", "load_processor", "max_images_per_prompt", "load_vision_lm", "model_part", "language_lora_targets",
            "set_trainable_parts", "trainable_parts", "describe_parts", "VISION_TOWER_NAMES", "PROJECTOR_NAMES",
            "LANGUAGE_LORA_TARGETS"]

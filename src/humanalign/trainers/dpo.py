@@ -44,7 +44,13 @@ from humanalign.models.load import count_parameters, load_causal_lm, load_tokeni
 from humanalign.models.logprobs import LAYOUT_NOTES, concatenated_forward, pair_layout, shared_layout_possible
 from humanalign.models.pretrained import disable_dropout_outside_lora
 from humanalign.models.reference import ReferenceModel, build_reference
-from humanalign.models.vision import is_vision_model, load_processor, load_vision_lm
+from humanalign.models.vision import (
+    is_vision_model,
+    load_processor,
+    load_vision_lm,
+    max_images_per_prompt,
+    model_config,
+)
 
 
 @dataclass(frozen=True)
@@ -183,9 +189,11 @@ def _vision_inputs(cfg: DPOConfig, engine) -> RunInputs:
         raise ConfigError("reference_mode precomputed is not supported with a vision-language policy yet (the "
                           "reference log-prob cache is keyed on token ids, not pixels): use model or adapter-disabled")
     processor = load_processor(cfg.policy_model_path, cfg.model)
+    limit = max_images_per_prompt(model_config(cfg.policy_model_path, cfg.model), processor, cfg.max_images_per_prompt)
     train_set = load_vision_pair_dataset(cfg.train_path, cfg.pair_kind, processor, cfg, engine,
-                                         name=f"train {cfg.train_path}")
-    val_set = (load_vision_pair_dataset(cfg.val_path, cfg.pair_kind, processor, cfg, engine, name=f"val {cfg.val_path}")
+                                         name=f"train {cfg.train_path}", max_images=limit)
+    val_set = (load_vision_pair_dataset(cfg.val_path, cfg.pair_kind, processor, cfg, engine, name=f"val {cfg.val_path}",
+                                        max_images=limit)
                if cfg.val_path else None)
     policy = load_vision_lm(cfg.policy_model_path, cfg.model, cfg.lora, freeze_vision_tower=cfg.freeze_vision_tower,
                             freeze_projector=cfg.freeze_projector, gradient_checkpointing=cfg.gradient_checkpointing)

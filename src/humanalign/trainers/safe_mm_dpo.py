@@ -91,6 +91,7 @@ from humanalign.models.vision import (
     is_vision_model,
     load_processor,
     load_vision_lm,
+    max_images_per_prompt,
     model_config,
 )
 
@@ -131,12 +132,16 @@ def describe(cfg: SafeMMDPOConfig) -> str:
 def load_streams(cfg: SafeMMDPOConfig, tokenizer, engine, processor=None) -> dict[str, dict[str, Any]]:
     """{"helpful": {"train": PairDataset, "val": ...}, "harmless": {...}}; harmless training pairs only with the
     harmless stream, harmless validation pairs whenever given (an MM-DPO run still measures harmlessness).
-    With ``processor`` (a vision-language policy's) the pairs keep their images (``VisionStream`` datasets)."""
+    With ``processor`` (a vision-language policy's) the pairs keep their images (``VisionStream`` datasets), at
+    most as many per pair as the policy takes (``max_images_per_prompt``)."""
+    limit = (max_images_per_prompt(model_config(cfg.policy_model_path, cfg.model), processor,
+                                   cfg.max_images_per_prompt) if processor is not None else None)
+
     def load(path, kind, split):
         if not path:
             return None
         if processor is not None:
-            return load_vision_stream(path, kind, processor, cfg, engine, name=f"{split} {path}")
+            return load_vision_stream(path, kind, processor, cfg, engine, name=f"{split} {path}", max_images=limit)
         return load_pair_dataset(path, kind, tokenizer, cfg, engine, name=f"{split} {path}")
 
     return {

@@ -61,7 +61,14 @@ from humanalign.errors import ConfigError, UserError
 from humanalign.losses.sft import sft_loss_sums
 from humanalign.models.load import count_parameters, load_causal_lm, load_tokenizer, resolve_model_path
 from humanalign.models.logprobs import image_inputs, right_padded_mask
-from humanalign.models.vision import describe_parts, is_vision_model, load_processor, load_vision_lm
+from humanalign.models.vision import (
+    describe_parts,
+    is_vision_model,
+    load_processor,
+    load_vision_lm,
+    max_images_per_prompt,
+    model_config,
+)
 
 # ----------------------------------------------------------------------------------------------- data
 
@@ -71,12 +78,13 @@ def source_spec(cfg: SFTConfig, path: str) -> SourceSpec:
                       pair_kind=cfg.pair_kind)
 
 
-def read_conversations(cfg: SFTConfig, path: str, limit: int | None, *, images: bool = False
-                       ) -> tuple[list[VisionConversation], Counter[str], str]:
+def read_conversations(cfg: SFTConfig, path: str, limit: int | None, *, images: bool = False,
+                       max_images: int | None = None) -> tuple[list[VisionConversation], Counter[str], str]:
     """Conversations to imitate (with their images) from a data path, the skip counts by reason, and a one-line
-    description. Without ``images`` (a text model) records with images are refused, never stripped."""
+    description. Without ``images`` (a text model) records with images are refused, never stripped; with them,
+    a record showing more than ``max_images`` (the model's limit per prompt) is a bad record."""
     spec = source_spec(cfg, path)
-    result = load_source(spec, skip_invalid=cfg.skip_invalid, seed=cfg.seed)
+    result = load_source(spec, skip_invalid=cfg.skip_invalid, seed=cfg.seed, max_images=max_images)
     if not images:
         reject_images(result.records, spec.describe(), "`train sft` with a text model")
     skipped: Counter[str] = Counter(result.skipped)
@@ -173,15 +181,16 @@ class SFTData:
     train_unpacked: list[dict[str, list[int]]] = field(default_factory=list)
 
 
-def read_splits(cfg: SFTConfig, images: bool) -> tuple[list[VisionConversation], list[VisionConversation],
+def read_splits(cfg: SFTConfig, images: bool, max_images: int | None = None) -> tuple[list[VisionConversation], list[VisionConversation],
                                                       dict[str, tuple[Counter[str], str]]]:
     """(train conversations, validation conversations, {split: (skip counts, description)}): val_path, else a
     seeded val_ratio share of the training prompts (a prompt with its pictures never lands on both sides)."""
     train_conv, train_skipped, train_desc = read_conversations(cfg, cfg.train_path, cfg.max_train_samples,
-                                                               images=images)
+                                                               images=images, max_images=max_images)
     val_conv, val_skipped, val_desc = [], Counter(), ""
     if cfg.val_path:
-        val_conv, val_skipped, val_desc = read_conversations(cfg, cfg.val_path, cfg.max_eval_samples, images=images)
+        val_conv, val_skipped, val_desc = read_conversations(cfg, cfg.val_path, cfg.max_eval_samples, images=images,
+                                                             max_images=max_images)
     elif cfg.val_ratio > 0:
         train_conv, val_conv = split_validation(train_conv, cfg.val_ratio, cfg.seed, key=VisionConversation.key)
         val_conv = val_conv[:cfg.max_eval_samples] if cfg.max_eval_samples else val_conv
@@ -196,10 +205,11 @@ def _target_count(example: dict[str, Any]) -> int:
     return sum(1 for x in list(example["labels"])[1:] if int(x) != IGNORE_INDEX)
 
 
-def prepare_data(cfg: SFTConfig, tokenizer, say: Callable[[str], None], processor=None) -> SFTData:
+def prepare_data(cfg: SFTConfig, tokenizer, say: Callable[[str], None], processor=None,
+                 max_images: int | None = None) -> SFTData:
     """Read, split, tokenise (and pack) the data, reporting everything skipped or truncated. With ``processor``
     (a vision-language model's) conversations keep their images and ``data.vision_sft`` tokenises them."""
-    train_conv, val_conv, read = read_splits(cfg, images=processor is not None)
+    train_conv, val_conv, read = read_splits(cfg, images=processor is not None, max_images=max_images)
     (train_skipped, train_desc), (val_skipped, val_desc) = read["train"], read["val"]
     if processor is None:
         train, train_trunc = encode_all(tokenizer, [c.messages for c in train_conv], cfg.max_length)
@@ -337,7 +347,8 @@ def _vision_inputs(cfg: SFTConfig, engine: Engine, model_path: str) -> RunInputs
         raise ConfigError("packing is not supported with a vision-language model (each row's image inputs would "
                           "have to follow its examples): set packing: false")
     processor = load_processor(model_path, cfg.model)
-    data = prepare_data(cfg, processor.tokenizer, engine.print, processor=processor)
+    limit = max_images_per_prompt(model_config(model_path, cfg.model), processor, cfg.max_images_per_prompt)
+    data = prepare_data(cfg, processor.tokenizer, engine.print, processor=processor, max_images=limit)
     model = load_vision_lm(model_path, cfg.model, cfg.lora, freeze_vision_tower=cfg.freeze_vision_tower,
                            freeze_projector=cfg.freeze_projector, freeze_language_model=cfg.freeze_language_model,
                            gradient_checkpointing=cfg.gradient_checkpointing)
