@@ -15,12 +15,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from humanalign.cli import main as cli_main
 from humanalign.config.base import load_config
-from humanalign.config.data import PrepareDataConfig
 from humanalign.config.dpo import DPOConfig
 from humanalign.config.training import LoraSettings
-from humanalign.data.image_demo import write_image_demo
 from humanalign.data.preference_dataset import load_pair_dataset
-from humanalign.data.prepare import run as prepare
 from humanalign.data.vision_collate import tokenize_vision_pairs
 from humanalign.data.vision_pairs import VisionPairCollator, load_vision_pair_dataset
 from humanalign.errors import ConfigError, UserError
@@ -33,7 +30,7 @@ from humanalign.models.logprobs import (
     shared_layout_possible,
 )
 from humanalign.models.reference import FrozenReference
-from humanalign.models.tiny_vision import build_tiny_vision_model, tiny_qwen2_vl
+from humanalign.models.tiny_vision import tiny_qwen2_vl
 from humanalign.models.vision import (
     is_vision_model,
     load_processor,
@@ -45,18 +42,6 @@ from humanalign.trainers.dpo import LossSettings, pair_loss
 from humanalign.trainers.dpo import run as train_dpo
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "cpo", "orpo", "simpo")
-
-
-@pytest.fixture(scope="module")
-def vision_run(tmp_path_factory) -> dict[str, Path]:
-    """The tiny LLaVA folder and 40 generated picture questions prepared into train/val pairs."""
-    root = tmp_path_factory.mktemp("dpo_vision")
-    model = build_tiny_vision_model(root / "tiny_vision", seed=0)
-    raw = write_image_demo(root / "raw", n=40, seed=0, size=32)
-    prepare(load_config(PrepareDataConfig, values={"input_dir": str(raw.parent), "output_dir": str(root / "data"),
-                                                   "seed": 0}))
-    return {"root": root, "model": model, "train": root / "data" / "train" / "helpful_pairs.jsonl",
-            "val": root / "data" / "val" / "helpful_pairs.jsonl"}
 
 
 def dpo_config(vision_run, tmp_path, **values) -> DPOConfig:

@@ -13,34 +13,18 @@ import pytest
 import torch
 
 from humanalign.config.base import load_config
-from humanalign.config.data import PrepareDataConfig
 from humanalign.config.evaluation import EvalRMConfig
 from humanalign.config.rm import RewardModelConfig
 from humanalign.config.safe_mm_dpo import SafeMMDPOConfig
-from humanalign.data.image_demo import write_image_demo
 from humanalign.data.pairs import load_preference_pairs
-from humanalign.data.prepare import run as prepare
 from humanalign.data.records import HarmlessPair
 from humanalign.errors import UserError
 from humanalign.eval.rm import run as eval_rm
 from humanalign.models.scorer import VisionScorer, load_scorer
-from humanalign.models.tiny_vision import build_tiny_vision_model
 from humanalign.models.vision_score import HEAD_FILE, HEAD_MARKER, load_vision_score_model
 from humanalign.trainers.reward import run as train_rm
 from humanalign.trainers.reward import train_score_model
 from humanalign.trainers.safe_mm_dpo import run as train_safe_mm_dpo
-
-
-@pytest.fixture(scope="module")
-def vision_run(tmp_path_factory) -> dict[str, Path]:
-    """The tiny LLaVA folder and 40 generated picture questions prepared into train/val pairs."""
-    root = tmp_path_factory.mktemp("rm_vision")
-    model = build_tiny_vision_model(root / "tiny_vision", seed=0)
-    raw = write_image_demo(root / "raw", n=40, seed=0, size=32)
-    prepare(load_config(PrepareDataConfig, values={"input_dir": str(raw.parent), "output_dir": str(root / "data"),
-                                                   "seed": 0}))
-    return {"root": root, "model": model, "train": root / "data" / "train" / "helpful_pairs.jsonl",
-            "val": root / "data" / "val" / "helpful_pairs.jsonl"}
 
 
 def rm_config(vision_run, out: Path, **values) -> RewardModelConfig:

@@ -14,31 +14,16 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from humanalign.config.base import load_config
-from humanalign.config.data import PrepareDataConfig
 from humanalign.config.sft import SFTConfig
-from humanalign.data.image_demo import write_image_demo
 from humanalign.data.load import load_source
 from humanalign.data.pairs import records_to_pairs
-from humanalign.data.prepare import run as prepare
 from humanalign.data.vision_sft import VisionConversation, VisionSFTCollator, tokenize_vision_conversations
 from humanalign.errors import ConfigError, UserError
 from humanalign.losses.sft import sft_loss_sums
-from humanalign.models.tiny_vision import build_tiny_vision_model, tiny_qwen2_vl
+from humanalign.models.tiny_vision import tiny_qwen2_vl
 from humanalign.models.vision import load_vision_lm, model_part, set_trainable_parts
 from humanalign.trainers.sft import forward_logits
 from humanalign.trainers.sft import run as train_sft
-
-
-@pytest.fixture(scope="module")
-def vision_run(tmp_path_factory) -> dict[str, Path]:
-    """The tiny LLaVA folder and 40 generated picture questions prepared into train/val pairs."""
-    root = tmp_path_factory.mktemp("sft_vision")
-    model = build_tiny_vision_model(root / "tiny_vision", seed=0)
-    raw = write_image_demo(root / "raw", n=40, seed=0, size=32)
-    prepare(load_config(PrepareDataConfig, values={"input_dir": str(raw.parent), "output_dir": str(root / "data"),
-                                                   "seed": 0}))
-    return {"root": root, "model": model, "train": root / "data" / "train" / "helpful_pairs.jsonl",
-            "val": root / "data" / "val" / "helpful_pairs.jsonl"}
 
 
 def sft_config(vision_run, tmp_path, **values) -> SFTConfig:
