@@ -1,64 +1,18 @@
 """PPO(-Lag) and GRPO(-Lag) configs share their fields through config/online_rl.py; sharing must not change one key.
 
-online_rl_snapshot.json was written from the four configs before they shared anything: every field's key,
-aliases, default, constraints and description, the JSON schema, the docstring. Field order may differ.
-Regenerate only on purpose: ``PYTHONPATH=src python tests/config/test_online_rl.py``.
+When the fields were moved (2026-12-05), a snapshot of the four configs taken before they shared anything (every
+field's key, aliases, default, constraints and description, the JSON schema, the docstring; commit be610fe) was
+asserted equal to the shared version; it is not kept as a test, since it would freeze the schema (and pydantic's
+reprs). What stays tested: the differences the two commands keep, unknown keys and the validators.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-
 import pytest
 from pydantic import ValidationError
-from pydantic_core import PydanticUndefined
 
 from humanalign.config.grpo import GRPOConfig, GRPOLagConfig
 from humanalign.config.ppo import PPOConfig, PPOLagConfig
-
-SNAPSHOT = Path(__file__).with_name("online_rl_snapshot.json")
-CLASSES = {"PPOConfig": PPOConfig, "PPOLagConfig": PPOLagConfig, "GRPOConfig": GRPOConfig,
-           "GRPOLagConfig": GRPOLagConfig}
-
-
-def _default(field) -> object:
-    if field.default_factory is not None:
-        return {"factory": repr(field.default_factory())}
-    return None if field.default is PydanticUndefined else repr(field.default)
-
-
-def _describe(cls) -> dict:
-    fields = {
-        name: {
-            "annotation": repr(field.annotation),
-            "default": _default(field),
-            "required": field.is_required(),
-            "validation_alias": repr(field.validation_alias),
-            "alias": field.alias,
-            "description": field.description,
-            "metadata": sorted(repr(m) for m in field.metadata),
-        }
-        for name, field in cls.model_fields.items()
-    }
-    return {"fields": fields, "json_schema": cls.model_json_schema(), "doc": cls.__doc__,
-            "extra": cls.model_config.get("extra")}
-
-
-def _snapshot() -> dict:
-    # through JSON so that tuples and lists compare alike
-    return json.loads(json.dumps({name: _describe(cls) for name, cls in CLASSES.items()}))
-
-
-@pytest.mark.parametrize("name", list(CLASSES))
-def test_fields_match_the_snapshot(name):
-    want = json.loads(SNAPSHOT.read_text())[name]
-    got = _snapshot()[name]
-    assert sorted(got["fields"]) == sorted(want["fields"])  # same keys, none added or lost
-    for key, field in want["fields"].items():
-        assert got["fields"][key] == field, key
-    assert got == want
 
 
 def test_ppo_and_grpo_keep_their_differences():
@@ -91,8 +45,3 @@ def test_lagrangian_checks(cls):
         cls.model_validate({"reward_fn": "m:f", "cost_fn": "m:c", "lambda_init": 5, "lambda_max": 2})
     config = cls.model_validate({"reward_fn": "m:f", "cost_fn": "m:c", "threshold": 0.5, "lambda_lr": 0.2})
     assert (config.cost_threshold, config.lambda_lr, config.is_lagrangian) == (0.5, 0.2, True)
-
-
-if __name__ == "__main__":
-    SNAPSHOT.write_text(json.dumps(_snapshot(), indent=1, sort_keys=True, ensure_ascii=False) + "\n")
-    sys.exit(0)
