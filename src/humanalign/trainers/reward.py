@@ -184,15 +184,7 @@ def prepare_score_data(
                 f"{trunc.summary()}")
         if identical:
             say(f"[{NAME}] {split}: {identical} pairs dropped: both responses are the same tokens after truncation")
-    if not encoded["train"]:
-        raise UserError(f"{sources.get('train', 'training data')}: no pair left to train on after tokenisation "
-                        f"(max_length {max_length}); raise max_length")
-    labelled = count_labelled(train_pairs) if cfg.task == "harmless" else 0
-    if cfg.task == "harmless":
-        note = safety_label_note(train_pairs, sources.get("train", "training data"), cfg.use_sign_terms)
-        if note:
-            say(note)
-    return ScoreData(train=encoded["train"], val=encoded["val"], labelled_train=labelled, stats=stats)
+    return finish_score_data(cfg, encoded, train_pairs, sources, stats, max_length, say)
 
 
 class VisionScoreCollator:
@@ -247,15 +239,7 @@ def prepare_vision_score_data(
             f"images) -> {len(encoded[split]):,} examples")
         if all_skipped:
             say(f"[{NAME}] {split} skipped: " + ", ".join(f"{k}: {v}" for k, v in all_skipped.most_common()))
-    if not encoded["train"]:
-        raise UserError(f"{sources.get('train', 'training data')}: no pair left to train on after tokenisation "
-                        f"(max_length {cfg.max_length}); raise max_length")
-    labelled = count_labelled(train_pairs) if cfg.task == "harmless" else 0
-    if cfg.task == "harmless":
-        note = safety_label_note(train_pairs, sources.get("train", "training data"), cfg.use_sign_terms)
-        if note:
-            say(note)
-    return ScoreData(train=encoded["train"], val=encoded["val"], labelled_train=labelled, stats=stats)
+    return finish_score_data(cfg, encoded, train_pairs, sources, stats, cfg.max_length, say)
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -713,6 +697,20 @@ def run(cfg: RewardModelConfig) -> dict[str, Any]:
     return train_score_model(cfg, train_pairs, val_pairs, skipped={"train": train_skipped, "val": val_skipped},
                              sources=sources)
 
+
+
+def finish_score_data(cfg, encoded, train_pairs, sources, stats, max_length, say) -> ScoreData:
+    """The end both loaders (text and images) share: refuse an empty training set, note the harmless stream's
+    safety labels, and bundle the encoded splits."""
+    if not encoded["train"]:
+        raise UserError(f"{sources.get('train', 'training data')}: no pair left to train on after tokenisation "
+                        f"(max_length {max_length}); raise max_length")
+    labelled = count_labelled(train_pairs) if cfg.task == "harmless" else 0
+    if cfg.task == "harmless":
+        note = safety_label_note(train_pairs, sources.get("train", "training data"), cfg.use_sign_terms)
+        if note:
+            say(note)
+    return ScoreData(train=encoded["train"], val=encoded["val"], labelled_train=labelled, stats=stats)
 
 __all__ = [
     "LossSettings", "score_groups", "NormalizerState", "ScoreData", "ScoreModelTrainer", "encode_pairs",
