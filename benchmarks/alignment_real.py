@@ -492,38 +492,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ref_pairs = reference_heldout(args, root / "work", sets, base["policy_model_path"])
     judge = judge_accuracy(cost_model, sets)
     runs: dict[str, list[dict[str, Any]]] = {}
-    for variant in args.variants:
-        for seed in range(args.seeds):
-            done = root / "runs" / f"{variant}-s{seed}.json"
-            if done.is_file():
-                print(f"[bench] {variant} seed {seed}: cached ({done})", file=sys.stderr)
-                runs.setdefault(variant, []).append(json.loads(done.read_text()))
-                continue
-            values = {**base, **VARIANTS[variant], "seed": seed,
-                      "output_dir": str(root / "work" / "runs" / f"{variant}-s{seed}")}
-            if args.quick and "lambda_update_interval" in VARIANTS[variant]:
-                values["lambda_update_interval"] = 1
-            result = run_variant(f"{variant}, seed {seed}", values)
-            measured = measure_run(args, result, sets, ref_pairs, cost_model, base["policy_model_path"], seed)
-            measured.update(variant=variant, seed=seed)
-            write_json(done, measured)
-            runs.setdefault(variant, []).append(measured)
+    context = {"d": d, "j_start": j_start, "j_safe": j_safe, "judge": judge, "began": began}
+    # Seed-major: every variant's seed 0 comes before any seed 1, so an interrupted run already holds a complete
+    # one-seed table, and the report is rewritten after each run (marked partial until the last).
+    jobs = [(variant, seed) for seed in range(args.seeds) for variant in args.variants]
+    for number, (variant, seed) in enumerate(jobs, 1):
+        done = root / "runs" / f"{variant}-s{seed}.json"
+        if done.is_file():
+            print(f"[bench] {variant} seed {seed}: cached ({done})", file=sys.stderr)
+            runs.setdefault(variant, []).append(json.loads(done.read_text()))
+            continue
+        values = {**base, **VARIANTS[variant], "seed": seed,
+                  "output_dir": str(root / "work" / "runs" / f"{variant}-s{seed}")}
+        if args.quick and "lambda_update_interval" in VARIANTS[variant]:
+            values["lambda_update_interval"] = 1
+        print(f"[bench] run {number}/{len(jobs)}: {variant}, seed {seed}", file=sys.stderr)
+        result = run_variant(f"{variant}, seed {seed}", values)
+        measured = measure_run(args, result, sets, ref_pairs, cost_model, base["policy_model_path"], seed)
+        measured.update(variant=variant, seed=seed)
+        write_json(done, measured)
+        runs.setdefault(variant, []).append(measured)
+        if number < len(jobs):
+            report(args, root, runs, context, partial=True)
+    return report(args, root, runs, context, partial=False)
+
+
+def report(args, root: Path, runs: dict[str, list[dict[str, Any]]], context: dict[str, Any], partial: bool
+           ) -> dict[str, Any]:
+    """results.json, results.md and the plots from the runs done so far (``partial``: not every run yet)."""
+    runs = {variant: sorted(seeds, key=lambda r: r["seed"]) for variant, seeds in runs.items()}
     summary = summarize(runs, args.bootstrap)
+    d, judge = context["d"], context["judge"]
+    done = {variant: [r["seed"] for r in seeds] for variant, seeds in runs.items()}
     header = (f"model {args.model}, {args.max_steps} steps of {args.batch_size} + {args.batch_size} pairs "
               f"({args.pairs_per_stream} training pairs per stream), seeds 0..{args.seeds - 1}, max_length "
               f"{args.max_length}, d {d:.3f}; judge: held-out pair accuracy {judge['pair_accuracy']:.3f}, sign "
               f"accuracy {judge['sign_accuracy']:.3f} (calibration offset {judge['offset']:+.3f}). Cells: mean "
               "[95% bootstrap interval over items] (seeds' range).")
+    if partial:
+        header = ("PARTIAL (the run is not finished; seeds done per variant: "
+                  + "; ".join(f"{v} {s}" for v, s in done.items()) + "). " + header)
     table = markdown(summary, header)
-    payload = {"benchmark": "alignment_real", "args": {k: str(v) if isinstance(v, Path) else v
-                                                       for k, v in vars(args).items()},
-               "threshold": {"d": d, "j_start": j_start, "j_always_safer": j_safe}, "judge": judge,
-               "refusal_rule": {"regex": REFUSAL.pattern, "window_chars": REFUSAL_WINDOW},
-               "summary": summary, "runs": runs, "seconds": round(time.time() - began, 1)}
+    payload = {"benchmark": "alignment_real", "partial": partial, "seeds_done": done,
+               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "threshold": {"d": d, "j_start": context["j_start"], "j_always_safer": context["j_safe"]},
+               "judge": judge, "refusal_rule": {"regex": REFUSAL.pattern, "window_chars": REFUSAL_WINDOW},
+               "summary": summary, "runs": runs, "seconds": round(time.time() - context["began"], 1)}
     write_json(root / "results.json", payload)
     (root / "results.md").write_text(table + "\n", encoding="utf-8")
     plots(summary, runs, root)
-    print(table)
+    if not partial:
+        print(table)
     return payload
 
 

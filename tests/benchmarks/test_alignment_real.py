@@ -48,6 +48,20 @@ def test_bootstrap_and_paired_difference_hand_worked():
     assert diff["items"] == 2 and diff["mean"] == pytest.approx(0.5)  # paired over the items both have
 
 
+def test_partial_report_marks_what_is_done(tmp_path):
+    bench = _load()
+    item = {k: [1.0, 0.0] for k in bench.METRICS}
+    runs = {bench.BASELINE: [{"seed": 0, "items": item, "lambda_final": None, "seconds_per_step": 1.0}]}
+    args = bench.parse_args(["--model", "tiny", "--seeds", "3", "--bootstrap", "20"])
+    context = {"d": 0.1, "j_start": 0.2, "j_safe": -0.5, "began": 0.0,
+               "judge": {"pair_accuracy": 0.7, "sign_accuracy": 0.6, "offset": -0.1}}
+    payload = bench.report(args, tmp_path, runs, context, partial=True)
+    assert payload["partial"] and payload["seeds_done"] == {bench.BASELINE: [0]}
+    table = (tmp_path / "results.md").read_text()
+    assert table.startswith("PARTIAL") and f"{bench.BASELINE} [0]" in table
+    assert (tmp_path / "metrics.png").is_file()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not all((shared_data_dir() / f).is_file() for f in NEEDED), reason="shared data not present")
 def test_quick_run_writes_every_variant_and_field_and_a_rerun_skips_them(tmp_path, monkeypatch, capsys):
