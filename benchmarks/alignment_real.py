@@ -169,7 +169,8 @@ def score_models(args, root: Path, files: dict[str, Path]) -> tuple[str, str]:
         if given:
             out.append(given)
             continue
-        if not (folder / "config.json").is_file():
+        # the trainer saves the model in <folder>/final (a rerun must find it there, not retrain over it)
+        if not any((f / "config.json").is_file() for f in (folder, folder / "final")):
             val = files["rm_calibration"] if task == "harmless" else files["heldout_helpful"]
             values = {"task": task, f"train_{task}_path": str(files[f"rm_train_{task}"]),
                       f"val_{task}_path": str(val), "output_dir": str(folder), "overwrite_output_dir": True,

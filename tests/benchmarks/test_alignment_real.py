@@ -101,4 +101,5 @@ def test_quick_run_writes_every_variant_and_field_and_a_rerun_skips_them(tmp_pat
     err = capsys.readouterr().err
     assert all(f"[bench] {v} seed 0: cached" in err for v in bench.VARIANTS)
     assert "=== " not in err  # no variant trained again
+    assert "[rm]" not in err  # nor the reward and cost models (saved in <folder>/final)
     assert again["summary"] == payload["summary"]
