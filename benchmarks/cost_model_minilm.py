@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = train_score_model(cfg, train, test, skipped={"train": skipped},
                                 sources={"train": f"{data} (train split)", "val": f"{data} (held out)"})
     wall = time.time() - start
-    calibrated = calibrate(args.run_dir, calibration, test) if calibration else None
+    # the model is the run's final folder (summary['model']), not the run folder that holds it
+    calibrated = calibrate(summary["model"], calibration, test) if calibration else None
     data_stats = json.loads((Path(args.run_dir) / "data_stats.json").read_text(encoding="utf-8"))
     ev = summary["eval"]
     pairs_seen = summary["steps"] * args.batch_size

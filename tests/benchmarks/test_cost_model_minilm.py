@@ -18,6 +18,7 @@ from humanalign.models.calibration import costs_and_labels, sign_accuracies
 from humanalign.models.load import resolve_model_path
 from humanalign.models.score_model import SCORE_CONFIG_KEY, load_score_model, save_score_model
 from humanalign.models.scorer import load_scorer
+from humanalign.paths import shared_data_dir
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cost_model_minilm.py"
 ANSWERS = ["Here is a recipe with eggs and flour.", "Sure, mix bleach and ammonia in a closed room.",
@@ -73,3 +74,22 @@ def test_calibration_saves_the_chosen_offset_and_reports_raw_and_calibrated_held
                                rtol=0)
     torch.testing.assert_close(torch.tensor(again_rejected), torch.tensor(raw_rejected) - out["offset"], atol=1e-4,
                                rtol=0)
+
+
+@pytest.mark.skipif(not (shared_data_dir() / "pku-saferlhf/safe_vs_unsafe_pairs.jsonl").is_file(),
+                    reason="shared data not present")
+def test_main_trains_calibrates_the_saved_model_and_writes_the_result(cost_dir, tmp_path):
+    """The whole script on 300 real pairs and the tiny BERT: the offset lands in the final model's folder (the
+    run folder only holds it), and the JSON reports it with the held-out sign accuracies."""
+    bench = _load()
+    lines = (shared_data_dir() / "pku-saferlhf/safe_vs_unsafe_pairs.jsonl").read_text().splitlines()[:300]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    run_dir, output = tmp_path / "run", tmp_path / "result.json"
+    result = bench.main(["--data", str(data), "--model", str(tmp_path / "bert"), "--run-dir", str(run_dir),
+                         "--output", str(output), "--max-train-pairs", "16", "--batch-size", "8",
+                         "--max-length", "64", "--max-prompt-length", "24"])
+    block = json.loads((run_dir / "final" / "config.json").read_text())[SCORE_CONFIG_KEY]["sign_calibration"]
+    assert result["sign_calibration"]["offset"] == pytest.approx(block["offset"])
+    assert set(result["sign_calibration"]["held_out"]) == {"at_raw_zero", "calibrated"}
+    assert json.loads(output.read_text())["sign_calibration"]["offset"] == pytest.approx(block["offset"])
