@@ -10,10 +10,11 @@ commands, which move their models to CUDA when there is one); on "cuda" nothing 
 Precision: ``fp32`` (``mixed_precision: no``, ``model.dtype: float32``) for the 1e-4 comparisons; ``bf16``
 (``mixed_precision: auto``, ``model.dtype: auto``: bf16 weights and autocast on a GPU that has bf16).
 
-Sampling is made device-independent (``same_sampling``): ``torch.multinomial`` draws on the CPU from the CPU
-generator on both devices, so PPO's rollouts, sampled J_c and the sampling eval commands pick the same tokens
-from (nearly) the same probabilities on CUDA as on the CPU; only a draw that lands within rounding of a boundary
-between two tokens could differ.
+Sampling is device-independent: the rollout loop (PPO's rollouts, the sampled J_c) draws its uniforms from the
+CPU generator by design (``rollout.hf.sample_categorical``), and ``same_sampling`` makes ``torch.multinomial``
+(``generate``, so the sampling eval commands) draw on the CPU from the CPU generator on both devices; so they
+pick the same tokens from (nearly) the same probabilities on CUDA as on the CPU; only a draw that lands within
+rounding of a boundary between two tokens could differ.
 
 This file is a helper (no tests): tests/gpu/test_cuda_*.py and tests/gpu/test_harness_cpu.py load it.
 """

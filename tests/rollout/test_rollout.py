@@ -171,21 +171,74 @@ def test_trainer_runs_on_any_rollout_engine(tmp_path):
     assert scripted.syncs == 2
 
 
-@pytest.mark.parametrize("settings", [GenerationSettings(max_new_tokens=12, do_sample=False),
-                                      GenerationSettings(max_new_tokens=12),
-                                      GenerationSettings(max_new_tokens=12, temperature=0.7, top_k=50, top_p=0.9)],
-                         ids=["greedy", "sampled", "warped"])
-def test_lean_loop_writes_what_generate_writes(actor, settings):
-    """The lean loop (prefill once, cache repeated G times) samples from generate's distribution with generate's
-    use of the random stream: the same seed gives the same tokens, stops included (every 7th token stops)."""
+def test_lean_loop_greedy_writes_what_generate_writes(actor):
+    """Greedy: the lean loop (prefill once, cache repeated G times) writes generate's tokens, stops included
+    (every 7th token stops)."""
     model, tokenizer = actor
     stops = list(range(0, len(tokenizer), 7))
+    settings = GenerationSettings(max_new_tokens=12, do_sample=False)
     out = {sampler: HFRolloutEngine(model, tokenizer, stop_token_ids=stops, sampler=sampler).generate(
         _ids(tokenizer), settings, num_return_sequences=4, seed=3) for sampler in ("loop", "generate")}
     assert out["loop"].response_ids == out["generate"].response_ids
     assert out["loop"].finished == out["generate"].finished
-    assert any(out["loop"].finished) or not settings.do_sample  # greedy answers here never stop
     assert out["loop"].prompt_index == out["generate"].prompt_index
+
+
+def _first_token_probs(model, tokenizer, ids, settings) -> torch.Tensor:
+    """The distribution generate samples the first answer token from: softmax of the warped last logits."""
+    from humanalign.rollout.hf import warpers
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[:, -1]
+    return torch.softmax(warpers(settings)(torch.tensor([ids]), logits.float()), dim=-1)[0]
+
+
+@pytest.mark.parametrize("settings", [GenerationSettings(max_new_tokens=1),
+                                      GenerationSettings(max_new_tokens=1, temperature=0.7, top_k=50, top_p=0.9)],
+                         ids=["sampled", "warped"])
+def test_lean_loop_samples_from_generates_distribution(actor, settings):
+    """Sampled: 8,000 first tokens of the loop follow the warped softmax generate draws from, never a token the
+    warpers removed, and the same seed gives the same tokens. The tiny model is near uniform over ~1.5k tokens,
+    so tokens are grouped into 20 buckets by probability rank: total variation under 0.05 over the buckets
+    (sampling noise ~0.02; the sampler itself is checked token by token in the next test)."""
+    model, tokenizer = actor
+    ids = _ids(tokenizer)[0]
+    engine = HFRolloutEngine(model, tokenizer, stop_token_ids=[0])
+    out = engine.generate([ids], settings, num_return_sequences=8000, seed=3)
+    drawn = torch.tensor([r[0] for r in out.response_ids])
+    probs = _first_token_probs(model, tokenizer, ids, settings).double()
+    support = int((probs > 0).sum())
+    rank = torch.empty_like(drawn, dtype=torch.long, device="cpu").new_zeros(probs.numel())
+    rank[probs.argsort(descending=True)] = torch.arange(probs.numel())
+    bucket = (rank * 20 // support).clamp(max=19)  # the zero-probability tokens land in the last bucket
+    expected = torch.zeros(20, dtype=torch.float64).index_add_(0, bucket, probs)
+    observed = torch.bincount(bucket[drawn], minlength=20).double() / drawn.numel()
+    assert 0.5 * (observed - expected).abs().sum() < 0.05, (observed, expected)
+    assert bool((probs[drawn] > 0).all())
+    again = engine.generate([ids], settings, num_return_sequences=8000, seed=3)
+    assert again.response_ids == out.response_ids
+
+
+def test_sample_categorical_hand_worked_and_by_frequency():
+    from humanalign.rollout.hf import sample_categorical
+
+    # cdf of [0, .5, 0, .5] is [0, .5, .5, 1]: u < .5 -> token 1, u >= .5 -> token 3; zeros never drawn
+    scores = torch.log(torch.tensor([[0.0, 0.5, 0.0, 0.5]] * 3))
+    with mock_rand(torch.tensor([[0.0], [0.4999], [0.5]])):
+        assert sample_categorical(scores).tolist() == [1, 1, 3]
+    with mock_rand(torch.tensor([[1.0], [1.0], [1.0]])):  # u * total rounded up to total: the last real token
+        assert sample_categorical(scores).tolist() == [3, 3, 3]
+    torch.manual_seed(0)
+    probs = torch.tensor([0.1, 0.0, 0.2, 0.3, 0.4])
+    drawn = sample_categorical(torch.log(probs).expand(20000, -1))
+    freq = torch.bincount(drawn, minlength=5).double() / 20000
+    assert freq[1] == 0 and torch.allclose(freq, probs.double(), atol=0.015)
+
+
+def mock_rand(values: torch.Tensor):
+    from unittest import mock
+
+    return mock.patch.object(torch, "rand", lambda *shape, **_: values.clone())
 
 
 def test_response_positions_only_head_gives_the_full_logits_logps(actor):

@@ -153,9 +153,11 @@ def vowel_share(prompts, responses, **_):
 @pytest.mark.slow
 def test_grpo_learns_a_rule_based_reward_on_the_tiny_model(tmp_path):
     """The embedded tiny model (random weights, a byte-level BPE vocabulary); reward = share of the answer's letters that
-    are vowels (a Python reward from a file). Its random answers start near 0.37; after 20 rollouts of 4 prompts
-    x 4 answers the mean of the last 3 rollouts is at least 0.1 above that of the first 3 (seed 0: 0.37 ->
-    ~0.6; it reaches 0.95 by rollout 25)."""
+    are vowels (a Python reward from a file). Its random answers start near 0.37; after 25 rollouts of 4 prompts
+    x 4 answers the mean of the last 3 rollouts is at least 0.1 above that of the first 3 (seed 0: 0.36 ->
+    0.53, and 0.71 by rollout 30; seeds 1 and 2: 0.36 -> 0.59 and 0.37 -> 0.59). How fast a run finds the
+    vowel-heavy tokens depends on its draws: with torch.multinomial's draws the same seeds were at 0.58, 0.47
+    and 0.60 by rollout 20 (the samplers agree in distribution, tests/rollout)."""
     from transformers import AutoModelForCausalLM
 
     from humanalign.models.tiny import tiny_model_path
@@ -169,10 +171,10 @@ def test_grpo_learns_a_rule_based_reward_on_the_tiny_model(tmp_path):
         actor_model_path=str(tiny_model_path()), prompts_path=str(prompts), output_dir=str(out),
         reward_fn=f"{tmp_path / 'vowels.py'}:vowel_share", rollout_batch_size=4, num_generations=4, batch_size=16,
         max_new_tokens=8, max_length=48, max_prompt_length=32, learning_rate=1e-2, lr_scheduler="constant",
-        beta=0.0, max_steps=20, logging_steps=1, report_to=["none"], progress_bar=False, seed=0)))
+        beta=0.0, max_steps=25, logging_steps=1, report_to=["none"], progress_bar=False, seed=0)))
     rows = train_rows(out)
     rewards = [r["train/reward"] for r in rows]
-    assert len(rewards) == 20
+    assert len(rewards) == 25
     assert mean(rewards[-3:]) - mean(rewards[:3]) >= 0.1, rewards
     for key in ("loss", "entropy", "clipfrac", "approx_kl", "ratio_mean", "response_length", "advantage_std",
                 "group_reward_spread", "zero_spread_groups", "reward_fn_score", "grad_norm", "actor_lr"):
@@ -236,9 +238,10 @@ def test_resume_continues_exactly(world, tmp_path):
 
 
 # First five logged losses of the pinned run below (seed 0, one thread, torch 2.13 CPU); re-pin only for a
-# deliberate change of the algorithm or of the tiny model's recipe. Step 1 is on the rollout's own policy with
-# RLOO advantages that sum to 0 over each group, so its loss is 0 up to round-off (7e-9).
-PINNED_LOSSES = [0.0, -0.010948188602924347, 0.0016234153881669044, -0.004187021404504776, 0.0023268572986125946]
+# deliberate change of the algorithm, of the sampler (re-pinned when the rollout loop moved from
+# torch.multinomial to the inverse transform: the same distribution, other draws) or of the tiny model's
+# recipe. Step 1 is on the rollout's own policy with RLOO advantages that sum to 0 over each group, so its loss is 0 up to round-off (7e-9).
+PINNED_LOSSES = [0.0, -0.011964575697978338, 0.0009225234389305115, -0.008865303049484888, 0.0010009575635194778]
 
 
 @pytest.mark.slow

@@ -12,7 +12,9 @@ train/reward_value_loss and train/entropy (steps 1-5: the first pass over a roll
 advantages, so its policy loss is 0; the second is not); PPO-Lagrangian the same plus train/cost_value_loss and
 train/lambda (rollouts 1-5).
 
-The values were recorded on commit 6edd61a, before the trainers' structure refactor. A deliberate numerical change
+The values were recorded on commit 6edd61a, before the trainers' structure refactor; PPO's and
+PPO-Lagrangian's were re-recorded when the rollout loop's sampler moved from ``torch.multinomial`` to the inverse
+transform (``rollout.hf.sample_categorical``: the same distribution, other draws for the same seed). A deliberate numerical change
 must re-record them: run
 
     HUMANALIGN_RECORD_PINS=1 python -m pytest -q -s tests/trainers/test_pinned_curves.py
@@ -86,15 +88,15 @@ PINS: dict[str, dict[str, list[float]]] = {
         "train/lambda": [1.0, 1.15102, 1.480442, 1.486037, 0.855087],
     },
     "ppo": {
-        "train/pg_loss": [0.0, -0.144392, 0.0, -0.13625, 0.0],
-        "train/reward_value_loss": [0.012504, 0.272207, 0.067503, 0.003192, 0.036097],
-        "train/entropy": [7.339401, 7.339318, 7.339334, 7.338166, 7.338582],
+        "train/pg_loss": [0.0, -0.137378, 0.0, -0.13532, 0.0],
+        "train/reward_value_loss": [0.009816, 0.20018, 0.097549, 0.002736, 0.012767],
+        "train/entropy": [7.339326, 7.33989, 7.339175, 7.339426, 7.338973],
     },
     "ppo-lag": {
-        "train/pg_loss": [0.0, -0.147207, 0.0, -0.131758, 0.0],
-        "train/reward_value_loss": [0.012504, 0.272207, 0.06414, 0.003425, 0.039737],
-        "train/entropy": [7.339401, 7.339025, 7.338437, 7.33964, 7.338463],
-        "train/cost_value_loss": [0.020746, 0.21985, 0.035627, 0.021231, 0.008688],
+        "train/pg_loss": [0.0, -0.140792, 0.0, -0.122719, 0.0],
+        "train/reward_value_loss": [0.009816, 0.20018, 0.08852, 0.001943, 0.010523],
+        "train/entropy": [7.339326, 7.339675, 7.338645, 7.338227, 7.338914],
+        "train/cost_value_loss": [0.018812, 0.205248, 0.043046, 0.011161, 0.015212],
         "train/lambda": [0.980199, 0.96117, 0.94287, 0.925256, 0.908292],
     },
 }

@@ -8,6 +8,7 @@ the actor's token ids.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,16 @@ class PolicyAndCritics(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 ptx_input_ids: torch.Tensor | None = None, ptx_attention_mask: torch.Tensor | None = None,
                 generate_kwargs: dict[str, Any] | None = None, logits_to_keep: int = 0,
-                position_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
+                position_ids: torch.Tensor | None = None,
+                sample_fn: Callable[[nn.Module], torch.Tensor] | None = None
+                ) -> dict[str, torch.Tensor] | torch.Tensor:
         """``logits_to_keep`` > 0: the actor's LM head runs on the last that many positions only.
-        ``position_ids``: the actor's own (a packed layout, e.g. GRPO's shared prompt; critics never get them)."""
-        if generate_kwargs is not None:  # sampling, through the prepared module's forward: see ActorGeneration
+        ``position_ids``: the actor's own (a packed layout, e.g. GRPO's shared prompt; critics never get them).
+        ``generate_kwargs`` / ``sample_fn``: sampling through the prepared module's forward (ActorGeneration)."""
+        if generate_kwargs is not None:
             return self.actor.generate(**generate_kwargs)
+        if sample_fn is not None:
+            return sample_fn(self.actor)
         keep = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         if position_ids is not None:
             keep["position_ids"] = position_ids
@@ -100,6 +106,10 @@ class ActorGeneration:
 
     def generate(self, **kwargs) -> torch.Tensor:
         return self.prepared(generate_kwargs={**kwargs, "synced_gpus": self.synced_gpus})
+
+    def sample(self, fn: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+        """``fn(actor)`` run inside the prepared module's forward (a sampling loop that syncs its own stops)."""
+        return self.prepared(sample_fn=fn)
 
 
 def disable_all_dropout(model: nn.Module) -> None:
