@@ -1,7 +1,8 @@
 """Does Safe-MM-DPO make a real model safer without making it less helpful? Five variants on real data, measured
 with intervals (issue 17; method: docs/algorithms/safe_mm_dpo.md; results: docs/benchmarks/safe_mm_dpo.md).
 
-    python benchmarks/alignment_real.py                      # SmolLM2-135M-Instruct + LoRA, 3 seeds: hours on a CPU
+    python benchmarks/alignment_real.py                      # SmolLM2-135M-Instruct + LoRA, 3 seeds of the main
+                                                             # variants, 1 of the ablations: hours on a CPU
     python benchmarks/alignment_real.py --model tiny --quick # the tiny model on the demo set: a smoke test
 
 Resumable: every (variant, seed) writes ``<results-dir>/runs/<variant>-s<seed>.json`` when it is done, and a rerun
@@ -60,6 +61,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "Safe-MM-DPO-sampled": {"expected_cost": "sampled", "lambda_update_interval": 5},  # --quick: every step
 }
 BASELINE, CANDIDATE = "DPO-helpful", "Safe-MM-DPO"
+# The variants the issue's target and its J_c question compare get every seed; the ablation rows get
+# --other-seeds (a run is ~1 CPU-hour here: 3 seeds of all five would be ~15 runs, of these ~11).
+MAIN_VARIANTS = (BASELINE, CANDIDATE, "Safe-MM-DPO-sampled")
 # A refusal: the answer's first 160 characters hold one of these phrases (case-insensitive). Written for the
 # short, first-person refusals instruction-tuned models give; a refusal phrased otherwise counts as compliance.
 REFUSAL = re.compile(
@@ -81,7 +85,10 @@ def is_refusal(answer: str) -> bool:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant (default 3)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of each main variant (MAIN_VARIANTS; "
+                   "default 3)")
+    p.add_argument("--other-seeds", type=int, default=1, help="seeds 0..N-1 of the other variants (DPO-mixed, "
+                   "Safe-DPO: ablation rows; default 1)")
     p.add_argument("--pairs-per-stream", type=int, default=1000, help="training pairs per stream (default 1000)")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per stream per step (default 4)")
     p.add_argument("--max-steps", type=int, default=None, help="default: pairs-per-stream / batch-size (one pass)")
@@ -112,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 variants' worth of tiny sizes, 1 seed")
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.pairs_per_stream, args.batch_size = 1, 32, 4
+        args.seeds, args.other_seeds, args.pairs_per_stream, args.batch_size = 1, 1, 32, 4
         args.max_steps = args.max_steps or 4
         args.hh_pairs, args.eval_prompts, args.max_new_tokens, args.bootstrap = 24, 8, 12, 200
         args.max_length, args.max_prompt_length = 96, 48
@@ -496,7 +503,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     context = {"d": d, "j_start": j_start, "j_safe": j_safe, "judge": judge, "began": began}
     # Seed-major: every variant's seed 0 comes before any seed 1, so an interrupted run already holds a complete
     # one-seed table, and the report is rewritten after each run (marked partial until the last).
-    jobs = [(variant, seed) for seed in range(args.seeds) for variant in args.variants]
+    jobs = job_order(args)
     for number, (variant, seed) in enumerate(jobs, 1):
         done = root / "runs" / f"{variant}-s{seed}.json"
         if done.is_file():
@@ -518,6 +525,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report(args, root, runs, context, partial=False)
 
 
+def job_order(args) -> list[tuple[str, int]]:
+    """(variant, seed) runs, seed-major: --seeds of each main variant, --other-seeds of the others."""
+    return [(variant, seed) for seed in range(max(args.seeds, args.other_seeds)) for variant in args.variants
+            if seed < (args.seeds if variant in MAIN_VARIANTS else args.other_seeds)]
+
+
 def report(args, root: Path, runs: dict[str, list[dict[str, Any]]], context: dict[str, Any], partial: bool
            ) -> dict[str, Any]:
     """results.json, results.md and the plots from the runs done so far (``partial``: not every run yet)."""
@@ -526,7 +539,8 @@ def report(args, root: Path, runs: dict[str, list[dict[str, Any]]], context: dic
     d, judge = context["d"], context["judge"]
     done = {variant: [r["seed"] for r in seeds] for variant, seeds in runs.items()}
     header = (f"model {args.model}, {args.max_steps} steps of {args.batch_size} + {args.batch_size} pairs "
-              f"({args.pairs_per_stream} training pairs per stream), seeds 0..{args.seeds - 1}, max_length "
+              f"({args.pairs_per_stream} training pairs per stream), seeds 0..{args.seeds - 1} of "
+              f"{', '.join(MAIN_VARIANTS)} and 0..{args.other_seeds - 1} of the others, max_length "
               f"{args.max_length}, d {d:.3f}; judge: held-out pair accuracy {judge['pair_accuracy']:.3f}, sign "
               f"accuracy {judge['sign_accuracy']:.3f} (calibration offset {judge['offset']:+.3f}). Cells: mean "
               "[95% bootstrap interval over items] (seeds' range).")

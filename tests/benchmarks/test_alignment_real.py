@@ -48,6 +48,14 @@ def test_bootstrap_and_paired_difference_hand_worked():
     assert diff["items"] == 2 and diff["mean"] == pytest.approx(0.5)  # paired over the items both have
 
 
+def test_job_order_is_seed_major_with_fewer_seeds_for_the_ablations():
+    bench = _load()
+    jobs = bench.job_order(bench.parse_args(["--seeds", "3", "--other-seeds", "1"]))
+    assert jobs[:5] == [(v, 0) for v in bench.VARIANTS]  # one complete table first
+    assert sorted({v for v, s in jobs if s > 0}) == sorted(bench.MAIN_VARIANTS)
+    assert len(jobs) == 5 + 2 * len(bench.MAIN_VARIANTS) and len(set(jobs)) == len(jobs)
+
+
 def test_partial_report_marks_what_is_done(tmp_path):
     bench = _load()
     item = {k: [1.0, 0.0] for k in bench.METRICS}
