@@ -73,14 +73,16 @@ class PolicyAndCritics(nn.Module):
 
 
 class ActorGeneration:
-    """The actor as a rollout engine sees it, its ``generate`` run through the prepared module's forward.
+    """The actor as a rollout engine sees it, its ``generate`` (and the rollout engine's own sampling loop,
+    ``sample``) run through the prepared module's forward.
 
     Under FSDP2 only the root module's forward hooks initialise the sharding and gather the root unit's
     parameters (embeddings, final norm, LM head), and under ZeRO-3 the engine's hooks gather each sub-module's
     shard, so calling ``actor.generate`` directly would meet sharded weights. Inside, every decoder layer
     gathers its shard in each forward: all ranks must run the same number of forwards, so with
     ``synced_gpus`` a rank whose answers have all ended keeps stepping until every rank's have (as
-    transformers does under ZeRO-3). Under DDP or one process this is the plain ``actor.generate``."""
+    transformers does under ZeRO-3; the loop does the same with one all-reduce per step). Under DDP or one
+    process the rollout engine samples with ``actor`` directly."""
 
     def __init__(self, prepared: nn.Module, actor: nn.Module, synced_gpus: bool):
         self.prepared, self.actor, self.synced_gpus = prepared, actor, synced_gpus
