@@ -437,8 +437,10 @@ class Engine(CheckpointingMixin, AbstractContextManager):
         self.step += 1
         self._micro_in_window = 0
         self._nonfinite = torch.zeros_like(self._nonfinite)
+        # from the first finished step on, a signal stops the run after a step; installed before the step is
+        # logged, so a signal sent on seeing the log line (a watcher, a test) finds the handler in place
+        self._signals.install()
         self._log_train(lr)
-        self._signals.install()  # from the first finished step on, a signal stops the run after a step
         if self.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
             last = ckpt.latest_checkpoint(self.run_dir)
             raise UserError(
