@@ -134,13 +134,11 @@ class HFRolloutEngine(RolloutEngine):
         sharded weights), every rank stepping until all ranks' answers have ended (``synced``), in ``no_grad``
         (ZeRO-3 writes the gathered weights in place, which inference mode forbids)."""
         model = self.model
-        if not isinstance(model, ActorGeneration):
-            with torch.inference_mode():
-                return self._sample(model, input_ids, mask, settings, n)
-        if not model.synced_gpus:
-            with torch.inference_mode():
-                return self._sample(model.actor, input_ids, mask, settings, n)
-        return model.sample(lambda actor: self._sample(actor, input_ids, mask, settings, n, synced=True))
+        if isinstance(model, ActorGeneration) and model.synced_gpus:
+            return model.sample(lambda actor: self._sample(actor, input_ids, mask, settings, n, synced=True))
+        with torch.inference_mode():
+            actor = model.actor if isinstance(model, ActorGeneration) else model
+            return self._sample(actor, input_ids, mask, settings, n)
 
     def _sample(self, model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
                 settings: GenerationSettings, n: int, synced: bool = False) -> torch.Tensor:
