@@ -461,27 +461,33 @@ def test_token_wise_cost_model(demo_data, tmp_path):
 
 @pytest.mark.slow
 def test_shared_prompt_rows_train_as_the_plain_forward_does(demo_data, tmp_path, capsys, monkeypatch):
-    """The pair forward takes one row per pair (the prompt once) and says so; when its self-check fails, the
-    plain forward, with the reason; both give the same losses."""
+    """The pair forward takes one row per pair (the prompt once, the last layer at the end tokens) and says so;
+    when its self-check fails with the last layer at the ends, the whole last layer; when that fails too, the
+    plain forward, with the reason; all give the same losses."""
     import humanalign.trainers.reward as reward
 
     pairs = _pairs(demo_data)
     losses = {}
-    for layout in ("shared", "plain"):
+    for layout in ("ends", "whole", "plain"):
+        if layout == "whole":
+            monkeypatch.setattr(reward, "shared_rows_agree", lambda model, *_: not model.end_rows_only)
         if layout == "plain":
             monkeypatch.setattr(reward, "shared_rows_agree", lambda *_: False)
         out = tmp_path / layout
         cfg = tiny_config("rm_tiny", demo_data, out, max_steps=4, batch_size=4, load_best_model_at_end=False,
                           save_steps=None, logging_steps=1)
         summary = train_score_model(cfg, pairs[:16], pairs[16:24])
-        assert summary["pair_forward"] == layout
+        assert summary["pair_forward"] == ("plain" if layout == "plain" else "shared")
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         losses[layout] = [r["train/loss"] for r in rows if "train/loss" in r] + [summary["eval"]["eval/loss"]]
     err = capsys.readouterr().err
-    assert "[rm] pair forward: one row per pair (the prompt once" in err
+    shared = "[rm] pair forward: one row per pair (the prompt once, 4-D mask), "
+    assert shared + "the last layer and the head on the 2 end tokens" in err
+    assert shared + "the head on the 2 end tokens" in err
     assert "[rm] pair forward: plain (chosen and rejected rows, the prompt twice): the shared-prompt rows did not" in err
-    assert len(losses["shared"]) == 5
-    assert losses["shared"] == pytest.approx(losses["plain"], abs=1e-5)
+    assert len(losses["ends"]) == 5
+    assert losses["ends"] == pytest.approx(losses["plain"], abs=1e-5)
+    assert losses["whole"] == pytest.approx(losses["plain"], abs=1e-5)
 
 
 @pytest.mark.slow

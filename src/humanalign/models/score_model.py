@@ -43,6 +43,7 @@ from humanalign.config.training import ModelSettings
 from humanalign.data.score_rows import last_non_pad_index
 from humanalign.data.tokenize import IGNORE_INDEX, encode_prompt_response
 from humanalign.errors import UserError
+from humanalign.models.end_rows import end_rows_refusal, ends_only
 from humanalign.models.load import load_tokenizer, plain_float_model, portable_name, resolve_model
 from humanalign.models.logprobs import is_vision_language, right_padded_mask, takes_4d_mask
 from humanalign.models.lora_merge import merged_gathered_weights, merged_weights
@@ -189,6 +190,8 @@ class ScoreModel(nn.Module):
         self.score_type = score_type
         self.normalizer = normalizer or ScoreNormalizer()
         self.layout = head_layout(hf_model)
+        # the shared-prompt forward computes the last layer at the end tokens only (models/end_rows.py)
+        self.end_rows_only = True
 
     @property
     def config(self):
@@ -217,6 +220,13 @@ class ScoreModel(nn.Module):
 
     def update_normalizer(self, end_scores: torch.Tensor) -> None:
         self.normalizer.update(end_scores)
+
+    def last_layer_at_ends(self) -> bool:
+        """Whether the shared-prompt forward runs the last layer at the end tokens only (``models.end_rows``)."""
+        if not self.end_rows_only or self.layout != "decoder":
+            return False
+        inner = peft_base(self.model)
+        return end_rows_refusal(getattr(inner, inner.base_model_prefix)) is None
 
     def shared_prompt_refusal(self) -> str | None:
         """Why this model cannot score pairs in the shared-prompt layout (``data.score_rows``), or None when it
@@ -288,7 +298,8 @@ class ScoreModel(nn.Module):
 
     def _shared_end_scores(self, inner: nn.Module, rows: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
         """End scores (2B,) of a pair batch from its shared-prompt rows: the backbone on the (B, L) rows, the
-        head on the hidden states at ``rows["ends"]`` (2B,)."""
+        head on the hidden states at ``rows["ends"]`` (2B,). Where ``end_rows_only`` is set and the layout allows
+        (``models.end_rows``) the last layer runs at those end tokens only."""
         if self.layout != "decoder":
             raise ValueError(f"the shared-prompt layout needs a decoder, not a {self.layout} head layout")
         backbone = getattr(inner, inner.base_model_prefix)
@@ -296,9 +307,18 @@ class ScoreModel(nn.Module):
         if self.config._attn_implementation == "eager":  # eager adds the mask to its scores
             dtype = backbone.dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-        hidden = backbone(input_ids=rows["input_ids"], position_ids=rows["position_ids"], attention_mask=mask,
-                          use_cache=False, **kwargs).last_hidden_state  # (B, L, H)
-        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows["ends"])  # (2B, H)
+        inputs = dict(input_ids=rows["input_ids"], position_ids=rows["position_ids"], attention_mask=mask,
+                      use_cache=False, **kwargs)
+        if self.last_layer_at_ends():
+            pairs, width = rows["input_ids"].shape
+            # (B, 2): each row's chosen and rejected end, as positions in the row
+            positions = (rows["ends"].view(2, pairs) - torch.arange(pairs, device=mask.device) * width).T
+            with ends_only(backbone, positions):
+                hidden = backbone(**inputs).last_hidden_state  # (B, 2, H)
+            picked = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # (2B, H) chosen first
+        else:
+            hidden = backbone(**inputs).last_hidden_state  # (B, L, H)
+            picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows["ends"])  # (2B, H)
         return inner.score(picked.to(inner.score.weight.dtype)).squeeze(-1).float()  # (2B,)
 
     def score_config(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -315,11 +315,18 @@ def pick_pair_layout(cfg: RewardModelConfig, engine: Engine, model, score_model,
         probe = engine.to_device(collate(list(features[:2])))
         low_precision = cfg.mixed_precision not in ("no", "auto") or any(
             p.dtype in (torch.bfloat16, torch.float16) for p in score_model.parameters())
-        if not shared_rows_agree(model, probe, 5e-2 if low_precision else 1e-3):
+        tolerance = 5e-2 if low_precision else 1e-3
+        agree = shared_rows_agree(model, probe, tolerance)
+        if not agree and score_model.end_rows_only:  # the whole last layer, before giving the layout up
+            score_model.end_rows_only = False
+            agree = shared_rows_agree(model, probe, tolerance)
+        if not agree:
             collate.shared = False
             refusal = "the shared-prompt rows did not reproduce the plain forward's scores on two training pairs"
     if refusal is None:
-        engine.print(f"[{NAME}] pair forward: one row per pair (the prompt once, 4-D mask), head on the 2 end tokens")
+        ends = score_model.last_layer_at_ends()
+        last = "the last layer and the head on the 2 end tokens" if ends else "the head on the 2 end tokens"
+        engine.print(f"[{NAME}] pair forward: one row per pair (the prompt once, 4-D mask), {last}")
         return "shared"
     engine.print(f"[{NAME}] pair forward: plain (chosen and rejected rows, the prompt twice): {refusal}")
     return "plain"
