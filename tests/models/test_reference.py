@@ -126,6 +126,58 @@ def test_precomputed_cache_hit_and_key(tmp_path, tokenizer, capsys):
     assert shorter.fingerprint() != dataset.fingerprint()
 
 
+class _Interrupted(Exception):
+    pass
+
+
+class _CountingReference:
+    """A reference whose ``logps`` counts its batches and raises after ``stop_after`` of them (an interrupt)."""
+
+    def __init__(self, inner, stop_after: int | None = None):
+        self.inner, self.stop_after, self.batches = inner, stop_after, 0
+
+    def logps(self, batch, average=False):
+        if self.stop_after is not None and self.batches == self.stop_after:
+            raise _Interrupted()
+        self.batches += 1
+        return self.inner.logps(batch, average=average)
+
+
+def test_an_interrupted_precompute_resumes_where_it_stopped(tmp_path, tokenizer, capsys):
+    from humanalign.models.reference import compute_reference_logps
+
+    cfg = dpo_config(tmp_path, reference_mode="precomputed", lora={"enabled": False})
+    dataset, _, _ = build_pair_dataset(PAIRS * 6, tokenizer, max_length=96, max_prompt_length=32)  # 24 pairs
+    partial = tmp_path / "key.partial.safetensors"
+    with Engine(cfg, name="ref-test") as engine:
+        frozen = FrozenReference(load_causal_lm("tiny").eval())
+        whole = compute_reference_logps(_CountingReference(frozen), dataset, engine, 2, tokenizer.pad_token_id)
+        with pytest.raises(_Interrupted):  # 12 batches, progress (and a save) every 1: stopped in batch 6
+            compute_reference_logps(_CountingReference(frozen, stop_after=5), dataset, engine, 2,
+                                    tokenizer.pad_token_id, partial=partial)
+        assert partial.is_file()
+        capsys.readouterr()
+        rest = _CountingReference(frozen)
+        resumed = compute_reference_logps(rest, dataset, engine, 2, tokenizer.pad_token_id, partial=partial)
+        # another batch size is another batch order: the partial file is not used
+        other = _CountingReference(frozen)
+        compute_reference_logps(other, dataset, engine, 3, tokenizer.pad_token_id, partial=partial)
+    assert "resuming at batch 6/12" in capsys.readouterr().err
+    assert rest.batches == 7 and other.batches == 8
+    np.testing.assert_array_equal(resumed[0], whole[0])
+    np.testing.assert_array_equal(resumed[1], whole[1])
+
+
+def test_precompute_removes_its_partial_file(tmp_path, tokenizer):
+    cfg = dpo_config(tmp_path, reference_mode="precomputed", lora={"enabled": False})
+    dataset, _, _ = build_pair_dataset(PAIRS * 6, tokenizer, max_length=96, max_prompt_length=32)
+    cfg = cfg.model_copy(update={"batch_size": 2})
+    with Engine(cfg, name="ref-test") as engine:
+        build_reference(cfg, load_causal_lm("tiny"), engine, [dataset])
+    files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(files) == 1 and ".partial" not in files[0]
+
+
 def test_precomputed_average_divides_by_response_tokens():
     # chosen row: 3 response labels, rejected row: 1 -> averages -6/3 = -2 and -4/1 = -4
     labels = torch.tensor([[-100, 5, 6, 7], [-100, -100, 9, -100]])

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from humanalign.data.preference_dataset import INDEX_KEY, REF_CHOSEN, REF_REJECTED, PairCollator
@@ -220,20 +221,29 @@ def default_cache_dir() -> Path:
 
 
 def compute_reference_logps(
-    reference: ReferenceModel, dataset, engine, batch_size: int, pad_token_id: int = 0
+    reference: ReferenceModel, dataset, engine, batch_size: int, pad_token_id: int = 0,
+    partial: Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed reference log-probs of every example of ``dataset`` (in dataset order): (N,), (N,) float32.
 
     Batches are sharded across processes (longest first) and gathered, so every rank gets the full arrays.
-    (The pad id only fills positions that the attention mask and the -100 labels already exclude.)"""
+    (The pad id only fills positions that the attention mask and the -100 labels already exclude.)
+    ``partial``: a file where the main process saves what is done at each progress line, and from which an
+    interrupted precompute resumes (the same batches in the same order: same processes and batch size)."""
     # longest first, by the rows the forward computes (one per pair, prompt once), so batches carry little padding
     lengths = getattr(dataset, "shared_lengths", None) or dataset.lengths
     loader = engine.eval_loader(dataset, PairCollator(pad_token_id), lengths=lengths, batch_size=batch_size)
     n = len(dataset)
-    chosen, rejected = np.full(n, np.nan, dtype=np.float32), np.full(n, np.nan, dtype=np.float32)
+    layout = {"processes": str(engine.num_processes), "batch_size": str(batch_size), "batches": str(len(loader))}
+    resumed = _read_partial(partial, n, layout) if partial is not None else None
+    chosen, rejected, done = resumed or (np.full(n, np.nan, dtype=np.float32), np.full(n, np.nan, dtype=np.float32), 0)
+    if done:
+        engine.print(f"[reference] {dataset.name or 'pairs'}: resuming at batch {done + 1}/{len(loader)} from {partial}")
     every = max(1, len(loader) // 10)
     start = time.time()
     for i, batch in enumerate(loader):
+        if i < done:  # every process skips the same batches: each gather below still meets all of them
+            continue
         ref_chosen, ref_rejected = reference.logps(batch, average=False)
         gathered = engine.gather_for_metrics({"index": batch[INDEX_KEY], "chosen": ref_chosen.float(),
                                               "rejected": ref_rejected.float()})
@@ -243,10 +253,25 @@ def compute_reference_logps(
         if (i + 1) % every == 0 or i + 1 == len(loader):
             engine.print(f"[reference] {dataset.name or 'pairs'}: batch {i + 1}/{len(loader)} "
                          f"({time.time() - start:.1f}s)")
+            if partial is not None and engine.is_main_process and i + 1 < len(loader):
+                _write_cache(partial, chosen, rejected, metadata={**layout, "batches_done": str(i + 1)})
     missing = int(np.isnan(chosen).sum() + np.isnan(rejected).sum())
     if missing:
         raise RuntimeError(f"precomputing reference log-probs left {missing} values unset")
     return chosen, rejected
+
+
+def _read_partial(path: Path, n: int, layout: dict[str, str]) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """An interrupted precompute's arrays and batches done, or None when ``path`` holds none for this layout."""
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+    except Exception:  # absent or damaged: start from the first batch
+        return None
+    found = _read_cache(path, n)
+    if found is None or any(metadata.get(key) != value for key, value in layout.items()):
+        return None
+    return found[0], found[1], int(metadata.get("batches_done", 0))
 
 
 def _read_cache(path: Path, n: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -296,10 +321,12 @@ def precompute_reference(cfg, engine, datasets: Sequence[Any], pad_token_id: int
             engine.print(f"[reference] precomputing reference log-probs of {len(dataset)} pairs "
                          f"({dataset.name or 'pairs'}) with {source}")
             batch_size = getattr(cfg, "eval_batch_size", None) or cfg.batch_size
-            found = compute_reference_logps(live, dataset, engine, batch_size, pad_token_id)
+            partial = path.with_name(path.stem + ".partial.safetensors")
+            found = compute_reference_logps(live, dataset, engine, batch_size, pad_token_id, partial=partial)
             if engine.is_main_process:
                 _write_cache(path, *found, metadata={"reference": source, "data": dataset.name or "",
                                                      "pairs": str(len(dataset)), "version": CACHE_VERSION})
+                partial.unlink(missing_ok=True)
             engine.print(f"[reference] {dataset.name or 'pairs'}: done in {time.time() - start:.1f}s, cached "
                          f"in {path}")
         engine.wait()
