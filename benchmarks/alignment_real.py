@@ -510,7 +510,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"[bench] {variant} seed {seed}: cached ({done})", file=sys.stderr)
             runs.setdefault(variant, []).append(json.loads(done.read_text()))
             continue
-        values = {**base, **VARIANTS[variant], "seed": seed,
+        # a checkpoint every fifth of the run, and an interrupted run resumes from its last one
+        values = {**base, **VARIANTS[variant], "seed": seed, "save_steps": max(1, args.max_steps // 5),
+                  "save_total_limit": 1, "resume_from_checkpoint": "latest",
                   "output_dir": str(root / "work" / "runs" / f"{variant}-s{seed}")}
         if args.quick and "lambda_update_interval" in VARIANTS[variant]:
             values["lambda_update_interval"] = 1

@@ -109,5 +109,19 @@ def test_quick_run_writes_every_variant_and_field_and_a_rerun_skips_them(tmp_pat
     err = capsys.readouterr().err
     assert all(f"[bench] {v} seed 0: cached" in err for v in bench.VARIANTS)
     assert "=== " not in err  # no variant trained again
+
+    # interrupted after its training, before its result was written: the rerun resumes from the checkpoint
+    # (no step trained again) and measures the same
+    run_dir = out / "work" / "runs" / "DPO-helpful-s0"
+    assert [p.name for p in run_dir.glob("checkpoint-*")] == ["checkpoint-4"]  # save_total_limit 1
+    logged = (run_dir / "metrics.jsonl").read_text().count('"train/loss')
+    (out / "runs" / "DPO-helpful-s0.json").unlink()
+    resumed = bench.main(["--model", "tiny", "--quick", "--results-dir", str(out)])
+    assert "=== DPO-helpful, seed 0" in capsys.readouterr().err
+    assert (run_dir / "metrics.jsonl").read_text().count('"train/loss') == logged
+    assert resumed["runs"]["DPO-helpful"][0]["seconds_per_step"] is None  # no step trained after the resume
+    first, second = dict(payload["summary"]["DPO-helpful"]), dict(resumed["summary"]["DPO-helpful"])
+    first.pop("seconds_per_step"), second.pop("seconds_per_step")
+    assert second == first
     assert "[rm]" not in err  # nor the reward and cost models (saved in <folder>/final)
     assert again["summary"] == payload["summary"]

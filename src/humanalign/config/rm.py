@@ -7,12 +7,12 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, model_validator
 
 from humanalign.config.data import RecordType
-from humanalign.config.training import TrainingConfig
+from humanalign.config.training import TrainingConfig, VisionFields
 
 DEFAULT_OUTPUT_DIRS = {"helpful": "models/helpful_rm", "harmless": "models/harmless_rm"}
 
 
-class RewardModelConfig(TrainingConfig):
+class RewardModelConfig(VisionFields, TrainingConfig):
     """Train a score model: `task: helpful` -> reward model on helpful pairs, `harmless` -> cost model."""
 
     task: Literal["helpful", "harmless"] = Field("helpful", description="helpful: reward model; harmless: cost model.")
@@ -26,12 +26,6 @@ class RewardModelConfig(TrainingConfig):
         "models/harmless_rm).",
     )
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
-    freeze_vision_tower: bool = Field(
-        True, description="Vision-language score model: keep the vision tower's weights fixed (under LoRA they always are)."
-    )
-    freeze_projector: bool = Field(
-        False, description="Vision-language score model: keep the image projector fixed (else it trains, also under LoRA)."
-    )
     train_helpful_path: str = Field("data/train/helpful_pairs.jsonl", description="Helpful pairs for training.")
     val_helpful_path: str | None = Field("data/val/helpful_pairs.jsonl", description="Helpful pairs for validation.")
     train_harmless_path: str = Field("data/train/harmless_pairs.jsonl", description="Harmless pairs for training.")

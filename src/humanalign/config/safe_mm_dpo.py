@@ -13,10 +13,10 @@ from typing import ClassVar, Literal
 from pydantic import AliasChoices, Field, model_validator
 
 from humanalign.config.dpo import ReferenceMode
-from humanalign.config.training import TrainingConfig
+from humanalign.config.training import TrainingConfig, VisionFields
 
 
-class SafeMMDPOConfig(TrainingConfig):
+class SafeMMDPOConfig(VisionFields, TrainingConfig):
     """Safe-MM-DPO and its ablations (Safe-DPO: w=0; reward shaping: update_lambda=false; MM-DPO: no harmless stream)."""
 
     input_fields: ClassVar[tuple[str, ...]] = ("train_helpful_path",)  # checked by the CLI before any work
@@ -86,16 +86,6 @@ class SafeMMDPOConfig(TrainingConfig):
     )
     precompute_cache_dir: str | None = Field(
         None, description="Where precomputed reference log-probs are cached (default: <cache>/ref_logps)."
-    )
-    freeze_vision_tower: bool = Field(
-        True, description="Vision-language policy: keep the vision tower's weights fixed (under LoRA they always are)."
-    )
-    freeze_projector: bool = Field(
-        False, description="Vision-language policy: keep the image projector fixed (else it trains, also under LoRA)."
-    )
-    max_images_per_prompt: int | None = Field(
-        None, ge=1, description="Vision-language model: the most images one record may show (default: what the "
-        "model's context length allows); a record with more stops the load naming its file and line.",
     )
     disable_dropout: bool = Field(
         True, description="Set the policy's dropout to 0 (not LoRA's), so log-probs are deterministic (TRL's default)."

@@ -7,10 +7,10 @@ from typing import Any, ClassVar, Literal
 from pydantic import AliasChoices, Field, model_validator
 
 from humanalign.config.data import RecordType
-from humanalign.config.training import TrainingConfig
+from humanalign.config.training import TrainingConfig, VisionFields
 
 
-class SFTConfig(TrainingConfig):
+class SFTConfig(VisionFields, TrainingConfig):
     """SFT data, model and packing on top of the shared engine settings."""
 
     input_fields: ClassVar[tuple[str, ...]] = ("train_path",)  # checked by the CLI before any work
@@ -57,16 +57,6 @@ class SFTConfig(TrainingConfig):
     packing: bool = Field(
         False, description="Pack several short examples into each max_length row (separate position ids, no "
         "attention across examples).",
-    )
-    freeze_vision_tower: bool = Field(
-        True, description="Vision-language model: keep the vision tower's weights fixed (under LoRA they always are)."
-    )
-    freeze_projector: bool = Field(
-        False, description="Vision-language model: keep the image projector fixed (else it trains, also under LoRA)."
-    )
-    max_images_per_prompt: int | None = Field(
-        None, ge=1, description="Vision-language model: the most images one record may show (default: what the "
-        "model's context length allows); a record with more stops the load naming its file and line.",
     )
     freeze_language_model: bool = Field(
         False, description="Vision-language model: keep the language model fixed, so that only the projector (and "

@@ -61,6 +61,21 @@ class ModelSettings(ConfigBase):
     )
 
 
+class VisionFields(ConfigBase):
+    """What a vision-language model trains and how many images a record may show (SFT, DPO, Safe-MM-DPO, RM)."""
+
+    freeze_vision_tower: bool = Field(
+        True, description="Vision-language model: keep the vision tower's weights fixed (under LoRA they always are)."
+    )
+    freeze_projector: bool = Field(
+        False, description="Vision-language model: keep the image projector fixed (else it trains, also under LoRA)."
+    )
+    max_images_per_prompt: int | None = Field(
+        None, ge=1, description="Vision-language model: the most images one record may show (default: what the "
+        "model's context length allows); a record with more stops the load naming its file and line.",
+    )
+
+
 class TrainingConfig(ConfigBase):
     """Engine settings shared by every trainer; top-level keys as the seed run-book writes them."""
 

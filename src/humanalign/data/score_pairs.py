@@ -18,13 +18,14 @@ def source_spec(cfg: RewardModelConfig, path: str) -> SourceSpec:
                       record_type=cfg.record_type)
 
 
-def load_pairs(cfg: RewardModelConfig, path: str, limit: int | None,
-               allow_images: bool = False) -> tuple[list[PreferencePair], Counter[str]]:
+def load_pairs(cfg: RewardModelConfig, path: str, limit: int | None, allow_images: bool = False,
+               max_images: int | None = None) -> tuple[list[PreferencePair], Counter[str]]:
     """The task's pairs from ``path`` (bad records raise with file and line unless skip_invalid), at most
     ``limit`` of them; everything left out is counted by reason. Pairs with images are refused unless
-    ``allow_images`` (a vision-language score model)."""
+    ``allow_images`` (a vision-language score model), and a record showing more than ``max_images`` is a bad
+    record (the model's limit per prompt)."""
     pairs, skipped = load_preference_pairs(source_spec(cfg, path), kind=cfg.task, skip_invalid=cfg.skip_invalid,
-                                           allow_images=allow_images)
+                                           allow_images=allow_images, max_images=max_images)
     if limit is not None and len(pairs) > limit:
         skipped[f"beyond the first {limit} (max samples)"] += len(pairs) - limit
         pairs = pairs[:limit]

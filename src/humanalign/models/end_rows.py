@@ -24,6 +24,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
 LAYOUTS = ("llama", "mistral", "qwen2", "qwen3")  # model types whose decoder layer is Llama's, checked by tests
 
@@ -67,9 +69,6 @@ def _end_rows_forward(layer: nn.Module, positions: torch.Tensor, hidden_states: 
                       position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                       **_: object) -> torch.Tensor:
     """A Llama decoder layer's output at ``positions`` (B, E) of its (B, L, H) input: (B, E, H)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
     attn = layer.self_attn
     width = hidden_states.shape[-1]
     rows = positions.unsqueeze(-1)  # (B, E, 1)

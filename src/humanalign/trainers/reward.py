@@ -81,7 +81,7 @@ from humanalign.models.score_model import (
     score_param_groups,
 )
 from humanalign.models.scorer import _position_limit
-from humanalign.models.vision import is_vision_model
+from humanalign.models.vision import is_vision_model, load_processor, max_images_per_prompt, model_config
 from humanalign.models.vision_score import VisionScoreModel, load_vision_score_model, save_vision_score_model
 
 NAME = "rm"
@@ -696,10 +696,15 @@ def calibration_line(block: dict[str, Any]) -> str:
 def run(cfg: RewardModelConfig) -> dict[str, Any]:
     """`humanalign train rm`: read the task's train/val pairs, train, save the score model in output_dir/final."""
     images = is_vision_model(cfg.base_model_path, cfg.model)  # a vision-language score model reads image pairs
-    train_pairs, train_skipped = load_pairs(cfg, cfg.train_path, cfg.max_train_samples, allow_images=images)
+    limit = (max_images_per_prompt(model_config(cfg.base_model_path, cfg.model),
+                                   load_processor(cfg.base_model_path, cfg.model), cfg.max_images_per_prompt)
+             if images else None)
+    train_pairs, train_skipped = load_pairs(cfg, cfg.train_path, cfg.max_train_samples, allow_images=images,
+                                            max_images=limit)
     val_pairs, val_skipped = [], Counter()
     if cfg.val_path:
-        val_pairs, val_skipped = load_pairs(cfg, cfg.val_path, cfg.max_eval_samples, allow_images=images)
+        val_pairs, val_skipped = load_pairs(cfg, cfg.val_path, cfg.max_eval_samples, allow_images=images,
+                                            max_images=limit)
     sources = {"train": cfg.train_path, "val": cfg.val_path or ""}
     return train_score_model(cfg, train_pairs, val_pairs, skipped={"train": train_skipped, "val": val_skipped},
                              sources=sources)
