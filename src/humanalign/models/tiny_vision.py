@@ -128,14 +128,19 @@ def tiny_llava(
     return model, processor
 
 
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """Qwen2VLProcessor without its video processor (which needs torchvision); images and text only."""
+class ImageOnlyQwenProcessor:
+    """Mixin for a Qwen-VL processor without its video processor (which needs torchvision): images and text
+    only. Put first in the bases, before the transformers processor class."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+class ImageOnlyQwen2VLProcessor(ImageOnlyQwenProcessor, Qwen2VLProcessor):
+    """Qwen2VLProcessor without its video processor; images and text only."""
 
 
 def tiny_qwen2_vl(

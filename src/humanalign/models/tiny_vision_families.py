@@ -46,6 +46,7 @@ from humanalign.models.tiny_vision import (
     LLAVA_CHAT_TEMPLATE,
     QWEN2_VL_CHAT_TEMPLATE,
     QWEN_VISION_TOKENS,
+    ImageOnlyQwenProcessor,
     _text_config,
     vision_tokenizer,
 )
@@ -133,14 +134,8 @@ def tiny_smolvlm(
     return model, processor
 
 
-class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+class ImageOnlyQwen2_5_VLProcessor(ImageOnlyQwenProcessor, Qwen2_5_VLProcessor):
     """Qwen2_5_VLProcessor without its video processor (which needs torchvision); images and text only."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 
 def tiny_qwen2_5_vl(
