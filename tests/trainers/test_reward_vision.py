@@ -80,7 +80,7 @@ def test_final_folder_reloads_with_the_same_scores_and_eval_rm_reports_them(trai
     assert report["accuracy"] == pytest.approx(ev["eval/accuracy"])
 
 
-def test_safe_mm_dpo_takes_its_helpful_margins_from_the_vision_reward_model(trained, vision_run, tmp_path):
+def test_safe_mm_dpo_takes_its_helpful_margins_from_the_vision_reward_model(trained, vision_run, tmp_path, capsys):
     final = trained["summary"]["model"]
     cfg = load_config(SafeMMDPOConfig, values={
         "policy_model_path": str(vision_run["model"]), "helpful_rm_path": final, "harmless_rm_path": None,
@@ -93,6 +93,7 @@ def test_safe_mm_dpo_takes_its_helpful_margins_from_the_vision_reward_model(trai
     helpful = result["margins"]["helpful"]  # delta_h = r(chosen) - r(rejected), scored with the pictures
     assert helpful["model"] == final and helpful["margins"]["n"] == result["pairs"]["train_helpful"] > 0
     assert helpful["margins"]["nonfinite"] == 0 and helpful["margins"]["std"] > 0
+    assert f"with {final} (image pairs: not cached)" in capsys.readouterr().err
 
 
 def test_harmless_sign_term_trains_on_image_pairs(vision_run, tmp_path):

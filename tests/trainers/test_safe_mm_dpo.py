@@ -367,6 +367,7 @@ def test_margins_come_from_the_score_models_once(demo_data, tokenizer, score_mod
     assert max(abs(helpful[i]["delta"]) for i in range(20)) > 0.1  # the scaled head spreads the scores
     assert summary[HELPFUL]["margins"]["n"] == 20 and 0 <= summary[HARMLESS]["cost_sign_accuracy"] <= 1
     assert any(line.startswith("[margins] helpful delta_h: n 20, mean") for line in printed)
+    assert f"[margins] scored 20 helpful pairs with {score_models['helpful']} (cached on disk)" in printed
 
     # a second run reads every score from the disk cache: the models are never called
     def no_forward(self, *args, **kwargs):

@@ -25,7 +25,7 @@ from humanalign.data.joint_pairs import COST_CHOSEN, COST_REJECTED, DELTA, HARML
 from humanalign.data.preference_dataset import PairDataset
 from humanalign.data.records import HarmlessPair
 from humanalign.losses.safe_mm_dpo import margin_scaled_beta
-from humanalign.models.scorer import Scorer
+from humanalign.models.scorer import Scorer, VisionScorer
 
 LABEL_COST = 1.0  # cost of a labelled unsafe response when no cost model is given (-1 for a safe one)
 
@@ -121,9 +121,10 @@ def attach_margins(cfg, streams: Mapping[str, Mapping[str, PairDataset | None]],
             continue
         datasets = [d for _, d in named]
         if model_path:
-            say(f"[margins] scoring {sum(len(d) for d in datasets)} {stream} pairs with {model_path} "
-                         "(cached on disk)")
             scores, scorer = score(model_path, datasets, expected)
+            # text scores are cached per model and text; image pairs are scored afresh (models/scorer.py)
+            cache = "image pairs: not cached" if isinstance(scorer, VisionScorer) else "cached on disk"
+            say(f"[margins] scored {sum(len(d) for d in datasets)} {stream} pairs with {model_path} ({cache})")
             if stream == HARMLESS and cfg.use_harmless_stream and cfg.expected_cost == "sampled":
                 keep_scorer = scorer
             del scorer
