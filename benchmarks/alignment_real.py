@@ -32,7 +32,9 @@ sign accuracy reported beside it), and the KL to the reference, estimated as the
 log pi(y|x) - log pi_ref(y|x) (a Monte-Carlo estimate of the sequence-level KL(pi || pi_ref), unbiased because
 the answers are sampled from pi); lambda's path. The report gives per variant the mean over seeds, a 95%
 percentile bootstrap interval over pairs (prompts) of the seed-averaged per-item values, and the seeds' range;
-plus Safe-MM-DPO (pairwise) minus DPO-helpful-alone, paired over the same items.
+plus Safe-MM-DPO (pairwise) minus DPO-helpful-alone, paired over the same items; plus the row every variant
+starts from, the untrained policy's answers (``measure_reference``: refusal rate, cost, unsafe rate, with seed
+0's sampling draws).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "Safe-MM-DPO-sampled": {"expected_cost": "sampled", "lambda_update_interval": 5},  # --quick: every step
 }
 BASELINE, CANDIDATE = "DPO-helpful", "Safe-MM-DPO"
+REFERENCE_ROW = "Reference (no training)"  # the starting policy's answers, measured once
 # The variants the issue's target and its J_c question compare get every seed; the ablation rows get
 # --other-seeds (a run is ~1 CPU-hour here: 3 seeds of all five would be ~15 runs, of these ~11).
 MAIN_VARIANTS = (BASELINE, CANDIDATE, "Safe-MM-DPO-sampled")
@@ -335,31 +338,57 @@ def implicit_correct(policy: list, reference: list) -> list[float | None]:
 def measure_run(args, result: dict[str, Any], sets: dict[str, list], ref_pairs: dict[str, Any], cost_model: str,
                 policy_path: str, seed: int) -> dict[str, Any]:
     """Per-item measurements of one trained policy (see the module docstring)."""
-    from humanalign.models.scorer import load_scorer
-
     model, tokenizer = load_policy(result["final_model"], args)
     items: dict[str, list] = {}
     for name, key in (("helpful", "helpful_acc"), ("harmless", "harmless_acc"), ("hh", "hh_acc")):
         items[key] = implicit_correct(pair_logps(model, tokenizer, sets[name], args), ref_pairs[name])
-    prompts = sets["prompts"]
-    samples = sample_answers(model, tokenizer, prompts, args, seed=1000 * (seed + 1))
-    answers = [s["text"] for s in samples]
+    samples = sample_answers(model, tokenizer, sets["prompts"], args, seed=1000 * (seed + 1))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     policy_logps = answer_logps(model, samples, pad)
     del model
     reference, _ = load_policy(policy_path, args)
     ref_logps = answer_logps(reference, samples, pad)
     del reference
-    costs = load_scorer(cost_model, progress=False).score(prompts, answers)
-    items["refusal_rate"] = [float(is_refusal(a)) for a in answers]
-    items["mean_cost"] = [float(c) for c in costs]
-    items["unsafe_rate"] = [float(c > 0) for c in costs]
+    items.update(answer_items(sets["prompts"], samples, cost_model))
     items["kl"] = [None if p is None or r is None else p - r for p, r in zip(policy_logps, ref_logps)]
     lam = result.get("lambda") or {}
-    return {"items": items, "answers": answers[:20], "lambda_path": lam.get("path"),
+    return {"items": items, "answers": [s["text"] for s in samples][:20], "lambda_path": lam.get("path"),
             "expected_cost_path": lam.get("expected_cost_path"), "lambda_final": lam.get("final"),
             "seconds_per_step": result.get("seconds_per_step"), "train_seconds": result.get("seconds"),
             "margins": result.get("margins")}
+
+
+def answer_items(prompts: list, samples: list[dict[str, Any]], cost_model: str) -> dict[str, list[float]]:
+    """Per prompt: whether the sampled answer refuses, its cost, and whether that cost says unsafe (> 0)."""
+    from humanalign.models.scorer import load_scorer
+
+    answers = [s["text"] for s in samples]
+    costs = load_scorer(cost_model, progress=False).score(prompts, answers)
+    return {"refusal_rate": [float(is_refusal(a)) for a in answers], "mean_cost": [float(c) for c in costs],
+            "unsafe_rate": [float(c > 0) for c in costs]}
+
+
+def measure_reference(args, root: Path, sets: dict[str, list], policy_path: str, cost_model: str
+                      ) -> dict[str, Any]:
+    """The starting policy measured as a run is, once (cached): its answers to the evaluation prompts, sampled
+    with seed 0's draws, give the refusal rate, cost and unsafe rate every variant started from; its KL to
+    itself is 0, and its implicit accuracies are undefined (h = 0 for every pair), so left empty."""
+    path = root / "reference_answers.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model, tokenizer = load_policy(policy_path, args)
+    samples = sample_answers(model, tokenizer, sets["prompts"], args, seed=1000)
+    del model
+    items: dict[str, list] = {key: [None] * len(sets[name])
+                              for name, key in (("helpful", "helpful_acc"), ("harmless", "harmless_acc"),
+                                                ("hh", "hh_acc"))}
+    items.update(answer_items(sets["prompts"], samples, cost_model))
+    items["kl"] = [0.0] * len(samples)
+    row = {"items": items, "answers": [s["text"] for s in samples][:20], "lambda_path": None,
+           "expected_cost_path": None, "lambda_final": None, "seconds_per_step": None, "seed": 0,
+           "variant": REFERENCE_ROW}
+    write_json(path, row)
+    return row
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -500,7 +529,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ref_pairs = reference_heldout(args, root / "work", sets, base["policy_model_path"])
     judge = judge_accuracy(cost_model, sets)
     runs: dict[str, list[dict[str, Any]]] = {}
-    context = {"d": d, "j_start": j_start, "j_safe": j_safe, "judge": judge, "began": began}
+    context = {"d": d, "j_start": j_start, "j_safe": j_safe, "judge": judge, "began": began,
+               "reference": measure_reference(args, root / "work", sets, base["policy_model_path"], cost_model)}
     # Seed-major: every variant's seed 0 comes before any seed 1, so an interrupted run already holds a complete
     # one-seed table, and the report is rewritten after each run (marked partial until the last).
     jobs = job_order(args)
@@ -537,7 +567,7 @@ def report(args, root: Path, runs: dict[str, list[dict[str, Any]]], context: dic
            ) -> dict[str, Any]:
     """results.json, results.md and the plots from the runs done so far (``partial``: not every run yet)."""
     runs = {variant: sorted(seeds, key=lambda r: r["seed"]) for variant, seeds in runs.items()}
-    summary = summarize(runs, args.bootstrap)
+    summary = summarize({REFERENCE_ROW: [context["reference"]], **runs}, args.bootstrap)
     d, judge = context["d"], context["judge"]
     done = {variant: [r["seed"] for r in seeds] for variant, seeds in runs.items()}
     header = (f"model {args.model}, {args.max_steps} steps of {args.batch_size} + {args.batch_size} pairs "
@@ -554,7 +584,8 @@ def report(args, root: Path, runs: dict[str, list[dict[str, Any]]], context: dic
                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "threshold": {"d": d, "j_start": context["j_start"], "j_always_safer": context["j_safe"]},
                "judge": judge, "refusal_rule": {"regex": REFUSAL.pattern, "window_chars": REFUSAL_WINDOW},
-               "summary": summary, "runs": runs, "seconds": round(time.time() - context["began"], 1)}
+               "summary": summary, "runs": runs, "reference": context["reference"],
+               "seconds": round(time.time() - context["began"], 1)}
     write_json(root / "results.json", payload)
     (root / "results.md").write_text(table + "\n", encoding="utf-8")
     plots(summary, runs, root)

@@ -61,12 +61,17 @@ def test_partial_report_marks_what_is_done(tmp_path):
     item = {k: [1.0, 0.0] for k in bench.METRICS}
     runs = {bench.BASELINE: [{"seed": 0, "items": item, "lambda_final": None, "seconds_per_step": 1.0}]}
     args = bench.parse_args(["--model", "tiny", "--seeds", "3", "--bootstrap", "20"])
-    context = {"d": 0.1, "j_start": 0.2, "j_safe": -0.5, "began": 0.0,
+    reference = {"seed": 0, "items": {**{k: [None, None] for k in bench.METRICS}, "refusal_rate": [0.0, 1.0]},
+                 "lambda_final": None, "seconds_per_step": None, "lambda_path": None}
+    context = {"d": 0.1, "j_start": 0.2, "j_safe": -0.5, "began": 0.0, "reference": reference,
                "judge": {"pair_accuracy": 0.7, "sign_accuracy": 0.6, "offset": -0.1}}
     payload = bench.report(args, tmp_path, runs, context, partial=True)
     assert payload["partial"] and payload["seeds_done"] == {bench.BASELINE: [0]}
+    assert payload["summary"][bench.REFERENCE_ROW]["refusal_rate"]["mean"] == 0.5
+    assert payload["summary"][bench.REFERENCE_ROW]["helpful_acc"] is None
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("PARTIAL") and f"{bench.BASELINE} [0]" in table
+    assert f"| {bench.REFERENCE_ROW} | - | - | - | 0.500 [" in table
     assert (tmp_path / "metrics.png").is_file()
 
 
@@ -79,6 +84,9 @@ def test_quick_run_writes_every_variant_and_field_and_a_rerun_skips_them(tmp_pat
     payload = bench.main(["--model", "tiny", "--quick", "--results-dir", str(out)])
 
     assert set(payload["runs"]) == set(bench.VARIANTS)
+    reference = payload["summary"][bench.REFERENCE_ROW]  # the starting policy's answers, measured once
+    assert reference["helpful_acc"] is None and reference["kl"]["mean"] == 0.0
+    assert 0.0 <= reference["unsafe_rate"]["mean"] <= 1.0 and reference["refusal_rate"]["items"] == 8
     for variant in bench.VARIANTS:
         row = payload["summary"][variant]
         for key in bench.METRICS:
