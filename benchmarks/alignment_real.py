@@ -116,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trunk-dtype", choices=("float32", "float16"), default="float32",
                    help="storage dtype of the cached trunk states (default float32: exact)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the report from the runs done so far (runs/*.json), training nothing")
     p.add_argument("--timing", type=int, default=0, metavar="STEPS", help="only time STEPS training steps of "
                    "DPO-helpful and Safe-MM-DPO (no reward models: margins 0, label costs) and extrapolate the full "
                    "run; writes <results-dir>/timing.json")
@@ -517,6 +519,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     root = args.results_dir
     root.mkdir(parents=True, exist_ok=True)
     began = time.time()
+    if args.report_only and not any((root / "runs").glob("*.json")):
+        raise SystemExit(f"--report-only: no finished run in {root / 'runs'} to report")
     files = prepare_data(args, root / "work")
     if args.timing:
         return timing(args, root, files)
@@ -536,6 +540,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     jobs = job_order(args)
     for number, (variant, seed) in enumerate(jobs, 1):
         done = root / "runs" / f"{variant}-s{seed}.json"
+        if args.report_only and not done.is_file():
+            continue
         if done.is_file():
             print(f"[bench] {variant} seed {seed}: cached ({done})", file=sys.stderr)
             runs.setdefault(variant, []).append(json.loads(done.read_text()))
@@ -554,7 +560,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs.setdefault(variant, []).append(measured)
         if number < len(jobs):
             report(args, root, runs, context, partial=True)
-    return report(args, root, runs, context, partial=False)
+    finished = all((root / "runs" / f"{v}-s{seed}.json").is_file() for v, seed in jobs)
+    return report(args, root, runs, context, partial=not finished)
 
 
 def job_order(args) -> list[tuple[str, int]]:

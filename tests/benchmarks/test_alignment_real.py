@@ -133,3 +133,14 @@ def test_quick_run_writes_every_variant_and_field_and_a_rerun_skips_them(tmp_pat
     assert second == first
     assert "[rm]" not in err  # nor the reward and cost models (saved in <folder>/final)
     assert again["summary"] == payload["summary"]
+
+    # --report-only rewrites the report from the finished runs, training nothing (partial: one run removed)
+    (out / "runs" / "Safe-DPO-s0.json").rename(tmp_path / "kept.json")
+    (out / "results.md").unlink()
+    partial = bench.main(["--model", "tiny", "--quick", "--results-dir", str(out), "--report-only"])
+    assert "=== " not in capsys.readouterr().err
+    assert partial["partial"] and "Safe-DPO" not in partial["runs"]
+    assert (out / "results.md").read_text().startswith("PARTIAL")
+    (tmp_path / "kept.json").rename(out / "runs" / "Safe-DPO-s0.json")
+    with pytest.raises(SystemExit, match="no finished run"):
+        bench.main(["--model", "tiny", "--quick", "--results-dir", str(tmp_path / "empty"), "--report-only"])
