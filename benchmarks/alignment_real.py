@@ -487,7 +487,8 @@ def plots(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]], folder
             value = summary[variant][key]
             if value:
                 ax.errorbar([i], [value["mean"]], yerr=[[value["mean"] - value["ci95"][0]],
-                                                        [value["ci95"][1] - value["mean"]]], fmt="o", capsize=3)
+                                                        [value["ci95"][1] - value["mean"]]], fmt="o", capsize=3,
+                            color=f"C{i}")  # one colour per variant on every panel
         ax.set_xticks(range(len(variants)), variants, rotation=60, ha="right", fontsize=7)
         ax.set_title(LABELS[key], fontsize=8)
     fig.tight_layout()
