@@ -76,7 +76,7 @@ def _end_rows_forward(layer: nn.Module, positions: torch.Tensor, hidden_states: 
     normed = layer.input_layernorm(hidden_states)  # (B, L, H): keys and values at every position
     query = _heads(attn, "q_proj", "q_norm", normed.gather(1, rows.expand(-1, -1, width)))  # (B, h, E, D)
     key = _heads(attn, "k_proj", "k_norm", normed)  # (B, kv, L, D)
-    value = attn.v_proj(normed).view(*normed.shape[:-1], -1, attn.head_dim).transpose(1, 2)  # (B, kv, L, D)
+    value = _heads(attn, "v_proj", "v_norm", normed)  # (B, kv, L, D)
     cos, sin = position_embeddings  # (B, L, D) each
     cos_e, sin_e = (t.gather(1, rows.expand(-1, -1, t.shape[-1])) for t in (cos, sin))  # (B, E, D)
     rotate = _rotary(attn)
