@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,14 @@ def vision_run(tmp_path_factory) -> dict[str, Path]:
                                                    "seed": 0}))
     return {"root": root, "model": model, "train": root / "data" / "train" / "helpful_pairs.jsonl",
             "val": root / "data" / "val" / "helpful_pairs.jsonl"}
+
+
+@pytest.fixture
+def two_image_pairs(vision_run, tmp_path) -> Path:
+    """A swift pair file whose line 2 shows two images (line 1 shows one): for the max_images_per_prompt checks."""
+    image = json.loads(vision_run["train"].read_text().splitlines()[0])["images"][0]
+    pair = {"query": "<image>\nWhat colour is the shape?", "response": "Red.", "rejected_response": "Blue."}
+    data = tmp_path / "two.jsonl"
+    data.write_text(json.dumps({**pair, "images": [image]}) + "\n" + json.dumps(
+        {**pair, "query": "<image> and <image>: same colour?", "images": [image, image]}) + "\n")
+    return data

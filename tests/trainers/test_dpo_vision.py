@@ -5,7 +5,6 @@ AutoModelForImageTextToText, and the refusals (precomputed reference; text consu
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -146,14 +145,10 @@ def test_precomputed_reference_is_refused_with_images(vision_run, tmp_path):
         train_dpo(dpo_config(vision_run, tmp_path, reference_mode="precomputed"))
 
 
-def test_a_pair_with_more_images_than_the_policy_takes_is_one_line_and_exit_2(vision_run, tmp_path, capsys):
+def test_a_pair_with_more_images_than_the_policy_takes_is_one_line_and_exit_2(vision_run, two_image_pairs, tmp_path, capsys):
     """`train dpo` with max_images_per_prompt 1: a two-image pair stops the run before any step, naming the file,
     line and field."""
-    image = json.loads(vision_run["train"].read_text().splitlines()[0])["images"][0]
-    pair = {"query": "<image>\nWhat colour is the shape?", "response": "Red.", "rejected_response": "Blue."}
-    data = tmp_path / "two.jsonl"
-    data.write_text(json.dumps({**pair, "images": [image]}) + "\n" + json.dumps(
-        {**pair, "query": "<image> and <image>: same colour?", "images": [image, image]}) + "\n")
+    data = two_image_pairs
     code = cli_main(["train", "dpo", "--policy-model-path", str(vision_run["model"]), "--train-path", str(data),
                      "--source", "swift", "--output-dir", str(tmp_path / "run"), "--max-images-per-prompt", "1",
                      "--max-steps", "1", "--report-to", "[none]"])

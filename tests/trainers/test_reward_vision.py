@@ -118,14 +118,10 @@ def test_text_score_model_refuses_image_pairs_in_one_line(vision_run, tmp_path):
     assert "image" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_a_pair_with_more_images_than_the_model_takes_is_one_line_and_exit_2(vision_run, tmp_path, capsys):
+def test_a_pair_with_more_images_than_the_model_takes_is_one_line_and_exit_2(vision_run, two_image_pairs, tmp_path, capsys):
     """`train rm` with max_images_per_prompt 1 (the setting every vision trainer shares): a two-image pair stops
     the run before the model loads, naming the file, line and field."""
-    image = json.loads(vision_run["train"].read_text().splitlines()[0])["images"][0]
-    pair = {"query": "<image>\nWhat colour is the shape?", "response": "Red.", "rejected_response": "Blue."}
-    data = tmp_path / "two.jsonl"
-    data.write_text(json.dumps({**pair, "images": [image]}) + "\n" + json.dumps(
-        {**pair, "query": "<image> and <image>: same colour?", "images": [image, image]}) + "\n")
+    data = two_image_pairs
     code = cli_main(["train", "rm", "--base-model-path", str(vision_run["model"]), "--train-helpful-path", str(data),
                      "--val-helpful-path", "null", "--source", "swift", "--output-dir", str(tmp_path / "run"),
                      "--max-images-per-prompt", "1", "--max-steps", "1", "--report-to", "[none]"])
