@@ -109,6 +109,15 @@ def lower_default(config: ConfigBase, name: str, limit: int) -> bool:
     return True
 
 
+def check_prompt_length(config: ConfigBase) -> None:
+    """max_prompt_length below max_length: an unset prompt budget is lowered to half of max_length (so that
+    max_length alone is a valid setting); one the user set at or above max_length is an error."""
+    if config.max_prompt_length >= config.max_length:
+        lower_default(config, "max_prompt_length", config.max_length // 2)
+    if config.max_prompt_length >= config.max_length:
+        raise ValueError(f"max_prompt_length ({config.max_prompt_length}) must be below max_length ({config.max_length})")
+
+
 def _nested_schema(schema: type[BaseModel], key: str) -> type[ConfigBase] | None:
     field = schema.model_fields.get(key)
     if field is None:

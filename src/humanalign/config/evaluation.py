@@ -10,7 +10,7 @@ from typing import ClassVar, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 
-from humanalign.config.base import ConfigBase, lower_default
+from humanalign.config.base import ConfigBase, check_prompt_length
 from humanalign.config.training import ModelSettings
 
 
@@ -152,10 +152,7 @@ class PerplexityConfig(ConfigBase):
 
     @model_validator(mode="after")
     def _check_lengths(self):
-        if self.max_prompt_length >= self.max_length:  # max_length alone halves the default prompt budget
-            lower_default(self, "max_prompt_length", self.max_length // 2)
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
+        check_prompt_length(self)
         return self
 
 
