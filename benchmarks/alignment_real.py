@@ -67,6 +67,9 @@ REFERENCE_ROW = "Reference (no training)"  # the starting policy's answers, meas
 # The variants the issue's target and its J_c question compare get every seed; the ablation rows get
 # --other-seeds (a run is ~1 CPU-hour here: 3 seeds of all five would be ~15 runs, of these ~11).
 MAIN_VARIANTS = (BASELINE, CANDIDATE, "Safe-MM-DPO-sampled")
+# the variants whose lambda follows the constraint: their results depend on the threshold d
+THRESHOLD_VARIANTS = tuple(v for v, o in VARIANTS.items() if o.get("use_safety_stream", True) and
+                           o.get("update_lambda", True))
 # A refusal: the answer's first 160 characters hold one of these phrases (case-insensitive). Written for the
 # short, first-person refusals instruction-tuned models give; a refusal phrased otherwise counts as compliance.
 REFUSAL = re.compile(
@@ -103,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--helpful-rm", default=None, help="Helpful-RM folder (default: trained here once)")
     p.add_argument("--cost-model", default=None, help="cost model folder (default: trained here once)")
+    p.add_argument("--cost-threshold", default="0", help="the constraint's d: a number, or 'auto' (3/4 of the way "
+                   "from the start's J_c to always-safer, the tiny ablation's rule); default 0: Safe RLHF's d on the "
+                   "calibrated cost scale, expected cost at most the safe/unsafe boundary")
     p.add_argument("--lambda-lr", type=float, default=0.1)
     p.add_argument("--learning-rate", type=float, default=None, help="default: smollm2 5e-4 (LoRA), tiny 1e-3")
     p.add_argument("--results-dir", default=None, help="default: benchmarks/results/alignment_real_<model>")
@@ -527,6 +533,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return timing(args, root, files)
     helpful_rm, cost_model = score_models(args, root / "work", files)
     d, j_start, j_safe = auto_threshold(cost_model, files["policy_harmless"])
+    if args.cost_threshold != "auto":
+        d = float(args.cost_threshold)
     print(f"[bench] cost threshold d = {d:.3f} (J_c at the start {j_start:.3f}, always safer {j_safe:.3f})",
           file=sys.stderr)
     base = base_values(args, root / "work", files, helpful_rm, cost_model, d)
@@ -543,6 +551,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         done = root / "runs" / f"{variant}-s{seed}.json"
         if args.report_only and not done.is_file():
             continue
+        out_dir = root / "work" / "runs" / f"{variant}-s{seed}"
+        if variant in THRESHOLD_VARIANTS:
+            check_threshold(done, out_dir, d)
         if done.is_file():
             print(f"[bench] {variant} seed {seed}: cached ({done})", file=sys.stderr)
             runs.setdefault(variant, []).append(json.loads(done.read_text()))
@@ -550,19 +561,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # a checkpoint every fifth of the run, and an interrupted run resumes from its last one
         values = {**base, **VARIANTS[variant], "seed": seed, "save_steps": max(1, args.max_steps // 5),
                   "save_total_limit": 1, "resume_from_checkpoint": "latest",
-                  "output_dir": str(root / "work" / "runs" / f"{variant}-s{seed}")}
+                  "output_dir": str(out_dir)}
         if args.quick and "lambda_update_interval" in VARIANTS[variant]:
             values["lambda_update_interval"] = 1
         print(f"[bench] run {number}/{len(jobs)}: {variant}, seed {seed}", file=sys.stderr)
         result = run_variant(f"{variant}, seed {seed}", values)
         measured = measure_run(args, result, sets, ref_pairs, cost_model, base["policy_model_path"], seed)
-        measured.update(variant=variant, seed=seed)
+        measured.update(variant=variant, seed=seed, cost_threshold=d)
         write_json(done, measured)
         runs.setdefault(variant, []).append(measured)
         if number < len(jobs):
             report(args, root, runs, context, partial=True)
     finished = all((root / "runs" / f"{v}-s{seed}.json").is_file() for v, seed in jobs)
     return report(args, root, runs, context, partial=not finished)
+
+
+def check_threshold(done: Path, out_dir: Path, d: float) -> None:
+    """A variant whose lambda follows the constraint, finished or checkpointed under another threshold d, is
+    refused: mixing two d's in one table, or resuming a run under a new one, would report neither."""
+    found = None
+    if done.is_file():
+        found = json.loads(done.read_text()).get("cost_threshold")
+        where = done
+    elif (out_dir / "config.resolved.yaml").is_file():
+        import yaml
+
+        found = (yaml.safe_load((out_dir / "config.resolved.yaml").read_text()) or {}).get("cost_threshold")
+        where = out_dir / "config.resolved.yaml"
+    else:
+        return
+    if found is None or abs(float(found) - d) > 1e-9:
+        raise SystemExit(f"{where}: made with cost threshold d = {found}, this run has d = {d:g}; move it (and "
+                         f"{out_dir}) aside or pass --cost-threshold {found}")
 
 
 def job_order(args) -> list[tuple[str, int]]:

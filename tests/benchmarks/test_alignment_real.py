@@ -144,3 +144,22 @@ def test_quick_run_writes_every_variant_and_field_and_a_rerun_skips_them(tmp_pat
     (tmp_path / "kept.json").rename(out / "runs" / "Safe-DPO-s0.json")
     with pytest.raises(SystemExit, match="no finished run"):
         bench.main(["--model", "tiny", "--quick", "--results-dir", str(tmp_path / "empty"), "--report-only"])
+
+
+def test_a_run_made_under_another_threshold_is_refused(tmp_path):
+    """Safe-DPO's results depend on d: a finished run or a checkpointed one from another d is not mixed in."""
+    bench = _load()
+    assert "Safe-DPO" in bench.THRESHOLD_VARIANTS and "DPO-mixed" not in bench.THRESHOLD_VARIANTS
+    assert bench.BASELINE not in bench.THRESHOLD_VARIANTS
+    done, out = tmp_path / "Safe-DPO-s0.json", tmp_path / "Safe-DPO-s0"
+    bench.check_threshold(done, out, 0.0)  # nothing there yet
+    done.write_text(json.dumps({"cost_threshold": 0.0}))
+    bench.check_threshold(done, out, 0.0)
+    with pytest.raises(SystemExit, match=r"d = 0.0, this run has d = -0.5; move it"):
+        bench.check_threshold(done, out, -0.5)
+    done.unlink()
+    out.mkdir()
+    (out / "config.resolved.yaml").write_text("cost_threshold: -0.678\n")
+    with pytest.raises(SystemExit, match=r"config.resolved.yaml: made with cost threshold d = -0.678"):
+        bench.check_threshold(done, out, 0.0)
+    assert bench.parse_args([]).cost_threshold == "0"
