@@ -17,25 +17,11 @@ on the CPU, fp32 on CUDA, and with ``mixed_precision: auto`` (bf16 weights and a
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 
+import humanalign_gpu_harness as harness  # tests/gpu/conftest.py loads tests/gpu/harness.py
 import pytest
 import torch
-
-from humanalign.paths import PROJECT_ROOT
-
-
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("humanalign_gpu_harness", PROJECT_ROOT / "tests" / "gpu" / "harness.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load_harness()
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

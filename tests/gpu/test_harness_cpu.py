@@ -4,24 +4,9 @@ CPU, and the default attention kernel is SDPA."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
+import humanalign_gpu_harness as harness  # tests/gpu/conftest.py loads tests/gpu/harness.py
 import pytest
 import torch
-
-from humanalign.paths import PROJECT_ROOT
-
-
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("humanalign_gpu_harness", PROJECT_ROOT / "tests" / "gpu" / "harness.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load_harness()
 
 
 def test_cpu_half_reproduces_the_pinned_dpo_curve(tmp_path):

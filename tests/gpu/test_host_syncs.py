@@ -10,24 +10,9 @@ GPU); on CUDA ``torch.cuda.set_sync_debug_mode("warn")`` also reports the synchr
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
+import humanalign_gpu_harness as harness  # tests/gpu/conftest.py loads tests/gpu/harness.py
 import pytest
 import torch
-
-from humanalign.paths import PROJECT_ROOT
-
-
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("humanalign_gpu_harness", PROJECT_ROOT / "tests" / "gpu" / "harness.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load_harness()
 
 # the trainers whose micro-batch loop runs in engine.train_steps (PPO's rollouts sync by nature: generation)
 CASES = ("sft", "rm-helpful", "dpo-sigmoid", "safe-mm-dpo-pairwise")
