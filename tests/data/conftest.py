@@ -1,4 +1,5 @@
-"""Fixtures for the data-layer tests: the raw-format fixture folder, a CLI runner, a jsonl writer."""
+"""Fixtures for the data-layer tests: the raw-format fixture folder, a CLI runner, a jsonl writer, and for the
+image tests the tiny vision-language families and coloured pictures."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from humanalign.cli import main
+from humanalign.models.tiny_vision import tiny_llava, tiny_qwen2_vl
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# what the tiny vision-language models' tokenizers are trained on
+COLOUR_CORPUS = [f"User {i} asks what colour the {shape} is. The assistant says it is {colour}."
+                 for i in range(30) for shape in ("circle", "square") for colour in ("red", "blue", "green")]
 
 
 @pytest.fixture
@@ -48,3 +54,28 @@ def write_jsonl_fixture():
 @pytest.fixture(name="read_jsonl")
 def read_jsonl_fixture():
     return read_jsonl
+
+
+@pytest.fixture
+def colour_corpus() -> list[str]:
+    return list(COLOUR_CORPUS)
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+def family(request):
+    """(name, the tiny model in eval mode, its processor) of the tiny LLaVA and the tiny Qwen2-VL."""
+    build = tiny_llava if request.param == "llava" else tiny_qwen2_vl
+    model, processor = build(COLOUR_CORPUS, vocab_size=400)
+    model.eval()
+    return request.param, model, processor
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory) -> dict[str, str]:
+    """Plain red, blue and green 56x56 PNGs: name -> path."""
+    folder = tmp_path_factory.mktemp("pics")
+    paths = {}
+    for name, colour in (("red", (220, 40, 40)), ("blue", (40, 80, 220)), ("green", (40, 170, 60))):
+        Image.new("RGB", (56, 56), colour).save(folder / f"{name}.png")
+        paths[name] = str(folder / f"{name}.png")
+    return paths

@@ -6,34 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
 from humanalign.data.records import PreferencePair, user_prompt
 from humanalign.data.tokenize import IGNORE_INDEX
 from humanalign.data.vision_collate import VisionPairCollator, content_parts, tokenize_vision_pairs
 from humanalign.models.logprobs import sequence_logps
-from humanalign.models.tiny_vision import tiny_llava, tiny_qwen2_vl
-
-CORPUS = [f"User {i} asks what colour the {shape} is. The assistant says it is {colour}."
-          for i in range(30) for shape in ("circle", "square") for colour in ("red", "blue", "green")]
-
-
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
-def family(request):
-    build = tiny_llava if request.param == "llava" else tiny_qwen2_vl
-    model, processor = build(CORPUS, vocab_size=400)
-    model.eval()
-    return request.param, model, processor
-
-
-@pytest.fixture(scope="module")
-def pictures(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pics")
-    paths = {}
-    for name, colour in (("red", (220, 40, 40)), ("blue", (40, 80, 220)), ("green", (40, 170, 60))):
-        Image.new("RGB", (56, 56), colour).save(folder / f"{name}.png")
-        paths[name] = str(folder / f"{name}.png")
-    return paths
 
 
 def make_pairs(p):
@@ -123,7 +100,7 @@ def test_max_length_cuts_answers_never_prompts(family, pictures):
     assert examples == [] and skipped == {"prompt longer than max_length": 1}
 
 
-def test_prepared_image_demo_feeds_the_saved_tiny_llava(tmp_path, cli):
+def test_prepared_image_demo_feeds_the_saved_tiny_llava(tmp_path, cli, colour_corpus):
     """The whole path: generated pictures -> prepare-data -> prepared pairs -> the saved tiny LLaVA folder
     (Auto classes) -> collated batch -> finite log-probs, each row showing its own picture."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -139,7 +116,7 @@ def test_prepared_image_demo_feeds_the_saved_tiny_llava(tmp_path, cli):
     assert code == 0, err
     pairs = load_source(SourceSpec(path=str(tmp_path / "data" / "train" / "helpful_pairs.jsonl"))).records
     assert len(pairs) >= 12 and all(len(p.images) == 1 for p in pairs)
-    folder = build_tiny_vision_model(tmp_path / "vlm", texts=CORPUS, vocab_size=400)
+    folder = build_tiny_vision_model(tmp_path / "vlm", texts=colour_corpus, vocab_size=400)
     model, processor = AutoModelForImageTextToText.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
     examples, skipped = tokenize_vision_pairs(pairs[:4], processor, max_length=128)
     assert not skipped

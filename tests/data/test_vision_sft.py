@@ -4,9 +4,7 @@ row's loss alone, and max_length that never cuts through image tokens."""
 
 from __future__ import annotations
 
-import pytest
 import torch
-from PIL import Image
 
 from humanalign.data.tokenize import IGNORE_INDEX
 from humanalign.data.vision_sft import (
@@ -18,28 +16,6 @@ from humanalign.data.vision_sft import (
     tokenize_vision_conversations,
 )
 from humanalign.losses.sft import sft_loss_sums
-from humanalign.models.tiny_vision import tiny_llava, tiny_qwen2_vl
-
-CORPUS = [f"User {i} asks what colour the {shape} is. The assistant says it is {colour}."
-          for i in range(30) for shape in ("circle", "square") for colour in ("red", "blue", "green")]
-
-
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
-def family(request):
-    build = tiny_llava if request.param == "llava" else tiny_qwen2_vl
-    model, processor = build(CORPUS, vocab_size=400)
-    model.eval()
-    return request.param, model, processor
-
-
-@pytest.fixture(scope="module")
-def pictures(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pics")
-    paths = {}
-    for name, colour in (("red", (220, 40, 40)), ("blue", (40, 80, 220))):
-        Image.new("RGB", (56, 56), colour).save(folder / f"{name}.png")
-        paths[name] = str(folder / f"{name}.png")
-    return paths
 
 
 def conversations(p):
