@@ -4,15 +4,13 @@ relation between our scores and plain transformers' for a head with and without 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
+from transformers import AutoModelForSequenceClassification
 
 from humanalign.data.tokenize import pad_sequences
 from humanalign.models.calibration import choose_sign_offset, sign_accuracies, write_sign_calibration
-from humanalign.models.load import resolve_model_path
 from humanalign.models.score_model import (
     SCORE_CONFIG_KEY,
     ScoreNormalizer,
@@ -20,9 +18,7 @@ from humanalign.models.score_model import (
     load_score_model,
     save_score_model,
 )
-from humanalign.models.tiny import build_tiny_model
 
-TEXTS = ["Hello there, how are you doing today?", "I cannot help with that request, it could hurt someone."] * 10
 EXAMPLES = [("hello", "I cannot help"), ("how do I bake a cake?", "Here is a recipe for a cake with eggs."),
             ("tell me about the fox", "The quick brown fox jumps over the lazy dog, twice.")]
 
@@ -50,24 +46,6 @@ def test_offset_stays_zero_when_nothing_is_gained_and_balanced_accuracy_rules_un
     assert choice["offset"] == pytest.approx(4.25)  # safe 1..4 right, 5..8 wrong; both unsafe right
     assert choice["after"]["balanced_accuracy"] == pytest.approx((4 / 8 + 1) / 2)
     assert sign_accuracies(costs, unsafe, 8.5)["accuracy"] == pytest.approx(0.9)  # what plain accuracy picks
-
-
-@pytest.fixture(scope="module")
-def decoder_dir(tmp_path_factory) -> Path:
-    """A 2-layer Llama (its score head has no bias)."""
-    return build_tiny_model(tmp_path_factory.mktemp("dec") / "tiny", texts=TEXTS, vocab_size=300, hidden_size=16,
-                            num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=32, seed=1)
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory) -> Path:
-    """A 2-layer BERT backbone (its classifier has a bias) with the MiniLM tokenizer."""
-    folder = tmp_path_factory.mktemp("enc") / "bert"
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(resolve_model_path("minilm-l6-v2")).save_pretrained(folder)
-    return folder
 
 
 def _scores(model, tokenizer):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
+from transformers import AutoModelForSequenceClassification, BertConfig
 
 from humanalign.config.training import LoraSettings
 from humanalign.data.tokenize import pad_sequences
@@ -29,24 +29,6 @@ TEXTS = ["Hello there, how are you doing today?", "The quick brown fox jumps ove
          "I cannot help with that request, it could hurt someone.", "Here is a recipe for a cake."] * 10
 EXAMPLES = [("hello", "I cannot help"), ("how do I bake a cake?", "Here is a recipe for a cake with eggs."),
             ("tell me about the fox", "The quick brown fox jumps over the lazy dog, twice, and then sleeps.")]
-
-
-@pytest.fixture(scope="module")
-def decoder_dir(tmp_path_factory) -> Path:
-    """A 2-layer Llama causal LM (hidden 16) with a byte-level BPE tokenizer; pad <|endoftext|> != eos."""
-    return build_tiny_model(tmp_path_factory.mktemp("dec") / "tiny", texts=TEXTS, vocab_size=300, hidden_size=16,
-                            num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=32, seed=1)
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory) -> Path:
-    """A 2-layer BERT backbone (BertModel, no head) with the all-MiniLM-L6-v2 WordPiece tokenizer."""
-    folder = tmp_path_factory.mktemp("enc") / "bert"
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(resolve_model_path("minilm-l6-v2")).save_pretrained(folder)
-    return folder
 
 
 def _batch(model: ScoreModel, tokenizer, examples=EXAMPLES):

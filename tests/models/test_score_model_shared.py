@@ -13,10 +13,7 @@ from humanalign.config.training import LoraSettings
 from humanalign.data.records import PreferencePair, user_prompt
 from humanalign.data.score_rows import SHARED_ROWS_KEY, ScorePairCollator
 from humanalign.models.score_model import encode_score_pair, load_score_model
-from humanalign.models.tiny import build_tiny_model
 
-TEXTS = ["Hello there, how are you doing today?", "The quick brown fox jumps over the lazy dog.",
-         "I cannot help with that request, it could hurt someone.", "Here is a recipe for a cake."] * 10
 # prompts and answers of unequal lengths: rows of both layouts are padded
 PAIRS = [
     PreferencePair(user_prompt("How do I bake a cake?"), "Here is a recipe for a cake with eggs and flour.",
@@ -25,12 +22,6 @@ PAIRS = [
     PreferencePair(user_prompt("Tell me about the quick brown fox and the lazy dog, please"), "It jumps.",
                    "The quick brown fox jumps over the lazy dog, twice, and then it sleeps."),
 ]
-
-
-@pytest.fixture(scope="module")
-def decoder_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("dec") / "tiny", texts=TEXTS, vocab_size=300, hidden_size=16,
-                            num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=32, seed=1)
 
 
 def _model(decoder_dir: Path, lora: bool = False, attention: str = "sdpa"):
