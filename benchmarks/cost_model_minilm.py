@@ -133,12 +133,47 @@ def table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def cost_model_config(args: argparse.Namespace):
+    """The `humanalign train rm` config of this benchmark's cost model (task harmless)."""
+    from humanalign.config.base import load_config
+    from humanalign.config.rm import RewardModelConfig
+
+    return load_config(RewardModelConfig, values={
+        "task": "harmless", "base_model_path": args.model, "output_dir": args.run_dir,
+        "overwrite_output_dir": True, "seed": args.seed, "max_length": args.max_length,
+        "max_prompt_length": args.max_prompt_length, "epochs": args.epochs, "batch_size": args.batch_size,
+        "eval_batch_size": 64, "learning_rate": args.lr, "warmup_ratio": args.warmup_ratio,
+        "lr_scheduler": "linear", "regularization": args.regularization, "eval_on_start": False,
+        "use_sign_terms": not args.no_sign_terms, "head_lr_multiplier": args.head_lr_multiplier,
+        "layer_lr_decay": args.layer_lr_decay, "weight_decay": args.weight_decay,
+        "logging_steps": 10, "eval_steps": args.eval_steps, "report_to": ["none"], "group_by_length": True,
+        "calibrate_sign": False,  # its validation pairs are the held-out test: calibrated below on its own split
+    })
+
+
+def summary_rows(result: dict[str, Any], calibrated: dict[str, Any] | None, batch_size: int) -> list[tuple[str, str]]:
+    """The printed summary: accuracies, sizes and times."""
+    return [("pair accuracy (held out)", f"{result['pair_accuracy']:.4f}"),
+            ("sign accuracy (held out)", f"{result['sign_accuracy']:.4f}" if result["sign_accuracy"] is not None
+             else "n/a"),
+            ("sign accuracy, calibrated (held out)", f"{calibrated['held_out']['calibrated']['accuracy']:.4f} "
+             f"(offset {calibrated['offset']:+.4f})" if calibrated else "n/a"),
+            ("AUC safe vs unsafe", f"{result['auc']:.4f}" if result["auc"] is not None else "n/a"),
+            ("train / held-out pairs", f"{result['train_pairs']:,} / {result['test_pairs']:,}"),
+            ("steps x batch", f"{result['steps']} x {batch_size}"),
+            ("training time (s)", f"{result['train_seconds']:.1f} wall, "
+                                  f"{result['train_cpu_seconds']:.1f} CPU"),
+            ("held-out scoring time (s)", f"{result['eval_seconds']:.1f} wall, "
+                                          f"{result['eval_cpu_seconds']:.1f} CPU"),
+            ("wall time, all included (s)", f"{result['wall_seconds']:.1f}"),
+            ("train pairs / s", f"{result['train_pairs_per_second']} wall, "
+                                f"{result['train_pairs_per_cpu_second']} per CPU-second")]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     import torch
 
-    from humanalign.config.base import load_config
-    from humanalign.config.rm import RewardModelConfig
     from humanalign.data.io import atomic_write_json
     from humanalign.paths import shared_data_dir
     from humanalign.trainers.reward import train_score_model
@@ -155,17 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train = train[:args.max_train_pairs]
     print(f"[bench] {data}: {len(train):,} train / {len(test):,} held-out pairs (split by prompt); "
           f"skipped: {dict(skipped) or 'none'}; {duplicates:,} repeated training pairs left out", file=sys.stderr)
-    cfg = load_config(RewardModelConfig, values={
-        "task": "harmless", "base_model_path": args.model, "output_dir": args.run_dir,
-        "overwrite_output_dir": True, "seed": args.seed, "max_length": args.max_length,
-        "max_prompt_length": args.max_prompt_length, "epochs": args.epochs, "batch_size": args.batch_size,
-        "eval_batch_size": 64, "learning_rate": args.lr, "warmup_ratio": args.warmup_ratio,
-        "lr_scheduler": "linear", "regularization": args.regularization, "eval_on_start": False,
-        "use_sign_terms": not args.no_sign_terms, "head_lr_multiplier": args.head_lr_multiplier,
-        "layer_lr_decay": args.layer_lr_decay, "weight_decay": args.weight_decay,
-        "logging_steps": 10, "eval_steps": args.eval_steps, "report_to": ["none"], "group_by_length": True,
-        "calibrate_sign": False,  # its validation pairs are the held-out test: calibrated below on its own split
-    })
+    cfg = cost_model_config(args)
     start = time.time()
     summary = train_score_model(cfg, train, test, skipped={"train": skipped},
                                 sources={"train": f"{data} (train split)", "val": f"{data} (held out)"})
@@ -201,22 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     output = Path(args.output)
     atomic_write_json(output, result)
-    rows = [("pair accuracy (held out)", f"{result['pair_accuracy']:.4f}"),
-            ("sign accuracy (held out)", f"{result['sign_accuracy']:.4f}" if result["sign_accuracy"] is not None
-             else "n/a"),
-            ("sign accuracy, calibrated (held out)", f"{calibrated['held_out']['calibrated']['accuracy']:.4f} "
-             f"(offset {calibrated['offset']:+.4f})" if calibrated else "n/a"),
-            ("AUC safe vs unsafe", f"{result['auc']:.4f}" if result["auc"] is not None else "n/a"),
-            ("train / held-out pairs", f"{result['train_pairs']:,} / {result['test_pairs']:,}"),
-            ("steps x batch", f"{result['steps']} x {args.batch_size}"),
-            ("training time (s)", f"{result['train_seconds']:.1f} wall, "
-                                  f"{result['train_cpu_seconds']:.1f} CPU"),
-            ("held-out scoring time (s)", f"{result['eval_seconds']:.1f} wall, "
-                                          f"{result['eval_cpu_seconds']:.1f} CPU"),
-            ("wall time, all included (s)", f"{result['wall_seconds']:.1f}"),
-            ("train pairs / s", f"{result['train_pairs_per_second']} wall, "
-                                f"{result['train_pairs_per_cpu_second']} per CPU-second")]
-    print("\n" + table(rows))
+    print("\n" + table(summary_rows(result, calibrated, args.batch_size)))
     print(f"\n[bench] results: {output}", file=sys.stderr)
     return result
 

@@ -208,7 +208,7 @@ def timing(base: dict[str, Any], steps: int, repeats: int = 2) -> dict[str, floa
 # ----------------------------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny")
     parser.add_argument("--output-dir", default="runs/bench_safe_mm_dpo")
@@ -235,16 +235,14 @@ def main(argv: list[str] | None = None) -> int:
                         "11; 0: skip)")
     parser.add_argument("--no-sft", action="store_true", help="tiny: start from the random-init tiny model "
                         "instead of its SFT on the demo answers")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    import torch
+
+def model_setup(args: argparse.Namespace, root: Path) -> tuple[Path, dict[str, Any], int, int, int, list[str], int]:
+    """--model's data folder, base config, budget (steps, pairs per step, timing steps) and the prompts and
+    answer length of the sampled cost. Tiny: trains the score models (unless given) and the SFT start here."""
     import yaml
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    root = Path(args.output_dir) / args.model
-    root.mkdir(parents=True, exist_ok=True)
-    start = time.time()
     if args.model == "tiny":
         data = tiny_data(root, args.records, seed=0)
         if args.helpful_rm is None or args.harmless_rm is None:
@@ -273,27 +271,24 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [r["prompt"] for _, r in iter_records(shared_data_dir() / "pku-saferlhf" /
                                                          "beavertails_eval_prompts.jsonl")][:16]
         new_tokens = 32
-    sampled = (args.model == "smollm2") if args.sampled is None else args.sampled
+    return data, base, steps, batch, timing_steps, prompts, new_tokens
+
+
+def cost_threshold(args: argparse.Namespace, data: Path) -> float:
+    """d: --threshold, else auto_threshold on the cost model, else -0.6 for label costs."""
     if args.threshold is not None:
-        threshold = args.threshold
-    elif args.harmless_rm:
+        return args.threshold
+    if args.harmless_rm:
         threshold, j_start, j_safe = auto_threshold(args.harmless_rm, data / "train" / "harmless_pairs.jsonl")
         print(f"[bench] cost threshold d = {threshold:.3f} (J_c at the start {j_start:.3f}, always safer "
               f"{j_safe:.3f})", file=sys.stderr)
-    else:  # label costs: -1 safe, +1 unsafe
-        threshold = -0.6
-    base.update({
-        "train_helpful_path": str(data / "train" / "helpful_pairs.jsonl"),
-        "train_harmless_path": str(data / "train" / "harmless_pairs.jsonl"),
-        "val_helpful_path": str(data / "val" / "helpful_pairs.jsonl"),
-        "val_harmless_path": str(data / "val" / "harmless_pairs.jsonl"),
-        "helpful_rm_path": args.helpful_rm, "harmless_rm_path": args.harmless_rm, "cost_threshold": threshold,
-        **({"learning_rate": args.learning_rate} if args.learning_rate else {}),
-        "lambda_lr": args.lambda_lr, "max_steps": steps, "batch_size": batch, "eval_steps": None, "save_steps": None,
-        "report_to": ["none"], "overwrite_output_dir": True, "seed": 0,
-        "output_dir": str(root / "runs"),  # each run: a sub-folder
-    })
+        return threshold
+    return -0.6  # label costs: -1 safe, +1 unsafe
 
+
+def run_all(args: argparse.Namespace, base: dict[str, Any], root: Path, sampled: bool, prompts: list[str],
+            new_tokens: int) -> dict[str, list[dict[str, Any]]]:
+    """Every (variant, seed): train, then its row (before/after, lambda, s/step, sampled cost)."""
     runs: dict[str, list[dict[str, Any]]] = {}
     for name in args.variants:
         for seed in range(args.seeds):
@@ -308,6 +303,34 @@ def main(argv: list[str] | None = None) -> int:
                 row["sampled_cost"], row["unsafe_share"] = sampled_cost(result["final_model"], args.harmless_rm,
                                                                         prompts, new_tokens)
             runs.setdefault(name, []).append(row)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = Path(args.output_dir) / args.model
+    root.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    data, base, steps, batch, timing_steps, prompts, new_tokens = model_setup(args, root)
+    sampled = (args.model == "smollm2") if args.sampled is None else args.sampled
+    threshold = cost_threshold(args, data)
+    base.update({
+        "train_helpful_path": str(data / "train" / "helpful_pairs.jsonl"),
+        "train_harmless_path": str(data / "train" / "harmless_pairs.jsonl"),
+        "val_helpful_path": str(data / "val" / "helpful_pairs.jsonl"),
+        "val_harmless_path": str(data / "val" / "harmless_pairs.jsonl"),
+        "helpful_rm_path": args.helpful_rm, "harmless_rm_path": args.harmless_rm, "cost_threshold": threshold,
+        **({"learning_rate": args.learning_rate} if args.learning_rate else {}),
+        "lambda_lr": args.lambda_lr, "max_steps": steps, "batch_size": batch, "eval_steps": None, "save_steps": None,
+        "report_to": ["none"], "overwrite_output_dir": True, "seed": 0,
+        "output_dir": str(root / "runs"),  # each run: a sub-folder
+    })
+
+    runs = run_all(args, base, root, sampled, prompts, new_tokens)
     timing_steps = timing_steps if args.timing_steps is None else args.timing_steps
     times = timing(base, timing_steps) if timing_steps > 5 else {}
 
