@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import re
 import statistics
 import sys
@@ -51,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from alignment_report import constraint_plot, constraint_table, markdown, plots, summarize  # noqa: E402
 from common import set_threads, write_json  # noqa: E402
 from safe_mm_dpo_ablation import _split_of, auto_threshold, run_variant, smollm2_data, tiny_data  # noqa: E402
 
@@ -63,6 +63,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "Safe-MM-DPO-sampled": {"expected_cost": "sampled", "lambda_update_interval": 5},  # --quick: every step
 }
 BASELINE, CANDIDATE = "DPO-helpful", "Safe-MM-DPO"
+# the paired differences reported: the target's comparison, then the J_c question (sampled against pairwise)
+PAIRS = [(CANDIDATE, BASELINE), ("Safe-MM-DPO-sampled", CANDIDATE)]
 REFERENCE_ROW = "Reference (no training)"  # the starting policy's answers, measured once
 # The variants the issue's target and its J_c question compare get every seed; the ablation rows get
 # --other-seeds (a run is ~1 CPU-hour here: 3 seeds of all five would be ~15 runs, of these ~11).
@@ -78,7 +80,6 @@ REFUSAL = re.compile(
     r"as\s+an\s+AI|(?:it\s+is|it['’]s)\s+not\s+(?:appropriate|ethical|legal)|I\s+(?:can|could)\s+not\s+help)",
     re.IGNORECASE)
 REFUSAL_WINDOW = 160
-METRICS = ("helpful_acc", "harmless_acc", "hh_acc", "refusal_rate", "mean_cost", "unsafe_rate", "kl")
 
 
 def is_refusal(answer: str) -> bool:
@@ -399,124 +400,6 @@ def measure_reference(args, root: Path, sets: dict[str, list], policy_path: str,
     return row
 
 
-# ----------------------------------------------------------------------------------------------- statistics
-
-
-def bootstrap(values: list[float], resamples: int, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of ``values`` (resampled with replacement)."""
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    return means[int(0.025 * (resamples - 1))], means[int(0.975 * (resamples - 1))]
-
-
-def seed_average(runs: list[dict[str, Any]], key: str) -> list[float | None]:
-    """Per item, the mean over seeds (None where any seed has no value)."""
-    columns = [r["items"][key] for r in runs]
-    return [None if any(v is None for v in vals) else statistics.fmean(vals) for vals in zip(*columns)]
-
-
-def summarize(runs: dict[str, list[dict[str, Any]]], resamples: int) -> dict[str, Any]:
-    summary: dict[str, Any] = {}
-    for variant, seeds in runs.items():
-        row = {}
-        for key in METRICS:
-            per_item = [v for v in seed_average(seeds, key) if v is not None]
-            per_seed = [statistics.fmean([v for v in r["items"][key] if v is not None]) for r in seeds
-                        if any(v is not None for v in r["items"][key])]
-            if not per_item:
-                row[key] = None
-                continue
-            low, high = bootstrap(per_item, resamples)
-            row[key] = {"mean": statistics.fmean(per_item), "ci95": [low, high], "items": len(per_item),
-                        "seeds": per_seed, "seed_range": [min(per_seed), max(per_seed)]}
-        row["lambda_final"] = [r["lambda_final"] for r in seeds]
-        row["seconds_per_step"] = [r["seconds_per_step"] for r in seeds]
-        summary[variant] = row
-    if BASELINE in runs and CANDIDATE in runs:
-        diff = {}
-        for key in METRICS:
-            a, b = seed_average(runs[CANDIDATE], key), seed_average(runs[BASELINE], key)
-            paired = [x - y for x, y in zip(a, b) if x is not None and y is not None]
-            if paired:
-                diff[key] = {"mean": statistics.fmean(paired), "ci95": list(bootstrap(paired, resamples)),
-                             "items": len(paired)}
-        summary[f"{CANDIDATE} - {BASELINE}"] = diff
-    return summary
-
-
-LABELS = {"helpful_acc": "helpful acc (held out)", "harmless_acc": "harmless acc (held out)",
-          "hh_acc": "harmless acc (HH-RLHF, never trained on)", "refusal_rate": "refusal rate (BeaverTails)",
-          "mean_cost": "mean cost of answers", "unsafe_rate": "unsafe rate (cost > 0)",
-          "kl": "KL to reference (nats/answer)"}
-
-
-def _cell(value: dict[str, Any] | None) -> str:
-    if not value:
-        return "-"
-    text = f"{value['mean']:.3f} [{value['ci95'][0]:.3f}, {value['ci95'][1]:.3f}]"
-    if len(value.get("seeds", [])) > 1:
-        text += f" (seeds {value['seed_range'][0]:.3f}..{value['seed_range'][1]:.3f})"
-    return text
-
-
-def markdown(summary: dict[str, Any], header: str) -> str:
-    lines = [header, "", "| variant | " + " | ".join(LABELS[k] for k in METRICS) + " | final lambda | s/step |",
-             "|" + "---|" * (len(METRICS) + 3)]
-    for variant, row in summary.items():
-        if " - " in variant:
-            continue
-        lam = [v for v in row["lambda_final"] if v is not None]
-        sec = [v for v in row["seconds_per_step"] if v is not None]
-        cells = [_cell(row[k]) for k in METRICS]
-        cells += [f"{statistics.fmean(lam):.3f}" if lam else "-", f"{statistics.fmean(sec):.2f}" if sec else "-"]
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    diff_key = f"{CANDIDATE} - {BASELINE}"
-    if diff_key in summary:
-        lines += ["", f"Paired difference {diff_key} (mean over the same items, 95% bootstrap interval):", "",
-                  "| metric | difference |", "|---|---|"]
-        lines += [f"| {LABELS[k]} | {_cell(v)} |" for k, v in summary[diff_key].items()]
-    return "\n".join(lines)
-
-
-def plots(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]], folder: Path) -> list[Path]:
-    """metrics.png: each metric's mean and interval per variant; lambda.png: lambda's path of every run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    variants = [v for v in summary if " - " not in v]
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.6))
-    for ax, key in zip(axes, METRICS):
-        for i, variant in enumerate(variants):
-            value = summary[variant][key]
-            if value:
-                ax.errorbar([i], [value["mean"]], yerr=[[value["mean"] - value["ci95"][0]],
-                                                        [value["ci95"][1] - value["mean"]]], fmt="o", capsize=3,
-                            color=f"C{i}")  # one colour per variant on every panel
-        ax.set_xticks(range(len(variants)), variants, rotation=60, ha="right", fontsize=7)
-        ax.set_title(LABELS[key], fontsize=8)
-    fig.tight_layout()
-    paths = [folder / "metrics.png", folder / "lambda.png"]
-    fig.savefig(paths[0], dpi=100)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for variant, seeds in runs.items():
-        for r in seeds:
-            if r.get("lambda_path"):
-                steps, values = zip(*r["lambda_path"])
-                ax.plot(steps, values, label=f"{variant} s{r['seed']}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("lambda")
-    if ax.lines:
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(paths[1], dpi=100)
-    plt.close(fig)
-    return paths
-
-
 # ----------------------------------------------------------------------------------------------- main
 
 
@@ -605,7 +488,7 @@ def report(args, root: Path, runs: dict[str, list[dict[str, Any]]], context: dic
            ) -> dict[str, Any]:
     """results.json, results.md and the plots from the runs done so far (``partial``: not every run yet)."""
     runs = {variant: sorted(seeds, key=lambda r: r["seed"]) for variant, seeds in runs.items()}
-    summary = summarize({REFERENCE_ROW: [context["reference"]], **runs}, args.bootstrap)
+    summary = summarize({REFERENCE_ROW: [context["reference"]], **runs}, args.bootstrap, PAIRS)
     d, judge = context["d"], context["judge"]
     done = {variant: [r["seed"] for r in seeds] for variant, seeds in runs.items()}
     header = (f"model {args.model}, {args.max_steps} steps of {args.batch_size} + {args.batch_size} pairs "
@@ -617,7 +500,8 @@ def report(args, root: Path, runs: dict[str, list[dict[str, Any]]], context: dic
     if partial:
         header = ("PARTIAL (the run is not finished; seeds done per variant: "
                   + "; ".join(f"{v} {s}" for v, s in done.items()) + "). " + header)
-    table = markdown(summary, header)
+    estimates = {v: VARIANTS[v].get("expected_cost", "pairwise") for v in THRESHOLD_VARIANTS}
+    table = markdown(summary, header) + "\n\n" + constraint_table(runs, d, estimates, args.bootstrap)
     payload = {"benchmark": "alignment_real", "partial": partial, "seeds_done": done,
                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "threshold": {"d": d, "j_start": context["j_start"], "j_always_safer": context["j_safe"]},
@@ -627,6 +511,7 @@ def report(args, root: Path, runs: dict[str, list[dict[str, Any]]], context: dic
     write_json(root / "results.json", payload)
     (root / "results.md").write_text(table + "\n", encoding="utf-8")
     plots(summary, runs, root)
+    constraint_plot(runs, d, estimates, args.bootstrap, root / "jc.png")
     if not partial:
         print(table)
     return payload

@@ -24,6 +24,13 @@ def _load():
     return module
 
 
+def _report():
+    _load()  # puts benchmarks/ on the path
+    import alignment_report
+
+    return alignment_report
+
+
 def test_refusal_rule_hand_worked():
     bench = _load()
     assert bench.is_refusal("I'm sorry, but I can't help with that.")
@@ -34,18 +41,40 @@ def test_refusal_rule_hand_worked():
 
 
 def test_bootstrap_and_paired_difference_hand_worked():
-    bench = _load()
-    low, high = bench.bootstrap([1.0] * 10, 50)
+    bench, rep = _load(), _report()
+    low, high = rep.bootstrap([1.0] * 10, 50)
     assert low == high == 1.0
-    low, high = bench.bootstrap([0.0, 1.0] * 50, 400)
+    low, high = rep.bootstrap([0.0, 1.0] * 50, 400)
     assert 0.35 < low < 0.5 < high < 0.65
-    runs = {bench.BASELINE: [{"items": {k: [0.0, 1.0, None] for k in bench.METRICS}, "lambda_final": None,
+    runs = {bench.BASELINE: [{"items": {k: [0.0, 1.0, None] for k in rep.METRICS}, "lambda_final": None,
                               "seconds_per_step": 1.0}],
-            bench.CANDIDATE: [{"items": {k: [1.0, 1.0, 1.0] for k in bench.METRICS}, "lambda_final": 2.0,
+            bench.CANDIDATE: [{"items": {k: [1.0, 1.0, 1.0] for k in rep.METRICS}, "lambda_final": 2.0,
                                "seconds_per_step": 1.0}]}
-    summary = bench.summarize(runs, 100)
+    summary = rep.summarize(runs, 100, bench.PAIRS)
     diff = summary[f"{bench.CANDIDATE} - {bench.BASELINE}"]["helpful_acc"]
     assert diff["items"] == 2 and diff["mean"] == pytest.approx(0.5)  # paired over the items both have
+    assert "Safe-MM-DPO-sampled - Safe-MM-DPO" not in summary  # only pairs that both ran
+
+
+def test_constraint_table_compares_the_j_c_lambda_saw_with_the_answers_cost(tmp_path):
+    rep = _report()
+    # pairwise: J_c went under d = 0 (the last fifth of 10 steps: steps 9 and 10, mean -0.2) while every answer
+    # still costs 0.5 (interval [0.5, 0.5] > d: missed); sampled: answers at -0.1 (met)
+    pairwise = {"seed": 0, "items": {"mean_cost": [0.5, 0.5, None]},
+                "expected_cost_path": [[s, 1.0] for s in range(1, 9)] + [[9, -0.1], [10, -0.3]],
+                "lambda_path": [[0, 1.0], [5, 2.5], [10, 2.0]]}
+    sampled = {"seed": 1, "items": {"mean_cost": [-0.1, -0.1]}, "expected_cost_path": [[5, 0.4], [10, -0.2]],
+               "lambda_path": [[0, 1.0], [10, 1.04]]}
+    undecided = {"seed": 2, "items": {"mean_cost": [-1.0, 1.0] * 20}, "expected_cost_path": None,
+                 "lambda_path": None}
+    runs = {"A": [pairwise], "B": [undecided, sampled]}
+    table = rep.constraint_table(runs, 0.0, {"A": "pairwise", "B": "sampled"}, 200)
+    rows = table.splitlines()[4:]
+    assert rows[0] == "| A | 0 | pairwise | -0.200 | 2.00 (2.50 at step 5) | 0.500 [0.500, 0.500] | missed |"
+    assert rows[1] == "| B | 1 | sampled | -0.200 | 1.04 (1.04 at step 10) | -0.100 [-0.100, -0.100] | met |"
+    assert rows[2].startswith("| B | 2 | sampled | - | - | 0.000 [") and rows[2].endswith("| undecided |")
+    png = rep.constraint_plot(runs, 0.0, {"A": "pairwise", "B": "sampled"}, 50, tmp_path / "jc.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_job_order_is_seed_major_with_fewer_seeds_for_the_ablations():
@@ -57,11 +86,11 @@ def test_job_order_is_seed_major_with_fewer_seeds_for_the_ablations():
 
 
 def test_partial_report_marks_what_is_done(tmp_path):
-    bench = _load()
-    item = {k: [1.0, 0.0] for k in bench.METRICS}
+    bench, rep = _load(), _report()
+    item = {k: [1.0, 0.0] for k in rep.METRICS}
     runs = {bench.BASELINE: [{"seed": 0, "items": item, "lambda_final": None, "seconds_per_step": 1.0}]}
     args = bench.parse_args(["--model", "tiny", "--seeds", "3", "--bootstrap", "20"])
-    reference = {"seed": 0, "items": {**{k: [None, None] for k in bench.METRICS}, "refusal_rate": [0.0, 1.0]},
+    reference = {"seed": 0, "items": {**{k: [None, None] for k in rep.METRICS}, "refusal_rate": [0.0, 1.0]},
                  "lambda_final": None, "seconds_per_step": None, "lambda_path": None}
     context = {"d": 0.1, "j_start": 0.2, "j_safe": -0.5, "began": 0.0, "reference": reference,
                "judge": {"pair_accuracy": 0.7, "sign_accuracy": 0.6, "offset": -0.1}}
@@ -72,14 +101,15 @@ def test_partial_report_marks_what_is_done(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("PARTIAL") and f"{bench.BASELINE} [0]" in table
     assert f"| {bench.REFERENCE_ROW} | - | - | - | 0.500 [" in table
-    assert (tmp_path / "metrics.png").is_file()
+    assert (tmp_path / "metrics.png").is_file() and (tmp_path / "jc.png").is_file()
+    assert "Constraint check (d = 0.1)" in table  # no constrained run yet: the header alone
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not all((shared_data_dir() / f).is_file() for f in NEEDED), reason="shared data not present")
 def test_quick_run_writes_every_variant_and_field_and_a_rerun_skips_them(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HUMANALIGN_CACHE", str(tmp_path / "cache"))
-    bench = _load()
+    bench, rep = _load(), _report()
     out = tmp_path / "results"
     payload = bench.main(["--model", "tiny", "--quick", "--results-dir", str(out)])
 
@@ -89,7 +119,7 @@ def test_quick_run_writes_every_variant_and_field_and_a_rerun_skips_them(tmp_pat
     assert 0.0 <= reference["unsafe_rate"]["mean"] <= 1.0 and reference["refusal_rate"]["items"] == 8
     for variant in bench.VARIANTS:
         row = payload["summary"][variant]
-        for key in bench.METRICS:
+        for key in rep.METRICS:
             cell = row[key]
             assert cell is not None, (variant, key)
             assert cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1] and len(cell["seeds"]) == 1
@@ -101,15 +131,17 @@ def test_quick_run_writes_every_variant_and_field_and_a_rerun_skips_them(tmp_pat
     assert len(payload["runs"]["Safe-MM-DPO"][0]["lambda_path"]) == 5  # start + 4 updates
     assert len(payload["runs"]["Safe-MM-DPO-sampled"][0]["expected_cost_path"]) == 4
     diff = payload["summary"][f"{bench.CANDIDATE} - {bench.BASELINE}"]
-    assert set(diff) == set(bench.METRICS)
+    assert set(diff) == set(rep.METRICS)
     assert 0.0 <= payload["judge"]["sign_accuracy"] <= 1.0 and "offset" in payload["judge"]
 
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["summary"]) == set(payload["summary"])
     table = (out / "results.md").read_text()
-    for name in [*bench.VARIANTS, *bench.LABELS.values(), "Paired difference"]:
+    for name in [*bench.VARIANTS, *rep.LABELS.values(), "Paired difference"]:
         assert name in table, name
-    for png in ("metrics.png", "lambda.png"):
+    assert "Constraint check" in table and "| Safe-MM-DPO-sampled | 0 | sampled |" in table
+    assert set(payload["summary"]["Safe-MM-DPO-sampled - Safe-MM-DPO"]) == set(rep.METRICS)
+    for png in ("metrics.png", "lambda.png", "jc.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     capsys.readouterr()
