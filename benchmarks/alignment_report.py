@@ -82,7 +82,7 @@ def _cell(value: dict[str, Any] | None) -> str:
 
 
 def markdown(summary: dict[str, Any], header: str) -> str:
-    """The table of every variant, then the paired difference (the summary's "a - b" entry) if any."""
+    """The table of every variant, then each paired difference (the summary's "a - b" entries)."""
     lines = [header, "", "| variant | " + " | ".join(LABELS[k] for k in METRICS) + " | final lambda | s/step |",
              "|" + "---|" * (len(METRICS) + 3)]
     for variant, row in summary.items():
