@@ -337,8 +337,7 @@ def test_lora_actor_reward_model_on_another_tokenizer_and_reward_shaping(world, 
         trainer.rollout_engine.generate = lambda *a, **k: captured.append(generate(*a, **k)) or captured[-1]
         batch = trainer.rollout(0)
         gen = captured[0]
-        prompts = [trainer.prompts[i] for i in trainer.prompt_sampler.micro_batch(
-            trainer.prompt_sampler.epoch_order(0), 0)]
+        prompts = [trainer.prompts[i] for i in trainer.schedule.prompt_rows(0)]
         expected = load_scorer(str(tmp_path / "rm"), device="cpu").score(
             [prompts[i] for i in gen.prompt_index], gen.texts)
         assert trainer.last_rollout["reward_model_score"] == pytest.approx(mean(expected), rel=1e-5)

@@ -169,6 +169,10 @@ class Engine(CheckpointingMixin, AbstractContextManager):
         tensor = tensor.to(self.device)
         return self.accelerator.reduce(tensor, "sum") if self.num_processes > 1 else tensor
 
+    def gather(self, value: torch.Tensor) -> torch.Tensor:
+        """Every process's tensor, concatenated along dim 0 in rank order (the identity on one process)."""
+        return self.accelerator.gather(value) if self.num_processes > 1 else value
+
     def gather_for_metrics(self, value: Any) -> Any:
         """Gather per-example tensors from every rank; the duplicates that even out eval batches are dropped."""
         return self.accelerator.gather_for_metrics(value)

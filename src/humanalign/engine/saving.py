@@ -276,6 +276,33 @@ class CheckpointingMixin:
         return final
 
 
+def state_dict_part(state_dict: dict[str, Any] | None, prefix: str) -> dict[str, Any] | None:
+    """The entries of a gathered module state dict under ``prefix`` (e.g. ``"actor."``), the prefix removed;
+    None stays None (the live weights are saved then)."""
+    if state_dict is None:
+        return None
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def save_submodel(model: torch.nn.Module, tokenizer: Any, folder: Path, state_dict: dict[str, Any] | None,
+                  merged_folder: Path | None = None) -> None:
+    """Save one model held inside a prepared module (the actor of an actor-critic) as an HF folder: from
+    ``state_dict`` (its weights gathered from FSDP / DeepSpeed shards, see ``state_dict_part``) when given, else
+    from the live weights; with ``merged_folder`` also its LoRA adapter folded into the base. Main process only."""
+    if state_dict is not None:
+        model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+    else:
+        save_pretrained_model(model, tokenizer, folder)
+    if merged_folder is None:
+        return
+    if state_dict is not None:  # the adapter folded into the gathered base weights
+        merged = merged_gathered_weights(model, state_dict)
+        CheckpointingMixin.write_model_folder(model.get_base_model(), tokenizer, merged_folder, merged)
+    else:
+        save_pretrained_model(model, tokenizer, merged_folder, merge_lora=True)
+
+
 def without_tied_copies(model: torch.nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
     """A gathered state dict holds a tied parameter (embeddings = LM head) once per name, as separate tensors,
     so save_pretrained would write it twice; keep it under its first name only, as a single process saves it."""

@@ -22,7 +22,6 @@ boundaries, so a resumed run regenerates nothing and continues exactly.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -35,16 +34,15 @@ from accelerate.utils import DistributedType
 from humanalign.config.grpo import GRPOConfig, GRPOLagConfig
 from humanalign.data.prompts import load_online_prompts
 from humanalign.engine import Engine
-from humanalign.engine.data import StepBatchSampler
 from humanalign.engine.optim import build_param_groups
 from humanalign.engine.progress import Progress
+from humanalign.engine.saving import save_submodel, state_dict_part
 from humanalign.errors import UserError
 from humanalign.losses.grpo import group_advantages, grpo_token_loss, reduce_grpo_loss, rloo_advantages
 from humanalign.losses.ppo import PPOLagLambda, lagrangian_advantage, masked_mean
 from humanalign.models.actor_critic import PolicyAndCritics, disable_all_dropout
-from humanalign.models.load import load_causal_lm, load_tokenizer, resolve_model, save_pretrained_model
+from humanalign.models.load import load_causal_lm, load_tokenizer, resolve_model
 from humanalign.models.logprobs import shared_layout_possible
-from humanalign.models.lora_merge import merged_gathered_weights
 from humanalign.models.pretrained import is_peft_model
 from humanalign.rollout import GenerationSettings, actor_rollout_engine
 from humanalign.rollout.batch import (
@@ -54,6 +52,7 @@ from humanalign.rollout.batch import (
     shared_prompt_plan,
     shared_response_logps,
 )
+from humanalign.rollout.schedule import RolloutSchedule
 from humanalign.rollout.scorers import SequenceScorer, score_held_out_prompts
 
 
@@ -103,9 +102,12 @@ class GRPOTrainer:
         self.lagrangian = cfg.is_lagrangian
         self._load_data()
         module = self._load_models()
-        self._plan()
+        self.schedule = RolloutSchedule(len(self.prompts), cfg, engine.num_processes, engine.process_index)
+        # One pass and one step per rollout: the update sees the very policy that sampled (ratio 1), so the
+        # old log-probs are the live ones, detached (as TRL does), and need no forward of their own.
+        self.on_policy = cfg.update_iters == 1 and self.schedule.steps_per_rollout == 1
         groups = build_param_groups(module, cfg.learning_rate, cfg.learning_rate, cfg.weight_decay)
-        self.model, self.optimizer, _ = engine.prepare(module, groups=groups, total_steps=self.total_steps)
+        self.model, self.optimizer, _ = engine.prepare(module, groups=groups, total_steps=self.schedule.total_steps)
         self.unwrapped: PolicyAndCritics = engine.unwrap(self.model)
         # the G answers of a prompt in one row, the prompt once (decided on the first rollout: None), unless a
         # model cannot take the packed layout (attention kind, sharded weights): padded rows then
@@ -148,23 +150,6 @@ class GRPOTrainer:
             ref = load_causal_lm(cfg.ref_model_path or cfg.actor_model_path, cfg.model, trainable=False)
             self.ref = engine.prepare_frozen(ref)
         return module
-
-    def _plan(self) -> None:
-        """Whole rollouts, each a fixed number of optimizer steps; prompts in the engine's seeded order."""
-        cfg, engine = self.cfg, self.engine
-        self.prompt_sampler = StepBatchSampler(len(self.prompts), cfg.rollout_batch_size,
-                                               num_processes=engine.num_processes,
-                                               process_index=engine.process_index, seed=cfg.seed)
-        per_step = cfg.batch_size * cfg.gradient_accumulation_steps
-        self.steps_per_rollout = cfg.update_iters * cfg.sequences_per_rollout // per_step
-        # One pass and one step per rollout: the update sees the very policy that sampled (ratio 1), so the
-        # old log-probs are the live ones, detached (as TRL does), and need no forward of their own.
-        self.on_policy = cfg.update_iters == 1 and self.steps_per_rollout == 1
-        if cfg.max_steps is not None:
-            self.total_rollouts = math.ceil(cfg.max_steps / self.steps_per_rollout)
-        else:
-            self.total_rollouts = max(1, math.ceil(cfg.epochs * self.prompt_sampler.steps_per_epoch))
-        self.total_steps = self.total_rollouts * self.steps_per_rollout
 
     # ------------------------------------------------------------------------------------------ rollout
 
@@ -235,9 +220,6 @@ class GRPOTrainer:
         for name, value in outputs.items():
             setattr(batch, name, value)
 
-    def _gather(self, values: torch.Tensor) -> torch.Tensor:
-        return self.engine.accelerator.gather(values) if self.engine.num_processes > 1 else values
-
     def _advantages(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(advantages (N,), group spreads (P,)) of this rank's answers; groups never straddle ranks, only the
         batch std (scale_rewards=batch) is taken over every rank's scores."""
@@ -246,7 +228,7 @@ class GRPOTrainer:
             return rloo_advantages(scores, g), group_advantages(scores, g, "none")[1]
         if cfg.scale_rewards != "batch" or self.engine.num_processes == 1:
             return group_advantages(scores, g, cfg.scale_rewards)
-        everyone, _ = group_advantages(self._gather(scores), g, "batch")
+        everyone, _ = group_advantages(self.engine.gather(scores), g, "batch")
         mine = slice(self.engine.process_index * len(scores), (self.engine.process_index + 1) * len(scores))
         return everyone[mine], group_advantages(scores, g, "none")[1]
 
@@ -254,8 +236,7 @@ class GRPOTrainer:
     def rollout(self, index: int) -> tuple[RolloutBatch, torch.Tensor]:
         """Sample and score rollout ``index``; records its metrics; returns the batch and its advantages (N,)."""
         cfg, engine = self.cfg, self.engine
-        epoch, micro = divmod(index, self.prompt_sampler.micro_batches_per_epoch)
-        rows = self.prompt_sampler.micro_batch(self.prompt_sampler.epoch_order(epoch), micro)
+        rows = self.schedule.prompt_rows(index)
         started = time.perf_counter()
         gen = self.rollout_engine.generate([self.prompt_ids[i] for i in rows], self.generation,
                                            cfg.num_generations, seed=rollout_seed(cfg.seed, index, engine.process_index))
@@ -293,7 +274,7 @@ class GRPOTrainer:
     def _lagrangian(self, costs: torch.Tensor, adv_r: torch.Tensor, metrics: dict[str, Any]) -> torch.Tensor:
         """Lambda's dual-ascent step on the rollout's mean cost, then (A_r - lambda A_c) / (1 + lambda)."""
         cfg = self.cfg
-        self.lam.observe(self._gather(costs))
+        self.lam.observe(self.engine.gather(costs))
         self.lam.maybe_update(self.engine.step)
         adv_c, cost_spread = self._advantages(costs)  # the reward's estimator and scaling, on the costs
         metrics.update({"lambda": self.lam.value, "lambda_updates": self.lam.num_updates,
@@ -354,57 +335,35 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------ the loop
 
-    def _due(self, every: int | None, before: int, after: int) -> bool:
-        """Whether a multiple of ``every`` (or the last step) lies in the steps (before, after]."""
-        return after == self.engine.total_steps or bool(every and after // every > before // every)
-
     def _save_final(self, unwrapped: PolicyAndCritics, folder: Path, state_dict: dict | None) -> None:
         """The actor into ``folder``; with lora.merge_on_save also merged into ``<run>/final-merged``.
         ``state_dict``: the module's weights gathered from FSDP / DeepSpeed shards (None: the live weights)."""
-        run_dir = self.engine.run_dir
-        actor_state = None if state_dict is None else {k[len("actor."):]: v for k, v in state_dict.items()
-                                                       if k.startswith("actor.")}
-        if actor_state is not None:
-            unwrapped.actor.save_pretrained(folder, state_dict=actor_state, safe_serialization=True)
-            self.tokenizer.save_pretrained(folder)
-        else:
-            save_pretrained_model(unwrapped.actor, self.tokenizer, folder)
-        if self.cfg.lora.enabled and self.cfg.lora.merge_on_save:
-            if actor_state is not None:  # the adapter folded into the gathered base weights
-                merged = merged_gathered_weights(unwrapped.actor, actor_state)
-                self.engine.write_model_folder(unwrapped.actor.get_base_model(), self.tokenizer,
-                                               run_dir / "final-merged", merged)
-            else:
-                save_pretrained_model(unwrapped.actor, self.tokenizer, run_dir / "final-merged", merge_lora=True)
+        merge = self.cfg.lora.enabled and self.cfg.lora.merge_on_save
+        save_submodel(unwrapped.actor, self.tokenizer, folder, state_dict_part(state_dict, "actor."),
+                      merged_folder=self.engine.run_dir / "final-merged" if merge else None)
 
     def train(self) -> dict[str, Any]:
-        cfg, engine = self.cfg, self.engine
-        if engine.step % self.steps_per_rollout:
-            raise UserError(f"cannot resume at step {engine.step}: GRPO checkpoints lie on rollout boundaries "
-                            f"({self.steps_per_rollout} steps per rollout); was the batch layout changed?")
-        first = engine.step // self.steps_per_rollout
-        engine.print(
-            f"[{engine.name}] {len(self.prompts):,} prompts | rollout: {cfg.rollout_batch_size} prompts x "
-            f"{cfg.num_generations} answers x {engine.num_processes} process(es) | {self.steps_per_rollout} "
-            f"optimizer steps per rollout ({cfg.update_iters} pass(es)) | {self.total_rollouts} rollouts = "
-            f"{engine.total_steps} steps" + (f" | resuming after rollout {first}" if first else ""))
+        cfg, engine, schedule = self.cfg, self.engine, self.schedule
+        first = schedule.first_rollout(engine.step, "GRPO")
+        engine.print(f"[{engine.name}] " + schedule.describe(len(self.prompts), cfg, cfg.num_generations,
+                                                             engine.num_processes, first))
         engine.progress = Progress(engine.total_steps, initial=engine.step,
                                    enabled=engine.is_main_process and cfg.progress_bar, desc=engine.name)
         start_eval = None
         if cfg.eval_on_start and self.eval_prompts and engine.step == 0:  # the baseline, logged at step 0
             start_eval = self.evaluate()
-        for index in range(first, self.total_rollouts):
+        for index in range(first, schedule.total_rollouts):
             self.model.train()
             batch, advantages = self.rollout(index)
             before = engine.step
             self.update(batch, advantages, index)
             self.rollout_engine.sync_weights(self.unwrapped.actor)
-            if self.eval_prompts and self._due(cfg.eval_steps, before, engine.step):
+            if self.eval_prompts and schedule.due(cfg.eval_steps, before, engine.step):
                 self.evaluate()
-            if self._due(cfg.save_steps, before, engine.step):
+            if schedule.due(cfg.save_steps, before, engine.step):
                 engine.save_checkpoint()
             engine.stop_if_requested()  # SIGINT/SIGTERM: checkpoint here, at a rollout boundary, and exit
-        summary: dict[str, Any] = {"rollouts": self.total_rollouts, "last_rollout": self.last_rollout,
+        summary: dict[str, Any] = {"rollouts": schedule.total_rollouts, "last_rollout": self.last_rollout,
                                    "eval_on_start": start_eval}
         if self.lam is not None:
             summary["lambda"] = self.lam.value

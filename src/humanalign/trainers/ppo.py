@@ -25,7 +25,6 @@ the per-role optimizer groups in ``engine/optim.py``, the losses in ``losses/ppo
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from humanalign.engine import Engine
 from humanalign.engine.data import StepBatchSampler
 from humanalign.engine.optim import build_param_groups, clip_per_role, per_group_scheduler
 from humanalign.engine.progress import Progress
+from humanalign.engine.saving import save_submodel, state_dict_part
 from humanalign.errors import UserError
 from humanalign.losses.ppo import (
     AdaptiveKLController,
@@ -59,12 +59,12 @@ from humanalign.models.actor_critic import (
     disable_all_dropout,
     load_critic,
 )
-from humanalign.models.load import load_causal_lm, load_tokenizer, resolve_model, save_pretrained_model
-from humanalign.models.lora_merge import merged_gathered_weights
+from humanalign.models.load import load_causal_lm, load_tokenizer, resolve_model
 from humanalign.models.pretrained import is_peft_model
 from humanalign.models.score_model import save_score_model
 from humanalign.rollout import GenerationSettings, actor_rollout_engine
 from humanalign.rollout.batch import RolloutBatch, response_logps, response_values, rollout_seed
+from humanalign.rollout.schedule import RolloutSchedule
 from humanalign.rollout.scorers import RunningScoreStats, SequenceScorer, score_held_out_prompts
 
 
@@ -77,11 +77,11 @@ class PPOTrainer:
         self.shaping = bool(getattr(cfg, "reward_shaping", False))
         self._load_data()
         module = self._load_models()
-        self._plan()
+        self.schedule = RolloutSchedule(len(self.prompts), cfg, engine.num_processes, engine.process_index)
         groups = build_param_groups(module, cfg.learning_rate, cfg.critic_learning_rate, cfg.weight_decay)
-        self.model, self.optimizer, _ = engine.prepare(module, groups=groups, total_steps=self.total_steps)
+        self.model, self.optimizer, _ = engine.prepare(module, groups=groups, total_steps=self.schedule.total_steps)
         # the engine's schedule is one curve for every group; actor and critics each get their own
-        engine.scheduler = per_group_scheduler(self.optimizer, cfg, self.total_steps, engine.step)
+        engine.scheduler = per_group_scheduler(self.optimizer, cfg, self.schedule.total_steps, engine.step)
         self.roles = ["actor", *(f"{k}_critic" for k in module.critics())]
         # Clipping each role apart needs unscaled, unsharded gradients: not under fp16 loss scaling or sharding.
         self.clip_apart = (engine.accelerator.mixed_precision != "fp16" and engine.distributed_type in (
@@ -139,20 +139,6 @@ class PPOTrainer:
             self.ref = engine.prepare_frozen(ref)
         return module
 
-    def _plan(self) -> None:
-        """Whole rollouts, each a fixed number of optimizer steps; prompts in the engine's seeded order."""
-        cfg, engine = self.cfg, self.engine
-        self.prompt_sampler = StepBatchSampler(len(self.prompts), cfg.rollout_batch_size,
-                                               num_processes=engine.num_processes,
-                                               process_index=engine.process_index, seed=cfg.seed)
-        per_step = cfg.batch_size * cfg.gradient_accumulation_steps
-        self.steps_per_rollout = cfg.update_iters * cfg.sequences_per_rollout // per_step
-        if cfg.max_steps is not None:
-            self.total_rollouts = math.ceil(cfg.max_steps / self.steps_per_rollout)
-        else:
-            self.total_rollouts = max(1, math.ceil(cfg.epochs * self.prompt_sampler.steps_per_epoch))
-        self.total_steps = self.total_rollouts * self.steps_per_rollout
-
     def _register_states(self) -> None:
         """What a checkpoint carries besides weights, optimizer and schedule (restored here on resume)."""
         cfg, engine = self.cfg, self.engine
@@ -199,15 +185,11 @@ class PPOTrainer:
         for name, value in outputs.items():
             setattr(batch, name, value)
 
-    def _gather(self, values: torch.Tensor) -> torch.Tensor:
-        return self.engine.accelerator.gather(values) if self.engine.num_processes > 1 else values
-
     @torch.no_grad()
     def rollout(self, index: int) -> RolloutBatch:
         """Sample, score and evaluate rollout ``index``; records its metrics; returns the batch with advantages."""
         cfg, engine = self.cfg, self.engine
-        epoch, micro = divmod(index, self.prompt_sampler.micro_batches_per_epoch)
-        rows = self.prompt_sampler.micro_batch(self.prompt_sampler.epoch_order(epoch), micro)
+        rows = self.schedule.prompt_rows(index)
         started = time.perf_counter()
         gen = self.rollout_engine.generate([self.prompt_ids[i] for i in rows], self.generation,
                                            cfg.num_return_sequences, seed=rollout_seed(cfg.seed, index, engine.process_index))
@@ -227,7 +209,7 @@ class PPOTrainer:
         mask = batch.response_mask
         reward_in = scores_t
         if cfg.normalize_reward:
-            self.reward_stats.normalizer.update(self._gather(scores_t))
+            self.reward_stats.normalizer.update(engine.gather(scores_t))
             reward_in = self.reward_stats.normalizer.normalize(scores_t)
         if self.shaping:  # the fixed-lambda baseline: one stream, R - lambda C
             reward_in = reward_in - cfg.lambda_init * costs_t
@@ -238,7 +220,7 @@ class PPOTrainer:
         adv_r, batch.reward_returns = gae(batch.old_reward_values, rewards, mask, cfg.gamma, cfg.lam)
         advantages = adv_r
         if self.lagrangian:
-            self.lam.observe(self._gather(costs_t))
+            self.lam.observe(engine.gather(costs_t))
             self.lam.maybe_update(engine.step)
             cost_rewards = kl_shaped_rewards(costs_t, batch.old_logps, batch.ref_logps, mask, kl_coef,
                                              cfg.clip_range_score, "cost", kl_share)
@@ -251,7 +233,7 @@ class PPOTrainer:
 
         lengths = mask.sum(-1).float()  # (N,)
         seq_kl = ((batch.old_logps - batch.ref_logps) * mask).sum(-1)  # (N,)
-        global_kl = float(self._gather(seq_kl).mean())
+        global_kl = float(engine.gather(seq_kl).mean())
         self.kl_ctl.update(global_kl, len(batch) * engine.num_processes)
         metrics.update({
             "reward": scores_t.mean(), "kl": seq_kl.mean(), "kl_coef": kl_coef, "response_length": lengths.mean(),
@@ -329,65 +311,40 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------------ the loop
 
-    def _due(self, every: int | None, before: int, after: int) -> bool:
-        """Whether a multiple of ``every`` (or the last step) lies in the steps (before, after]."""
-        return after == self.engine.total_steps or bool(every and after // every > before // every)
-
     def _save_final(self, unwrapped: PolicyAndCritics, folder: Path, state_dict: dict | None) -> None:
         """The actor into ``folder`` (the engine's final model), each critic into ``<run>/<kind>_critic``, and
         with lora.merge_on_save the merged actor into ``<run>/final-merged``. ``state_dict``: the whole
         module's weights gathered from FSDP / DeepSpeed shards (the live parameters are shards then)."""
-        def part(prefix: str) -> dict | None:
-            return None if state_dict is None else {k[len(prefix):]: v for k, v in state_dict.items()
-                                                    if k.startswith(prefix)}
-
         run_dir = self.engine.run_dir
-        if state_dict is not None:
-            unwrapped.actor.save_pretrained(folder, state_dict=part("actor."), safe_serialization=True)
-            self.tokenizer.save_pretrained(folder)
-        else:
-            save_pretrained_model(unwrapped.actor, self.tokenizer, folder)
+        merge = self.cfg.lora.enabled and self.cfg.lora.merge_on_save
+        save_submodel(unwrapped.actor, self.tokenizer, folder, state_dict_part(state_dict, "actor."),
+                      merged_folder=run_dir / "final-merged" if merge else None)
         for kind, critic in unwrapped.critics().items():
             save_score_model(critic, self.critic_tokenizers[kind], run_dir / f"{kind}_critic",
-                             state_dict=part(f"{kind}_critic."))
-        if self.cfg.lora.enabled and self.cfg.lora.merge_on_save:
-            if state_dict is not None:  # the adapter folded into the gathered base weights
-                merged = merged_gathered_weights(unwrapped.actor, part("actor."))
-                self.engine.write_model_folder(unwrapped.actor.get_base_model(), self.tokenizer,
-                                               run_dir / "final-merged", merged)
-            else:
-                save_pretrained_model(unwrapped.actor, self.tokenizer, run_dir / "final-merged", merge_lora=True)
+                             state_dict=state_dict_part(state_dict, f"{kind}_critic."))
 
     def train(self) -> dict[str, Any]:
-        cfg, engine = self.cfg, self.engine
-        if engine.step % self.steps_per_rollout:
-            raise UserError(f"cannot resume at step {engine.step}: PPO checkpoints lie on rollout boundaries "
-                            f"({self.steps_per_rollout} steps per rollout); was the batch layout changed?")
-        first = engine.step // self.steps_per_rollout
-        engine.print(
-            f"[{engine.name}] {len(self.prompts):,} prompts | rollout: {cfg.rollout_batch_size} prompts x "
-            f"{cfg.num_return_sequences} answers x {engine.num_processes} process(es) | {self.steps_per_rollout} "
-            f"optimizer steps per rollout ({cfg.update_iters} pass(es)) | {self.total_rollouts} rollouts = "
-            f"{engine.total_steps} steps" + (f" (max_steps {cfg.max_steps} rounded up to whole rollouts)"
-                                             if cfg.max_steps and cfg.max_steps != engine.total_steps else "")
-            + (f" | resuming after rollout {first}" if first else ""))
+        cfg, engine, schedule = self.cfg, self.engine, self.schedule
+        first = schedule.first_rollout(engine.step, "PPO")
+        engine.print(f"[{engine.name}] " + schedule.describe(len(self.prompts), cfg, cfg.num_return_sequences,
+                                                             engine.num_processes, first))
         engine.progress = Progress(engine.total_steps, initial=engine.step,
                                    enabled=engine.is_main_process and cfg.progress_bar, desc=engine.name)
         start_eval = None
         if cfg.eval_on_start and self.eval_prompts and engine.step == 0:  # the baseline, logged at step 0
             start_eval = self.evaluate()
-        for index in range(first, self.total_rollouts):
+        for index in range(first, schedule.total_rollouts):
             self.model.train()
             batch = self.rollout(index)
             before = engine.step
             self.update(batch, index)
             self.rollout_engine.sync_weights(self.unwrapped.actor)
-            if self.eval_prompts and self._due(cfg.eval_steps, before, engine.step):
+            if self.eval_prompts and schedule.due(cfg.eval_steps, before, engine.step):
                 self.evaluate()
-            if self._due(cfg.save_steps, before, engine.step):
+            if schedule.due(cfg.save_steps, before, engine.step):
                 engine.save_checkpoint()
             engine.stop_if_requested()  # SIGINT/SIGTERM: checkpoint here, at a rollout boundary, and exit
-        summary = {"rollouts": self.total_rollouts, "last_rollout": self.last_rollout, "eval_on_start": start_eval}
+        summary = {"rollouts": schedule.total_rollouts, "last_rollout": self.last_rollout, "eval_on_start": start_eval}
         if self.lam is not None:
             summary["lambda"] = self.lam.value
         final = engine.finish(self.model, self.tokenizer, save_fn=self._save_final, summary=summary)
