@@ -19,15 +19,6 @@ from humanalign.rollout.batch import RolloutBatch, response_logps
 PROMPTS = ["How do I grow tomatoes?", "Tell me a joke.", "Name three colours please, and explain each of them."]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is several times faster than two fighting other processes for 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def actor():
     torch.manual_seed(0)

@@ -1,8 +1,9 @@
-"""Fixtures shared by the trainer tests."""
+"""Fixtures shared by the trainer tests; makes ``word_world`` (the online trainers' test world) importable."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from humanalign.config.data import PrepareDataConfig
 from humanalign.data.image_demo import write_image_demo
 from humanalign.data.prepare import run as prepare
 from humanalign.models.tiny_vision import build_tiny_vision_model
+
+sys.path.insert(0, str(Path(__file__).parent))  # word_world.py: the online trainers' shared test world
 
 
 @pytest.fixture(scope="module")

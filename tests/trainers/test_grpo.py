@@ -2,46 +2,29 @@
 while lambda rises and falls, a resumed run equals an uninterrupted one, and the first losses are pinned.
 
 The reward rise and the pinned curve use the embedded tiny model (``humanalign.models.tiny``). The constraint,
-resume and CLI runs use the word-level tiny Llama of the PPO tests (``build_word_model`` in test_ppo.py, 29
+resume and CLI runs use the word-level tiny Llama of the PPO tests (``word_world.build_word_model``, 29
 tokens), where a word's share of the answer starts near 1/29 and moves within a few dozen rollouts.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from word_world import build_word_model, write_word_prompts
 
 from humanalign.config.base import load_config
 from humanalign.config.grpo import GRPOConfig, GRPOLagConfig
 from humanalign.errors import ConfigError
-
-_spec = importlib.util.spec_from_file_location("ppo_test_models", Path(__file__).with_name("test_ppo.py"))
-_ppo_tests = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_ppo_tests)
-build_word_model, WORDS = _ppo_tests.build_word_model, _ppo_tests.WORDS
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo_world")
     model = build_word_model(root / "model")
-    rng = random.Random(0)
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))})
-                               + "\n" for _ in range(64)))
+    prompts = write_word_prompts(root / "prompts.jsonl")
     return {"root": root, "model": model, "prompts": prompts}
 
 

@@ -4,22 +4,11 @@ scores; so both ranks end with the same lambda and window, built from both ranks
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import random
-import shutil
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-_spec = importlib.util.spec_from_file_location("ppo_test_models", Path(__file__).with_name("test_ppo.py"))
-_ppo_tests = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_ppo_tests)
+from word_world import build_word_model, run_on_two_processes, write_word_prompts
 
 DRIVER = '''
 import json, os, sys
@@ -41,13 +30,9 @@ with open(os.path.join(sys.argv[2], "rank%s.json" % os.environ.get("RANK", "0"))
 
 @pytest.mark.slow
 def test_grpo_lag_on_two_processes_keeps_lambda_identical_on_both_ranks(tmp_path):
-    model = _ppo_tests.build_word_model(tmp_path / "model")
-    rng = random.Random(0)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(_ppo_tests.WORDS) for _ in range(3))})
-                               + "\n" for _ in range(32)))
-    out, states = tmp_path / "run", tmp_path / "states"
-    states.mkdir()
+    model = build_word_model(tmp_path / "model")
+    prompts = write_word_prompts(tmp_path / "prompts.jsonl", n=32, words=(3, 3))
+    out = tmp_path / "run"
     values = dict(actor_model_path=str(model), prompts_path=str(prompts), output_dir=str(out),
                   reward_fn="keyword_reward", reward_fn_kwargs={"keywords": {"good": 1.0, "bad": 2.0}},
                   cost_fn="banned_word_cost", cost_fn_kwargs={"banned": ["bad"], "per_word": True},
@@ -55,16 +40,7 @@ def test_grpo_lag_on_two_processes_keeps_lambda_identical_on_both_ranks(tmp_path
                   scale_rewards="batch", beta=0.05, max_new_tokens=6, max_length=64, max_prompt_length=32,
                   learning_rate=3e-3, lr_scheduler="constant", max_steps=3, save_steps=3, logging_steps=1,
                   report_to=["none"], progress_bar=False, seed=0)
-    (tmp_path / "values.json").write_text(json.dumps(values))
-    (tmp_path / "driver.py").write_text(DRIVER)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    done = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), str(tmp_path / "driver.py"),
-                           str(tmp_path / "values.json"), str(states)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    states = run_on_two_processes(DRIVER, values, tmp_path, timeout=600)
 
     rank0, rank1 = (json.loads((states / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["lagrangian"] == rank1["lagrangian"]  # lambda, its window and counters: the same numbers

@@ -105,15 +105,6 @@ PINS: dict[str, dict[str, list[float]]] = {
 # ----------------------------------------------------------------------------------------- fixtures, helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is as fast, and the pinned numbers do not depend on a thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory) -> Path:
     """The demo set (600 records) prepared: {train,val,test}/{helpful,harmless}_pairs.jsonl (485 / 59 / 56)."""

@@ -1,6 +1,6 @@
 """PPO and PPO-Lagrangian: the pieces with hand-worked numbers, then tiny end-to-end runs whose optimum is known.
 
-The end-to-end runs use a word-level tiny Llama built here (29 tokens, one layer of width 32): with random
+The end-to-end runs use a word-level tiny Llama (``word_world.build_word_model``: 29 tokens, one layer of width 32): with random
 weights it emits each word with probability ~1/29, so a reward for emitting "good" starts near 0.04 and its
 optimum is 1.0 (answers made only of "good"). Runs take a few seconds on one CPU thread.
 """
@@ -8,11 +8,11 @@ optimum is 1.0 (answers made only of "good"). Runs take a few seconds on one CPU
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from word_world import build_word_model, run_on_two_processes, write_word_prompts
 
 from humanalign.config.base import load_config
 from humanalign.config.ppo import PPOConfig, PPOLagConfig
@@ -22,53 +22,12 @@ from humanalign.models.actor_critic import critic_source, vocabulary_mismatch
 from humanalign.models.load import load_tokenizer
 from humanalign.rollout.batch import response_logps
 
-WORDS = ["good", "bad", "ok", "yes", "no", "maybe", "cat", "dog", "red", "blue", "sun", "moon", "tree", "car",
-         "book", "fish", "say", "something", "please", "hello", "a", "word"]
-
-
-def build_word_model(folder: Path, seed: int = 0) -> Path:
-    """A ChatML word-level tokenizer over WORDS and a random one-layer Llama on it (an HF model folder)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from humanalign.data.tokenize import CHAT_TEMPLATES
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]"]
-    vocab = {t: i for i, t in enumerate(specials + ["user", "assistant", "system"] + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        unk_token="[UNK]", additional_special_tokens=["<|im_start|>"])
-    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True, eos_token_id=2, pad_token_id=0, bos_token_id=None)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=2, pad_token_id=0, bos_token_id=None)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is several times faster than two fighting other processes for 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo_world")
     model = build_word_model(root / "model")
-    rng = random.Random(0)
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))})
-                               + "\n" for _ in range(64)))
+    prompts = write_word_prompts(root / "prompts.jsonl")
     sft = root / "sft.jsonl"
     sft.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "say something"},
                                                     {"role": "assistant", "content": "ok " * (i % 3 + 1)}]}) + "\n"
@@ -398,30 +357,14 @@ def test_ppo_lag_on_two_processes_keeps_lambda_and_statistics_identical_on_both_
     update, the reward normaliser's statistics and the KL controller's input are gathered across ranks, so every
     rank ends with the same lambda, cost window and statistics, built from both ranks' episodes; checkpoints and
     critics are written once."""
-    import os
-    import shutil
-    import socket
-    import subprocess
-    import sys
-
-    out, states = tmp_path / "run", tmp_path / "states"
-    states.mkdir()
+    out = tmp_path / "run"
     values = ppo_values(world, out, reward_fn="keyword_reward", reward_fn_kwargs={"keywords": {"good": 1.0, "bad": 2.0}},
                         cost_fn="banned_word_cost", cost_fn_kwargs={"banned": ["bad"], "per_word": True},
                         cost_threshold=0.02, lambda_lr=1.0, episode_cost_window_size=64, rollout_batch_size=8,
                         batch_size=8, update_iters=1, max_steps=4, save_steps=4, logging_steps=1,
                         normalize_reward=True, kl_coeff=0.05, adaptive_kl={"enabled": True, "target": 0.5,
                                                                             "horizon": 64})
-    (tmp_path / "values.json").write_text(json.dumps(values))
-    (tmp_path / "driver.py").write_text(DRIVER)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    done = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), str(tmp_path / "driver.py"),
-                           str(tmp_path / "values.json"), str(states)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    states = run_on_two_processes(DRIVER, values, tmp_path, timeout=300)
 
     rank0, rank1 = (json.loads((states / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1  # lambda, its cost window, the reward statistics, the KL coefficient: the same numbers

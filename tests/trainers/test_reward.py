@@ -29,8 +29,6 @@ from humanalign.trainers.reward import (
     train_score_model,
 )
 
-torch.set_num_threads(1)  # 2 shared cores: more threads only contend
-
 
 def log_sigmoid(x: float) -> float:
     return -math.log1p(math.exp(-x))

@@ -45,15 +45,6 @@ LN2 = math.log(2.0)
 # ----------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matrices are small: one thread is as fast, and far faster on a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory) -> Path:
     """The demo set (600 records) prepared: 485 / 59 / 56 helpful pairs and as many harmless pairs, which

@@ -22,7 +22,6 @@ from humanalign.trainers.sft import (
     prepare_data,
 )
 
-torch.set_num_threads(1)  # 2 shared cores: more threads only contend
 ROOT = Path(__file__).resolve().parents[2]
 
 
