@@ -19,15 +19,13 @@ from humanalign.data.records import HarmlessPair, PreferencePair, user_prompt
 from humanalign.errors import ConfigError
 from humanalign.paths import PROJECT_ROOT
 from humanalign.trainers.reward import (
-    UNKNOWN_LABEL,
     LossSettings,
     NormalizerState,
-    encode_pairs,
-    safety_label_note,
     score_groups,
     score_pair_loss,
     train_score_model,
 )
+from humanalign.trainers.reward_data import UNKNOWN_LABEL, encode_pairs, safety_label_note
 
 
 def log_sigmoid(x: float) -> float:
