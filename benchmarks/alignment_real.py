@@ -50,7 +50,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from alignment_report import constraint_plot, constraint_table, markdown, plots, summarize  # noqa: E402
+from alignment_report import (  # noqa: E402
+    constraint_plot,
+    constraint_table,
+    markdown,
+    plots,
+    summarize,
+    tradeoff_plot,
+)
 from common import set_threads, write_json  # noqa: E402
 from safe_mm_dpo_ablation import _split_of, auto_threshold, run_variant, smollm2_data, tiny_data  # noqa: E402
 
@@ -512,6 +519,7 @@ def report(args, root: Path, runs: dict[str, list[dict[str, Any]]], context: dic
     (root / "results.md").write_text(table + "\n", encoding="utf-8")
     plots(summary, runs, root)
     constraint_plot(runs, d, estimates, args.bootstrap, root / "jc.png")
+    tradeoff_plot(summary, BASELINE, root / "tradeoff.png")
     if not partial:
         print(table)
     return payload

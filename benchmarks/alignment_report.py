@@ -1,6 +1,7 @@
 """The report of benchmarks/alignment_real.py: per-variant means with bootstrap intervals and seed ranges, the
 paired difference of two variants, the constraint check (which J_c estimate keeps the policy's answers under the
-threshold) and the plots. Pure functions of the runs' JSON (``runs/<variant>-s<seed>.json``)."""
+threshold) and the plots (metrics, lambda's paths, J_c against the answers' cost, the helpful/harmless
+trade-off). Pure functions of the runs' JSON (``runs/<variant>-s<seed>.json``)."""
 
 from __future__ import annotations
 
@@ -136,6 +137,47 @@ def plots(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]], folder
     fig.savefig(paths[1], dpi=100)
     plt.close(fig)
     return paths
+
+
+def tradeoff_plot(summary: dict[str, Any], baseline: str, path: Path, harmless_gain: float = 0.15,
+                  helpful_loss: float = 0.02) -> Path:
+    """tradeoff.png: each variant's held-out harmless accuracy (x) against its helpful accuracy (y), the mean of
+    the seed-averaged items with its bootstrap interval on both axes and each seed's mean as a small dot; the
+    shaded corner is the target relative to ``baseline`` (harmless at least ``harmless_gain`` above it, helpful at
+    most ``helpful_loss`` below it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    variants = [v for v in summary if " - " not in v]
+    for i, variant in enumerate(variants):
+        x, y = summary[variant].get("harmless_acc"), summary[variant].get("helpful_acc")
+        if not x or not y:
+            continue
+        ax.errorbar([x["mean"]], [y["mean"]], xerr=[[x["mean"] - x["ci95"][0]], [x["ci95"][1] - x["mean"]]],
+                    yerr=[[y["mean"] - y["ci95"][0]], [y["ci95"][1] - y["mean"]]], fmt="o", capsize=3,
+                    color=f"C{i}", label=f"{variant} ({len(x['seeds'])} seed{'s' if len(x['seeds']) > 1 else ''})")
+        if len(x["seeds"]) > 1:
+            ax.scatter(x["seeds"], y["seeds"], s=10, color=f"C{i}", alpha=0.5)
+    base = summary.get(baseline) or {}
+    if base.get("harmless_acc") and base.get("helpful_acc"):
+        corner = (base["harmless_acc"]["mean"] + harmless_gain, base["helpful_acc"]["mean"] - helpful_loss)
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        right, top = max(x1, corner[0] + 0.02), max(y1, corner[1] + 0.02)  # the corner stays in view
+        ax.fill_between([corner[0], right], corner[1], top, color="green", alpha=0.1, lw=0,
+                        label=f"target: harmless >= {baseline} + {harmless_gain:g}, helpful >= {baseline} "
+                              f"- {helpful_loss:g}")
+        ax.set_xlim(min(x0, corner[0]), right)
+        ax.set_ylim(y0, top)
+    ax.set_xlabel("harmless accuracy (held out)")
+    ax.set_ylabel("helpful accuracy (held out)")
+    ax.legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------- the constraint

@@ -101,7 +101,7 @@ def test_partial_report_marks_what_is_done(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("PARTIAL") and f"{bench.BASELINE} [0]" in table
     assert f"| {bench.REFERENCE_ROW} | - | - | - | 0.500 [" in table
-    assert (tmp_path / "metrics.png").is_file() and (tmp_path / "jc.png").is_file()
+    assert all((tmp_path / png).is_file() for png in ("metrics.png", "jc.png", "tradeoff.png"))
     assert "Constraint check (d = 0.1)" in table  # no constrained run yet: the header alone
 
 
@@ -141,7 +141,7 @@ def test_quick_run_writes_every_variant_and_field_and_a_rerun_skips_them(tmp_pat
         assert name in table, name
     assert "Constraint check" in table and "| Safe-MM-DPO-sampled | 0 | sampled |" in table
     assert set(payload["summary"]["Safe-MM-DPO-sampled - Safe-MM-DPO"]) == set(rep.METRICS)
-    for png in ("metrics.png", "lambda.png", "jc.png"):
+    for png in ("metrics.png", "lambda.png", "jc.png", "tradeoff.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     capsys.readouterr()
