@@ -133,7 +133,7 @@ def child_ours(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
 
 
 def our_prompt_order(args: argparse.Namespace, count: int) -> list[int]:
-    """The prompts of our first (warmup + steps) rollouts, in order (``GRPOTrainer._plan``'s sampler)."""
+    """The prompts of our first (warmup + steps) rollouts, in order (``RolloutSchedule``'s sampler, one process)."""
     from humanalign.engine.data import StepBatchSampler
 
     sampler = StepBatchSampler(count, args.prompts, seed=args.seed)

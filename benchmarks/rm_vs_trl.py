@@ -100,11 +100,11 @@ def child_trl(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     import transformers
     from trl import RewardConfig, RewardTrainer
 
-    import humanalign.trainers.reward as reward
     from humanalign.config.training import LoraSettings, ModelSettings
     from humanalign.data.score_pairs import load_pairs
     from humanalign.engine.data import StepBatchSampler
     from humanalign.models.score_model import load_score_model
+    from humanalign.trainers.reward_data import encode_pairs
 
     recorder = common.StepRecorder(warmup=args.warmup, device=args.device)
     cfg = rm_config(args, run_dir)
@@ -113,9 +113,9 @@ def child_trl(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     score_model, tokenizer = load_score_model(common.model_name(args, MODELS),
                                               ModelSettings(dtype=common.model_dtype(args)),
                                               LoraSettings(**LORA) if args.lora else None, score_type="reward")
-    features, _, _ = reward.encode_pairs(tokenizer, pairs, task="helpful", max_length=args.max_length,
-                                         max_prompt_length=args.max_prompt_length, encoder=score_model.is_encoder,
-                                         use_margin=False)
+    features, _, _ = encode_pairs(tokenizer, pairs, task="helpful", max_length=args.max_length,
+                                  max_prompt_length=args.max_prompt_length, encoder=score_model.is_encoder,
+                                  use_margin=False)
     lengths = [max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"])) for f in features]  # as ours groups
     order = StepBatchSampler(len(features), args.batch_size, seed=args.seed, lengths=lengths).epoch_order(0)
     rows = [{"chosen_ids": features[i]["chosen_input_ids"], "rejected_ids": features[i]["rejected_input_ids"]}
