@@ -23,9 +23,9 @@ def test_steps_per_rollout_and_rollouts_per_epoch():
 def test_max_steps_rounds_up_to_whole_rollouts_and_says_so():
     schedule = RolloutSchedule(100, _cfg(max_steps=5), num_processes=1, process_index=0)
     assert (schedule.total_rollouts, schedule.total_steps) == (2, 8)
-    line = schedule.describe(100, _cfg(max_steps=5), 4, 1, first=0)
+    line = schedule.describe(4, first=0)
     assert "2 rollouts = 8 steps (max_steps 5 rounded up to whole rollouts)" in line
-    assert "resuming" not in line and "resuming after rollout 1" in schedule.describe(100, _cfg(), 4, 1, first=1)
+    assert "resuming" not in line and "resuming after rollout 1" in schedule.describe(4, first=1)
 
 
 def test_each_rank_gets_its_own_prompts_and_epochs_cover_every_prompt():

@@ -23,7 +23,8 @@ class RolloutSchedule:
                                                process_index=process_index, seed=cfg.seed)
         per_step = cfg.batch_size * cfg.gradient_accumulation_steps
         self.steps_per_rollout = cfg.update_iters * cfg.sequences_per_rollout // per_step
-        self.max_steps = cfg.max_steps
+        self.num_prompts, self.num_processes = num_prompts, num_processes
+        self.rollout_batch_size, self.update_iters, self.max_steps = cfg.rollout_batch_size, cfg.update_iters, cfg.max_steps
         if cfg.max_steps is not None:
             self.total_rollouts = math.ceil(cfg.max_steps / self.steps_per_rollout)
         else:
@@ -42,12 +43,12 @@ class RolloutSchedule:
                             f"({self.steps_per_rollout} steps per rollout); was the batch layout changed?")
         return step // self.steps_per_rollout
 
-    def describe(self, num_prompts: int, cfg: Any, answers_per_prompt: int, num_processes: int, first: int) -> str:
-        """The one-line plan printed at the start of a run."""
+    def describe(self, answers_per_prompt: int, first: int) -> str:
+        """The one-line plan printed at the start of a run (``first``: the rollout it starts with)."""
         rounded = self.max_steps and self.max_steps != self.total_steps
-        return (f"{num_prompts:,} prompts | rollout: {cfg.rollout_batch_size} prompts x {answers_per_prompt} "
-                f"answers x {num_processes} process(es) | {self.steps_per_rollout} optimizer steps per rollout "
-                f"({cfg.update_iters} pass(es)) | {self.total_rollouts} rollouts = {self.total_steps} steps"
+        return (f"{self.num_prompts:,} prompts | rollout: {self.rollout_batch_size} prompts x {answers_per_prompt} "
+                f"answers x {self.num_processes} process(es) | {self.steps_per_rollout} optimizer steps per rollout "
+                f"({self.update_iters} pass(es)) | {self.total_rollouts} rollouts = {self.total_steps} steps"
                 + (f" (max_steps {self.max_steps} rounded up to whole rollouts)" if rounded else "")
                 + (f" | resuming after rollout {first}" if first else ""))
 

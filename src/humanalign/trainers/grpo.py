@@ -345,8 +345,7 @@ class GRPOTrainer:
     def train(self) -> dict[str, Any]:
         cfg, engine, schedule = self.cfg, self.engine, self.schedule
         first = schedule.first_rollout(engine.step, "GRPO")
-        engine.print(f"[{engine.name}] " + schedule.describe(len(self.prompts), cfg, cfg.num_generations,
-                                                             engine.num_processes, first))
+        engine.print(f"[{engine.name}] " + schedule.describe(cfg.num_generations, first))
         engine.progress = Progress(engine.total_steps, initial=engine.step,
                                    enabled=engine.is_main_process and cfg.progress_bar, desc=engine.name)
         start_eval = None

@@ -326,8 +326,7 @@ class PPOTrainer:
     def train(self) -> dict[str, Any]:
         cfg, engine, schedule = self.cfg, self.engine, self.schedule
         first = schedule.first_rollout(engine.step, "PPO")
-        engine.print(f"[{engine.name}] " + schedule.describe(len(self.prompts), cfg, cfg.num_return_sequences,
-                                                             engine.num_processes, first))
+        engine.print(f"[{engine.name}] " + schedule.describe(cfg.num_return_sequences, first))
         engine.progress = Progress(engine.total_steps, initial=engine.step,
                                    enabled=engine.is_main_process and cfg.progress_bar, desc=engine.name)
         start_eval = None

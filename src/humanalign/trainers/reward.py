@@ -390,7 +390,7 @@ class ScoreModelTrainer:
             result = score_pair_loss(output, batch, self.settings)
             loss = result.losses.mean()
             engine.backward(loss)
-            self.normalizer.update(engine.accelerator.gather(output.end_scores.detach()))
+            self.normalizer.update(engine.gather(output.end_scores.detach()))
             engine.record({"loss": loss, **{k: result.metrics[k] for k in self.metric_keys}})
             if self.cfg.task == "harmless":  # over the labelled responses only (weight 0 when none)
                 sign = result.metrics["sign_accuracy"]
