@@ -41,7 +41,8 @@ from typing import Any
 
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType, DummyOptim, send_to_device, set_seed
+from accelerate.utils import DistributedType, send_to_device, set_seed
+from accelerate.utils.deepspeed import DummyOptim  # accelerate.utils has it only when DeepSpeed is installed
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from torch.utils.data import DataLoader, Dataset, Subset
 
