@@ -73,6 +73,7 @@ BASELINE, CANDIDATE = "DPO-helpful", "Safe-MM-DPO"
 # the paired differences reported: the target's comparison, then the J_c question (sampled against pairwise)
 PAIRS = [(CANDIDATE, BASELINE), ("Safe-MM-DPO-sampled", CANDIDATE)]
 REFERENCE_ROW = "Reference (no training)"  # the starting policy's answers, measured once
+RESTORED = "restored_judge.json"  # --restore-from: the judge of the report the runs came from
 # The variants the issue's target and its J_c question compare get every seed; the ablation rows get
 # --other-seeds (a run is ~1 CPU-hour here: 3 seeds of all five would be ~15 runs, of these ~11).
 MAIN_VARIANTS = (BASELINE, CANDIDATE, "Safe-MM-DPO-sampled")
@@ -132,6 +133,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the report from the runs done so far (runs/*.json), training nothing")
+    p.add_argument("--restore-from", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="seed the results folder with the finished runs of a report (results.json, e.g. the "
+                   "committed one) before anything else, so a fresh machine resumes the campaign; the score "
+                   "models and caches are rebuilt, and a judge that differs from the report's is refused")
     p.add_argument("--timing", type=int, default=0, metavar="STEPS", help="only time STEPS training steps of "
                    "DPO-helpful and Safe-MM-DPO (no reward models: margins 0, label costs) and extrapolate the full "
                    "run; writes <results-dir>/timing.json")
@@ -416,6 +421,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     root = args.results_dir
     root.mkdir(parents=True, exist_ok=True)
     began = time.time()
+    if args.restore_from:
+        restore_runs(args.restore_from, root)
     if args.report_only and not any((root / "runs").glob("*.json")):
         raise SystemExit(f"--report-only: no finished run in {root / 'runs'} to report")
     files = prepare_data(args, root / "work")
@@ -431,6 +438,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sets = load_heldout(args, files)
     ref_pairs = reference_heldout(args, root / "work", sets, base["policy_model_path"])
     judge = judge_accuracy(cost_model, sets)
+    check_restored_judge(root, judge)
     runs: dict[str, list[dict[str, Any]]] = {}
     context = {"d": d, "j_start": j_start, "j_safe": j_safe, "judge": judge, "began": began,
                "reference": measure_reference(args, root / "work", sets, base["policy_model_path"], cost_model)}
@@ -464,6 +472,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report(args, root, runs, context, partial=True)
     finished = all((root / "runs" / f"{v}-s{seed}.json").is_file() for v, seed in jobs)
     return report(args, root, runs, context, partial=not finished)
+
+
+def restore_runs(source: Path, root: Path) -> int:
+    """``--restore-from``: write ``runs/<variant>-s<seed>.json`` for every run of the report ``source`` that
+    ``root`` lacks (a run already there is kept), the starting policy's row, and the report's judge (checked
+    against the rebuilt one by ``check_restored_judge``). Returns how many runs were written."""
+    try:
+        payload = json.loads(Path(source).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{source}: cannot read it as a results.json: {e}") from None
+    if not isinstance(payload, dict) or payload.get("benchmark") != "alignment_real" or not isinstance(
+            payload.get("runs"), dict):
+        raise SystemExit(f"{source}: not an alignment_real results.json (field 'benchmark' or 'runs' missing)")
+    written = kept = 0
+    for variant, seeds in payload["runs"].items():
+        if variant not in VARIANTS:
+            raise SystemExit(f"{source}: field 'runs': unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
+        for run in seeds:
+            if not isinstance(run, dict) or not isinstance(run.get("seed"), int):
+                raise SystemExit(f"{source}: field 'runs.{variant}': a run without an integer 'seed'")
+            path = root / "runs" / f"{variant}-s{run['seed']}.json"
+            if path.is_file():
+                kept += 1
+                continue
+            write_json(path, run)
+            written += 1
+    reference = root / "work" / "reference_answers.json"
+    if payload.get("reference") and not reference.is_file():
+        write_json(reference, payload["reference"])
+    write_json(root / RESTORED, {"source": str(source), "judge": payload.get("judge"),
+                                 "threshold": payload.get("threshold")})
+    print(f"[bench] restored {written} finished run(s) from {source} ({kept} already in {root / 'runs'})",
+          file=sys.stderr)
+    return written
+
+
+def check_restored_judge(root: Path, judge: dict[str, Any]) -> None:
+    """Runs restored from another machine's report were measured by its cost model: the one trained here again
+    (same code, data and seed) must judge the held-out pairs the same, or the table would mix two judges."""
+    marker = root / RESTORED
+    if not marker.is_file():
+        return
+    old = json.loads(marker.read_text(encoding="utf-8")).get("judge") or {}
+    for key in ("pair_accuracy", "sign_accuracy", "offset"):
+        if key in old and abs(float(old[key]) - float(judge[key])) > 1e-6:
+            raise SystemExit(f"{marker}: the restored runs' judge has {key} {old[key]:.6f}, the cost model built "
+                             f"here {judge[key]:.6f}: pass --cost-model with the original, or move "
+                             f"{root / 'runs'} aside")
 
 
 def check_threshold(done: Path, out_dir: Path, d: float) -> None:

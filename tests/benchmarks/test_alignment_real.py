@@ -195,3 +195,39 @@ def test_a_run_made_under_another_threshold_is_refused(tmp_path):
     with pytest.raises(SystemExit, match=r"config.resolved.yaml: made with cost threshold d = -0.678"):
         bench.check_threshold(done, out, 0.0)
     assert bench.parse_args([]).cost_threshold == "0"
+
+
+def test_restore_from_a_report_writes_the_missing_runs_and_refuses_another_judge(tmp_path):
+    """A fresh machine resumes a campaign from its committed results.json: each finished run becomes
+    runs/<variant>-s<seed>.json again (one already there is kept), and a rebuilt judge must match the report's."""
+    bench = _load()
+    judge = {"pair_accuracy": 0.75, "sign_accuracy": 0.66, "auc": 0.7, "pairs": 10, "offset": -0.17}
+    report = {"benchmark": "alignment_real", "judge": judge, "threshold": {"d": 0.0},
+              "runs": {"DPO-helpful": [{"seed": 0, "items": {"a": [1]}}, {"seed": 1, "items": {"a": [2]}}]},
+              "reference": {"variant": bench.REFERENCE_ROW, "items": {}}}
+    source = tmp_path / "results.json"
+    source.write_text(json.dumps(report))
+    root = tmp_path / "run"
+    (root / "runs").mkdir(parents=True)
+    (root / "runs" / "DPO-helpful-s1.json").write_text('{"seed": 1, "mine": true}')
+    assert bench.restore_runs(source, root) == 1
+    assert json.loads((root / "runs" / "DPO-helpful-s0.json").read_text())["items"] == {"a": [1]}
+    assert json.loads((root / "runs" / "DPO-helpful-s1.json").read_text())["mine"]  # never overwritten
+    assert json.loads((root / "work" / "reference_answers.json").read_text())["variant"] == bench.REFERENCE_ROW
+    bench.check_restored_judge(root, dict(judge))  # the same judge rebuilt: accepted
+    bench.check_restored_judge(tmp_path / "elsewhere", {**judge, "offset": 0.3})  # nothing restored there
+    with pytest.raises(SystemExit, match=r"restored runs' judge has sign_accuracy 0.660000, the cost model built"):
+        bench.check_restored_judge(root, {**judge, "sign_accuracy": 0.7})
+
+    source.write_text("{not json")
+    with pytest.raises(SystemExit, match=r"results.json: cannot read it as a results.json"):
+        bench.restore_runs(source, root)
+    source.write_text(json.dumps({**report, "runs": {"PPO": []}}))
+    with pytest.raises(SystemExit, match=r"field 'runs': unknown variant 'PPO'"):
+        bench.restore_runs(source, root)
+    source.write_text(json.dumps({**report, "runs": {"Safe-DPO": [{"items": {}}]}}))
+    with pytest.raises(SystemExit, match=r"field 'runs.Safe-DPO': a run without an integer 'seed'"):
+        bench.restore_runs(source, root)
+    source.write_text(json.dumps({"benchmark": "other"}))
+    with pytest.raises(SystemExit, match="not an alignment_real results.json"):
+        bench.restore_runs(source, root)
