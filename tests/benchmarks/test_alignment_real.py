@@ -214,10 +214,12 @@ def test_restore_from_a_report_writes_the_missing_runs_and_refuses_another_judge
     assert json.loads((root / "runs" / "DPO-helpful-s0.json").read_text())["items"] == {"a": [1]}
     assert json.loads((root / "runs" / "DPO-helpful-s1.json").read_text())["mine"]  # never overwritten
     assert json.loads((root / "work" / "reference_answers.json").read_text())["variant"] == bench.REFERENCE_ROW
-    bench.check_restored_judge(root, dict(judge))  # the same judge rebuilt: accepted
+    bench.check_restored_judge(root, {**judge, "offset": -0.17 + 3e-6})  # the same judge, float rounding apart
     bench.check_restored_judge(tmp_path / "elsewhere", {**judge, "offset": 0.3})  # nothing restored there
     with pytest.raises(SystemExit, match=r"restored runs' judge has sign_accuracy 0.660000, the cost model built"):
         bench.check_restored_judge(root, {**judge, "sign_accuracy": 0.7})
+    with pytest.raises(SystemExit, match=r"offset -0.170000, the cost model built here -0.180000"):
+        bench.check_restored_judge(root, {**judge, "offset": -0.18})
 
     source.write_text("{not json")
     with pytest.raises(SystemExit, match=r"results.json: cannot read it as a results.json"):
