@@ -75,3 +75,17 @@ def test_a_fresh_process_is_quiet_before_transformers_is_imported():
     env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "False"]
+
+
+@pytest.mark.parametrize("world_size, code", [("2", 3), ("1", 4), ("", 0)])
+def test_a_worker_of_a_multi_process_run_leaves_through_os_exit_with_its_output_flushed(world_size, code):
+    """`leave`: under WORLD_SIZE > 1 the process ends by os._exit (no interpreter finalisation, where gloo's
+    worker thread can abort it), after flushing what it printed; otherwise a plain sys.exit. The atexit hook
+    tells the two apart: finalisation runs it, os._exit does not."""
+    script = ("import atexit, sys; from humanalign.cli import leave; atexit.register(print, 'finalised'); "
+              f"print('out', end=''); print('err', end='', file=sys.stderr); leave({code or None})")
+    env = {**os.environ, "WORLD_SIZE": world_size}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == code
+    assert done.stderr == "err"
+    assert done.stdout == ("out" if world_size == "2" else "outfinalised\n")

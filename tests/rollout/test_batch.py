@@ -80,5 +80,7 @@ def test_shared_prompt_logps_equal_the_padded_forward(lora):
     torch.testing.assert_close(logps, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(entropy, expected_entropy, atol=1e-5, rtol=1e-5)
     assert (logps[batch.response_mask == 0] == 0).all()
+    # packed and padded rows sum in different orders: float32 gradients of this sum (weights up to 48) agree to
+    # ~1e-4 relative, and to 2e-4 on one CPU seen on 2026-12-05; a wrong position or mask is off by far more
     for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
