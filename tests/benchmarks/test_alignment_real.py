@@ -174,6 +174,15 @@ def test_quick_run_writes_every_variant_and_field_and_a_rerun_skips_them(tmp_pat
     assert partial["partial"] and "Safe-DPO" not in partial["runs"]
     assert (out / "results.md").read_text().startswith("PARTIAL")
     (tmp_path / "kept.json").rename(out / "runs" / "Safe-DPO-s0.json")
+
+    # a fresh machine: the report's runs are written back, the score models rebuilt, and they judge alike
+    fresh = tmp_path / "fresh"
+    restored = bench.main(["--model", "tiny", "--quick", "--results-dir", str(fresh), "--report-only",
+                           "--restore-from", str(out / "results.json")])
+    assert "=== " not in capsys.readouterr().err
+    assert restored["partial"] and restored["summary"] == partial["summary"]
+    assert sorted(p.name for p in (fresh / "runs").iterdir()) == sorted(
+        f"{v}-s0.json" for v in bench.VARIANTS if v != "Safe-DPO")
     with pytest.raises(SystemExit, match="no finished run"):
         bench.main(["--model", "tiny", "--quick", "--results-dir", str(tmp_path / "empty"), "--report-only"])
 
