@@ -282,7 +282,7 @@ def leave(code: int | None) -> NoReturn:
     """End the process with ``code``. A worker of a multi-process run (``WORLD_SIZE`` > 1: torchrun, accelerate
     launch) leaves through ``os._exit`` once its output is flushed: with the gloo backend, the worker thread of
     the last collective can still be releasing it when the interpreter finalises, and that release needs the GIL,
-    so the process aborts (SIGABRT, "terminate called without an active exception"; seen in 1 of ~15 two-process
+    so the process aborts (SIGABRT, "terminate called without an active exception"; seen in ~1 of 20 two-process
     runs under load, core dump: ``ProcessGroupGloo::runLoop`` -> ``~AsyncBarrierWork`` -> ``decref_pyobject``).
     Nothing is left to run by then: the engine has closed its loggers, files and process group."""
     code = 0 if code is None else int(code)
