@@ -501,8 +501,7 @@ def restore_runs(source: Path, root: Path) -> int:
     reference = root / "work" / "reference_answers.json"
     if payload.get("reference") and not reference.is_file():
         write_json(reference, payload["reference"])
-    write_json(root / RESTORED, {"source": str(source), "judge": payload.get("judge"),
-                                 "threshold": payload.get("threshold")})
+    write_json(root / RESTORED, {"source": str(source), "judge": payload.get("judge")})
     print(f"[bench] restored {written} finished run(s) from {source} ({kept} already in {root / 'runs'})",
           file=sys.stderr)
     return written
